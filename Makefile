@@ -1,0 +1,37 @@
+# `make demo` and `make test` do all set-up on a fresh machine, then run.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DUMPS  ?= graphs
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# A venv that sees an importable system torch, else one with the pinned CPU wheel
+# (an unpinned torch pulls several GB of CUDA packages).
+$(STAMP): pyproject.toml Makefile
+	@if [ ! -x $(PY) ]; then \
+	  if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
+	  else python3 -m venv $(VENV); fi; \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test,plot]"
+	@command -v dot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq graphviz >/dev/null) || echo "graphviz not installed: region pictures use the plain SVG fallback"; \
+	  else echo "graphviz not installed (not root): region pictures use the plain SVG fallback"; fi; }
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) examples/quickstart.py --steps 20 --dump-dir $(DUMPS)
+	$(VENV)/bin/moe-ascend inspect $(DUMPS)
+
+bench: setup
+	@for script in bench/[!_]*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) $(DUMPS) bench/results .pytest_cache

@@ -1,0 +1,91 @@
+"""The ``moe_ascend`` torch.compile backend.
+
+    torch.compile(model, backend="moe_ascend", options={...})
+
+Dynamo hands over one FX graph at a time. We validate the options, run the
+pre_grad stage on the Dynamo graph (rewrites here get their backward from
+AOTAutograd for free), then lower it with the chosen target, which runs the
+post_grad stage on the forward and backward graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import itertools
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+import moe_ascend.passes  # noqa: F401  (registers the built-in passes)
+from moe_ascend.compiler.cost_model import CostModel
+from moe_ascend.compiler.dump import session_for
+from moe_ascend.compiler.options import Options
+from moe_ascend.compiler.pipeline import PostGradStage, run_stage
+from moe_ascend.compiler.targets import LOWERINGS, resolve_target
+from moe_ascend.passes.infra import PassContext, registered_passes
+from moe_ascend.runtime.topology import Topology
+
+log = logging.getLogger("moe_ascend")
+_graph_ids = itertools.count()
+
+
+def moe_ascend(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """The backend function Dynamo calls for each captured graph."""
+    opts = Options.from_user(options)
+    if mode is not None:
+        log.warning("moe_ascend: torch.compile(mode=%r) is ignored; pass settings through options", mode)
+    topology = Topology.detect(ranks_per_node=(opts.topology or {}).get("ranks_per_node"))
+    target = resolve_target(opts.target)
+    recorder = session_for(opts.dump_dir)
+    graph_name = recorder.new_graph_name() if recorder is not None else f"graph_{next(_graph_ids)}"
+    cost_model = CostModel(topology=topology)
+    fake_mode = detect_fake_mode(example_inputs)
+
+    def make_context(stage: str, role: str) -> PassContext:
+        name = graph_name if role == "dynamo" else f"{graph_name}.{role}"
+        return PassContext(
+            options=opts, stage=stage, role=role, graph_name=name, topology=topology,
+            cost_model=cost_model, logger=log, fake_mode=fake_mode if role == "dynamo" else None,
+        )
+
+    gm = run_stage(gm, make_context("pre_grad", "dynamo"), recorder)
+    cache_key = None if recorder is not None else _cache_key(opts, target)
+    post_grad = PostGradStage(make_context, recorder, cache_key)
+    return LOWERINGS[target](gm, example_inputs, post_grad)
+
+
+def _cache_key(opts: Options, target: str) -> str:
+    """Changes whenever the options or any registered pass's code changes (Inductor's cache key)."""
+    digest = hashlib.sha256()
+    digest.update(f"{target}|{opts.fingerprint()}|{_package_source_hash()}".encode())
+    for p in registered_passes():
+        digest.update(f"{p.name}|{p.stage}|{p.after}|{p.before}|{_source_of(p.fn)}".encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _package_source_hash() -> str:
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("passes", "compiler", "kernels"):
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _source_of(fn: Callable) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', id(fn))}"

@@ -1,0 +1,55 @@
+"""``moe-ascend inspect DIR``: read a dump's summary.json back as a table (or as JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moe_ascend.compiler.dump import SUMMARY_VERSION
+from moe_ascend.kernels.errors import MoEAscendError
+
+
+def load_summary(folder: str | Path) -> dict:
+    """The summary of a dump folder (or of its single rank subfolder); a clear error when there is none."""
+    folder = Path(folder)
+    path = folder / "summary.json"
+    if not path.exists():
+        ranks = sorted(folder.glob("rank*/summary.json"))
+        if not ranks:
+            raise MoEAscendError(f"{folder} holds no summary.json; compile with options={{'dump_dir': '{folder}'}} first")
+        path = ranks[0]
+    summary = json.loads(path.read_text())
+    if summary.get("version") != SUMMARY_VERSION:
+        raise MoEAscendError(f"{path} has summary version {summary.get('version')}; this moe_ascend reads {SUMMARY_VERSION}")
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """One block per graph: its passes, then its MoE layers, collectives and estimated exposed communication."""
+    out = []
+    for graph in summary["graphs"]:
+        out.append(f"{graph['name']}  [{graph['stage']}, {graph['role']}]  {graph.get('nodes', '?')} nodes")
+        out.append(f"  {'pass':<28}{'modified':>9}{'nodes':>14}{'added':>7}{'removed':>8}")
+        for p in graph["passes"]:
+            nodes = f"{p['nodes_before']}->{p['nodes_after']}"
+            out.append(f"  {p['name']:<28}{str(p['modified']):>9}{nodes:>14}{p['nodes_added']:>7}{p['nodes_removed']:>8}")
+        layers = graph.get("moe_layers", [])
+        if layers:
+            counts = ", ".join(
+                f"layer {l['layer']}: " + " ".join(f"{r}={len(l[r])}" for r in ("router", "dispatch", "experts", "combine"))
+                for l in layers
+            )
+            out.append(f"  MoE layers: {len(layers)} ({counts})")
+        else:
+            out.append("  MoE layers: none")
+        collectives = graph.get("collectives") or {}
+        text = ", ".join(f"{kind} x{n} on group {g}" for kind, groups in collectives.items() for g, n in groups.items())
+        out.append(f"  collectives: {text or 'none'}")
+        estimate = graph.get("estimate")
+        if estimate:
+            out.append(
+                f"  estimate: step {estimate['step_s'] * 1e3:.3f} ms, exposed communication "
+                f"{estimate['exposed_comm_s'] * 1e3:.3f} ms of {estimate['comm_s'] * 1e3:.3f} ms"
+            )
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,99 @@
+"""The backend's options: one frozen record, validated once, with errors that say what to change."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+from moe_ascend.kernels.errors import OptionError
+
+TARGETS = ("auto", "inductor", "eager", "ascend")
+ROUTINGS = ("keep", "affinity", "node_limited")
+DUMP_DIR_ENV = "MOE_ASCEND_DUMP_DIR"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``torch.compile(..., backend="moe_ascend", options={...})`` accepts (DESIGN.md, public contract)."""
+
+    target: str = "auto"
+    hierarchical_a2a: str | bool = "auto"
+    overlap: str | bool | int = "auto"
+    routing: str = "keep"
+    dump_dir: str | None = None
+    passes: tuple[str | Callable, ...] = ()
+    disable: tuple[str, ...] = ()
+    topology: Mapping[str, int] | None = None
+
+    @classmethod
+    def from_user(cls, options: Mapping[str, Any] | None) -> "Options":
+        """Validate a user's ``options`` dict; ``dump_dir`` falls back to ``$MOE_ASCEND_DUMP_DIR``."""
+        options = dict(options or {})
+        valid = list(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise OptionError(
+                f"unknown moe_ascend option(s) {unknown}; valid options are {valid}"
+            )
+        if options.get("dump_dir") is None and os.environ.get(DUMP_DIR_ENV):
+            options["dump_dir"] = os.environ[DUMP_DIR_ENV]
+        options["passes"] = tuple(_as_list(options.get("passes", ()), "passes"))
+        options["disable"] = tuple(_as_list(options.get("disable", ()), "disable"))
+        opts = cls(**options)
+        opts._validate()
+        return opts
+
+    def _validate(self) -> None:
+        _one_of("target", self.target, TARGETS)
+        _one_of("routing", self.routing, ROUTINGS)
+        if self.hierarchical_a2a not in ("auto", True, False):
+            raise OptionError(
+                f"option 'hierarchical_a2a' is {self.hierarchical_a2a!r}; valid values are 'auto', True, False"
+            )
+        overlap_ok = self.overlap in ("auto", False) or (
+            isinstance(self.overlap, int) and not isinstance(self.overlap, bool) and self.overlap >= 2
+        )
+        if not overlap_ok:
+            raise OptionError(
+                f"option 'overlap' is {self.overlap!r}; valid values are 'auto', False, or a chunk count >= 2"
+            )
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise OptionError(f"option 'dump_dir' is {self.dump_dir!r}; give a folder path or None")
+        for p in self.passes:
+            if not (isinstance(p, str) or callable(p)):
+                raise OptionError(f"option 'passes' holds {p!r}; give pass names or callables")
+        for name in self.disable:
+            if not isinstance(name, str):
+                raise OptionError(f"option 'disable' holds {name!r}; give pass names (strings)")
+        if self.topology is not None:
+            keys = set(self.topology)
+            if keys != {"ranks_per_node"} or not isinstance(self.topology["ranks_per_node"], int):
+                raise OptionError(
+                    f"option 'topology' is {self.topology!r}; valid values are None (detect) "
+                    "or {'ranks_per_node': G} with G an int"
+                )
+
+    def fingerprint(self) -> str:
+        """A stable text of everything that shapes the passes (part of Inductor's cache key)."""
+        fields = asdict(self)
+        fields["passes"] = [p if isinstance(p, str) else _callable_id(p) for p in self.passes]
+        return repr(sorted(fields.items()))
+
+
+def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise OptionError(f"option {name!r} is {value!r}; valid values are {list(valid)}")
+
+
+def _as_list(value: Any, name: str) -> list:
+    if isinstance(value, (str, bytes)) or callable(value):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise OptionError(f"option {name!r} is {value!r}; give a list") from None
+
+
+def _callable_id(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,26 @@
+"""Graph passes and the pass API.
+
+Write a pass::
+
+    from moe_ascend.passes import PassResult, register_pass
+
+    @register_pass(name="count_matmuls", stage="post_grad", after=("find_moe",))
+    def count_matmuls(gm, ctx):
+        ...
+        return PassResult(gm, modified=False)
+"""
+
+from moe_ascend.passes.infra import (  # noqa: F401  (the public pass API)
+    STAGES,
+    Pass,
+    PassContext,
+    PassResult,
+    infer_meta,
+    ordered_passes,
+    register_pass,
+    registered_passes,
+    unregister_pass,
+)
+
+# Built-in passes register themselves on import; their order comes from after=/before=.
+from moe_ascend.passes import find_moe, normalise, verify_collectives  # noqa: F401,E402

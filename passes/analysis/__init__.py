@@ -1,0 +1,1 @@
+"""Read-only analyses of FX graphs: op identity, collectives, MoE regions."""

@@ -1,0 +1,43 @@
+"""Which collectives a graph issues, on which process group, in which order."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch.fx
+
+from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
+
+
+def collective_order(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """For each process group, the names of its collectives in the order the graph issues them."""
+    order: dict[str, list[str]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if is_collective(node):
+            order[collective_group(node)].append(node.name)
+    return dict(order)
+
+
+def collectives_by_kind(gm: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
+    """``{"all_to_all_single": {"<group>": count}}``: what summary.json reports."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for node in gm.graph.nodes:
+        if is_collective(node):
+            counts[op_name(node)][collective_group(node)] += 1
+    return {kind: dict(groups) for kind, groups in counts.items()}
+
+
+def order_violations(before: dict[str, list[str]], after: dict[str, list[str]]) -> list[str]:
+    """Collectives that survived a pass but changed their order within their group.
+
+    New and removed collectives are allowed (a rewrite may replace one by two);
+    two that exist before and after must keep their relative order, or ranks
+    that run different graphs would issue them differently and deadlock.
+    """
+    problems = []
+    for group, names in after.items():
+        kept_before = [n for n in before.get(group, []) if n in names]
+        kept_after = [n for n in names if n in kept_before]
+        if kept_before != kept_after:
+            problems.append(f"group {group}: order was {kept_before}, now {kept_after}")
+    return problems

@@ -1,0 +1,237 @@
+"""Find the MoE layers of a Dynamo graph and the role of every node in them.
+
+A layer starts at a *router*: a ``topk`` over the scores of a gate matmul
+(``topk(softmax(x @ W_g))``, or a softmax over the top-k logits). From there
+the analysis works on dataflow alone, so it does not care how the experts are
+written (a loop over experts, one grouped ``bmm``, capacity einsums, an
+all-to-all around them):
+
+- *data* nodes depend on the routing decision and on the tokens ``x``
+  directly (not only through the gate);
+- the layer's *output* is the first node that every data path from every
+  point where per-token routing enters the data (dispatch indices, combine
+  weights) passes through: the immediate post-dominator of those entry
+  points. Auxiliary losses are reduced over tokens, so where they join the
+  model's loss is not such a point;
+- *expert matmuls* are data matmuls with a weight operand (one that depends
+  on neither the tokens nor the routing);
+- inside the region, nodes before the expert matmuls are *dispatch*, nodes
+  between them *experts*, nodes after them *combine*, and nodes computed
+  from the gate alone *router*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import networkx as nx
+import torch
+import torch.fx
+
+from moe_ascend.passes.analysis.ops import is_matmul, op_name
+
+ROLES = ("router", "dispatch", "experts", "combine")
+META_KEY = "moe"
+_SCORE_OPS = {"softmax", "sigmoid", "log_softmax"}
+_SHAPE_OPS = {"view", "reshape", "flatten", "contiguous", "to", "float", "type", "clone", "squeeze", "unsqueeze"}
+
+
+@dataclass
+class MoELayer:
+    """One recognised MoE layer: its anchor nodes and its nodes by role, in graph order."""
+
+    index: int
+    gate: torch.fx.Node
+    topk: torch.fx.Node
+    tokens: torch.fx.Node
+    output: torch.fx.Node
+    nodes: dict[str, list[torch.fx.Node]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "layer": self.index,
+            "gate": self.gate.name,
+            "topk": self.topk.name,
+            "output": self.output.name,
+            **{role: [n.name for n in self.nodes.get(role, [])] for role in ROLES},
+        }
+
+
+def find_moe_layers(
+    gm: torch.fx.GraphModule, warn: Callable[[str], None] = lambda msg: None
+) -> list[MoELayer]:
+    """Every MoE layer of ``gm`` in graph order; routers that look MoE-like but fail get one ``warn``."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    layers: list[MoELayer] = []
+    for node in gm.graph.nodes:
+        if op_name(node) != "topk":
+            continue
+        gate = _gate_of(node)
+        if gate is None:
+            continue  # a top-k over something that is not a gate's scores (sampling, metrics)
+        layer, missing = _layer_from_router(len(layers), gate, node, order)
+        if layer is None:
+            warn(f"router-like top-k {node.name} (over gate {gate.name}) is not an MoE layer: {missing}")
+            continue
+        layers.append(layer)
+    return layers
+
+
+def annotate(layer: MoELayer) -> None:
+    """Write ``{"layer": i, "role": r}`` into ``node.meta["custom"]["moe"]``, the key AOTAutograd keeps."""
+    for role, nodes in layer.nodes.items():
+        for node in nodes:
+            node.meta.setdefault("custom", {})[META_KEY] = {"layer": layer.index, "role": role}
+
+
+def layers_from_annotations(gm: torch.fx.GraphModule) -> list[dict]:
+    """Regroup annotated nodes of any graph (forward, backward) by layer and role."""
+    by_layer: dict[int, dict[str, list[str]]] = {}
+    for node in gm.graph.nodes:
+        tag = (node.meta.get("custom") or {}).get(META_KEY)
+        if tag is None:
+            continue
+        roles = by_layer.setdefault(tag["layer"], {role: [] for role in ROLES})
+        roles[tag["role"]].append(node.name)
+    return [{"layer": i, **by_layer[i]} for i in sorted(by_layer)]
+
+
+def _gate_of(topk: torch.fx.Node) -> torch.fx.Node | None:
+    """The gate matmul behind a top-k: through an optional score function and shape-only ops."""
+    node = topk.args[0]
+    while isinstance(node, torch.fx.Node):
+        if is_matmul(node):
+            return node
+        if op_name(node) in _SCORE_OPS | _SHAPE_OPS:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def _layer_from_router(
+    index: int, gate: torch.fx.Node, topk: torch.fx.Node, order: dict[torch.fx.Node, int]
+) -> tuple[MoELayer | None, str]:
+    tokens = gate.args[0]
+    root = _shape_root(tokens)
+    token_side = _descendants([root], skip={gate})
+    routed = _descendants([topk])
+    data = routed & token_side
+    gate_side = _descendants([gate]) | {gate}
+    routing_only = gate_side - token_side
+    tokens_routed = _token_count(gate)
+    entries = {
+        n for n in data if any(i in routing_only and _is_per_token(i, tokens_routed) for i in n.all_input_nodes)
+    }
+    if not entries:
+        return None, "its per-token choices never meet the tokens (no dispatch)"
+    output = _convergence_point(data, entries)
+    if output is None or output.op == "output":
+        return None, "its routed paths never meet again in one node (no combine)"
+
+    upstream = _ancestors(root) | {root}
+    region = (_ancestors(output) | {output}) - upstream
+    region = {n for n in region if n.op not in ("placeholder", "get_attr", "output")}
+    data_nodes = region & token_side
+    router_nodes = (region & gate_side) - data_nodes
+    weights = region - data_nodes - router_nodes
+
+    activations = token_side | gate_side | upstream
+    matmuls = {n for n in data_nodes if is_matmul(n) and _has_weight_operand(n, activations)}
+    if not matmuls:
+        return None, "no matmul with expert weights consumes the dispatched tokens (no experts)"
+
+    after_matmul = _descendants(matmuls) & data_nodes
+    before_matmul = _ancestors_of_set(matmuls) & data_nodes
+    roles: dict[torch.fx.Node, str] = {n: "router" for n in router_nodes}
+    for n in data_nodes:
+        if n in matmuls or (n in after_matmul and n in before_matmul):
+            roles[n] = "experts"
+        elif n in before_matmul:
+            roles[n] = "dispatch"
+        else:
+            roles[n] = "combine"
+    for n in sorted(weights, key=order.__getitem__, reverse=True):  # users first
+        user_roles = [roles[u] for u in n.users if u in roles]
+        roles[n] = next((r for r in ("experts", "dispatch") if r in user_roles), "combine")
+
+    nodes = {role: sorted((n for n, r in roles.items() if r == role), key=order.__getitem__) for role in ROLES}
+    return MoELayer(index, gate, topk, tokens, output, nodes), ""
+
+
+def _token_count(gate: torch.fx.Node) -> int | None:
+    """How many tokens the gate scores: its output's elements over the number of experts."""
+    scores = gate.meta.get("val")
+    try:
+        return int(scores.numel()) // int(scores.shape[-1])
+    except (AttributeError, TypeError, ValueError, RuntimeError, ZeroDivisionError):
+        return None
+
+
+def _is_per_token(node: torch.fx.Node, tokens: int | None) -> bool:
+    """Routing values that still have a value per token (choices, weights, masks), not statistics reduced over tokens."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return False
+    try:
+        return tokens is None or int(val.numel()) >= tokens
+    except (TypeError, ValueError, RuntimeError):  # symbolic sizes: keep it
+        return True
+
+
+def _shape_root(node: torch.fx.Node) -> torch.fx.Node:
+    """Walk up shape-only ops, so ``x`` and ``x.view(-1, d)`` count as the same tokens."""
+    while op_name(node) in _SHAPE_OPS and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _descendants(starts: Iterable[torch.fx.Node], skip: set[torch.fx.Node] = frozenset()) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = [u for s in starts for u in s.users if u not in skip]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(u for u in node.users if u not in skip and u not in seen)
+    return seen
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    return _ancestors_of_set([node])
+
+
+def _ancestors_of_set(nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = [i for n in nodes for i in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _convergence_point(data: set[torch.fx.Node], entries: set[torch.fx.Node]) -> torch.fx.Node | None:
+    """The first node that every data path from every point where routing enters passes through."""
+    source, sink = "source", "sink"
+    graph = nx.DiGraph()
+    for node in entries:
+        graph.add_edge(source, node)
+    for node in data:
+        inner_users = [u for u in node.users if u in data]
+        if not inner_users:
+            graph.add_edge(node, sink)
+        for user in inner_users:
+            graph.add_edge(node, user)
+    post_dominators = nx.immediate_dominators(graph.reverse(copy=False), sink)
+    point = post_dominators.get(source)
+    return None if point in (None, sink) else point
+
+
+def _has_weight_operand(node: torch.fx.Node, activations: set[torch.fx.Node]) -> bool:
+    """True when some operand of the matmul depends on neither tokens nor routing (a weight)."""
+    return any(i not in activations for i in node.all_input_nodes)

@@ -1,0 +1,54 @@
+"""What a node computes, the same way in Dynamo (torch IR) and post-grad (aten IR) graphs."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+MATMULS = frozenset({"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum", "_grouped_mm"})
+WAIT = "wait_tensor"
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """``"mm"`` for ``aten.mm.default``, ``"softmax"`` for ``x.softmax(...)``, ``"matmul"`` for ``a @ b``."""
+    if node.op == "call_method":
+        return node.target
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
+def op_namespace(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace
+    if isinstance(target, torch._ops.OpOverloadPacket):  # Dynamo graphs hold the packet
+        return target._qualified_op_name.split("::")[0]
+    return ""
+
+
+def is_collective(node: torch.fx.Node) -> bool:
+    """An issued collective (its result is only usable after a ``wait_tensor``)."""
+    return node.op == "call_function" and op_namespace(node) == "_c10d_functional" and op_name(node) != WAIT
+
+
+def is_wait(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and op_namespace(node) == "_c10d_functional" and op_name(node) == WAIT
+
+
+def collective_group(node: torch.fx.Node) -> str:
+    """The process-group name a functional collective runs on (its ``group_name`` argument)."""
+    target = node.target
+    overload = target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
+    names = [a.name for a in overload._schema.arguments]
+    if "group_name" in node.kwargs:
+        return str(node.kwargs["group_name"])
+    position = names.index("group_name")
+    return str(node.args[position]) if position < len(node.args) else "?"
+
+
+def is_matmul(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and op_name(node) in MATMULS

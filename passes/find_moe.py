@@ -1,0 +1,41 @@
+"""find_moe (pre_grad analysis): mark every node of every MoE layer with its layer and role.
+
+The graph's code does not change; each node of a recognised layer gets
+``node.meta["custom"]["moe"] = {"layer": i, "role": r}`` with ``r`` one of
+router, dispatch, experts, combine. AOTAutograd copies ``meta["custom"]`` onto
+the aten nodes of the forward graph and onto their backward nodes, so
+post_grad passes read the same roles. How a layer is recognised:
+``moe_ascend.passes.analysis.moe_regions``.
+
+Before::
+
+    linear = torch._C._nn.linear(x, gate_weight)      # meta: {}
+    probs = torch.softmax(linear, dim = -1)
+    topk = torch.topk(probs, 2, dim = -1)
+    ...
+    h = torch.bmm(dispatched, w1)
+
+After (same code)::
+
+    linear  meta["custom"]["moe"] = {"layer": 0, "role": "router"}
+    topk    meta["custom"]["moe"] = {"layer": 0, "role": "router"}
+    h       meta["custom"]["moe"] = {"layer": 0, "role": "experts"}
+"""
+
+from __future__ import annotations
+
+import torch.fx
+
+from moe_ascend.passes.analysis.moe_regions import annotate, find_moe_layers
+from moe_ascend.passes.infra import PassContext, PassResult, register_pass
+
+
+@register_pass(name="find_moe", stage="pre_grad", after=("normalise",), roles=("dynamo",))
+def find_moe(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    layers = find_moe_layers(gm, warn=lambda msg: ctx.logger.warning("%s: %s", ctx.graph_name, msg))
+    for layer in layers:
+        annotate(layer)
+    ctx.analyses["moe_layers"] = layers
+    if not layers:
+        ctx.logger.info("%s: no MoE layer found; the graph is compiled unchanged", ctx.graph_name)
+    return PassResult(gm, modified=False)

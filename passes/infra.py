@@ -1,0 +1,274 @@
+"""The pass API: ``register_pass``, ``PassResult``, ``PassContext``, and pass ordering.
+
+A pass is ``fn(gm, ctx) -> PassResult``. It is declared once::
+
+    @register_pass(name="my_pass", stage="post_grad", after=("find_moe",))
+    def my_pass(gm, ctx):
+        ...
+        return PassResult(gm, modified=True)
+
+and runs in every compile from then on, at the point its constraints give,
+unless ``options["disable"]`` names it. A pass registered with
+``enabled=False`` (or ``changes_numerics=True``) runs only when
+``options["passes"]`` names it (or its ``enabled(options)`` says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+
+from moe_ascend.kernels.errors import OptionError, PassOrderError, PassRegistrationError
+
+STAGES = ("pre_grad", "post_grad")
+ROLES = ("dynamo", "forward", "backward", "inference")
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (possibly new) graph module and whether it changed."""
+
+    gm: torch.fx.GraphModule
+    modified: bool
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides its graph.
+
+    ``role`` is ``"dynamo"`` in pre_grad and ``"forward"``, ``"backward"`` or
+    ``"inference"`` in post_grad. ``analyses`` carries results from one pass
+    to the later passes of the same graph (``find_moe`` puts ``"moe_layers"`` there).
+    """
+
+    options: Any
+    stage: str
+    role: str
+    graph_name: str
+    topology: Any = None
+    cost_model: Any = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("moe_ascend"))
+    fake_mode: Any = None
+    analyses: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A registered pass and its declared place in the pipeline."""
+
+    name: str
+    stage: str
+    fn: Callable[[torch.fx.GraphModule, PassContext], PassResult]
+    after: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    changes_numerics: bool = False
+    enabled: bool | Callable[[Any], bool] = True
+    roles: tuple[str, ...] = ROLES
+
+    def runs_by_default(self, options: Any) -> bool:
+        return self.enabled(options) if callable(self.enabled) else bool(self.enabled)
+
+
+_REGISTRY: dict[str, Pass] = {}
+
+
+def register_pass(
+    name: str | None = None,
+    *,
+    stage: str = "pre_grad",
+    after: Iterable[str] = (),
+    before: Iterable[str] = (),
+    changes_numerics: bool = False,
+    enabled: bool | Callable[[Any], bool] | None = None,
+    roles: Iterable[str] = ROLES,
+) -> Callable:
+    """Declare ``fn(gm, ctx) -> PassResult`` as a pass of ``stage``, ordered by ``after``/``before``.
+
+    A pass that ``changes_numerics`` is off unless ``enabled(options)`` says so
+    or ``options["passes"]`` names it.
+    """
+    if stage not in STAGES:
+        raise PassRegistrationError(f"stage {stage!r} is not one of {list(STAGES)}")
+    roles = tuple(roles)
+    bad_roles = sorted(set(roles) - set(ROLES))
+    if bad_roles:
+        raise PassRegistrationError(f"roles {bad_roles} are not among {list(ROLES)}")
+
+    def decorate(fn: Callable) -> Callable:
+        pass_name = name or fn.__name__
+        if pass_name in _REGISTRY and _REGISTRY[pass_name].fn is not fn:
+            raise PassRegistrationError(
+                f"a pass named {pass_name!r} is registered already; pick another name "
+                f"or call unregister_pass({pass_name!r}) first"
+            )
+        on = enabled if enabled is not None else not changes_numerics
+        _REGISTRY[pass_name] = Pass(
+            pass_name, stage, fn, tuple(after), tuple(before), changes_numerics, on, roles
+        )
+        fn.moe_ascend_pass = _REGISTRY[pass_name]
+        return fn
+
+    return decorate
+
+
+def unregister_pass(name: str) -> None:
+    """Remove a registered pass (tests and notebooks that re-register)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered_passes(stage: str | None = None) -> list[Pass]:
+    return [p for p in _REGISTRY.values() if stage is None or p.stage == stage]
+
+
+def ordered_passes(stage: str, options: Any) -> list[Pass]:
+    """The passes that run in ``stage`` for these options, in an order that meets every constraint.
+
+    Ties keep registration order, so the order never depends on a hash.
+    """
+    requested = _requested_passes(options)
+    unknown = sorted(set(options.disable) - set(_REGISTRY))
+    if unknown:
+        raise OptionError(
+            f"option 'disable' names unknown pass(es) {unknown}; registered passes are {sorted(_REGISTRY)}"
+        )
+    stage_passes = [p for p in _REGISTRY.values() if p.stage == stage]
+    stage_passes += [p for p in requested if p.stage == stage and p.name not in _REGISTRY]
+    order = _topological_order(stage, stage_passes)
+    chosen = {p.name for p in requested}
+    return [
+        p
+        for p in order
+        if p.name not in options.disable and (p.name in chosen or p.runs_by_default(options))
+    ]
+
+
+def _requested_passes(options: Any) -> list[Pass]:
+    """``options["passes"]``: registered names, registered callables, or plain callables (pre_grad)."""
+    out = []
+    for item in options.passes:
+        if isinstance(item, str):
+            if item not in _REGISTRY:
+                raise OptionError(
+                    f"option 'passes' names unknown pass {item!r}; registered passes are {sorted(_REGISTRY)}"
+                )
+            out.append(_REGISTRY[item])
+        elif hasattr(item, "moe_ascend_pass"):
+            out.append(item.moe_ascend_pass)
+        else:  # a plain function: a pre_grad pass after every registered one
+            out.append(Pass(getattr(item, "__name__", repr(item)), "pre_grad", item))
+    return out
+
+
+def _topological_order(stage: str, passes: list[Pass]) -> list[Pass]:
+    index = {p.name: i for i, p in enumerate(passes)}
+    edges: dict[str, set[str]] = {p.name: set() for p in passes}
+    for p in passes:
+        for other in p.after:
+            _check_constraint(stage, p, other, index)
+            if other in index:
+                edges[other].add(p.name)
+        for other in p.before:
+            _check_constraint(stage, p, other, index)
+            if other in index:
+                edges[p.name].add(other)
+    indegree = {name: 0 for name in edges}
+    for targets in edges.values():
+        for t in targets:
+            indegree[t] += 1
+    ready = [(index[n], n) for n, d in indegree.items() if d == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        order.append(name)
+        for t in edges[name]:
+            indegree[t] -= 1
+            if indegree[t] == 0:
+                heapq.heappush(ready, (index[t], t))
+    if len(order) < len(passes):
+        raise PassOrderError(
+            f"the after=/before= constraints of {stage} passes form a cycle: "
+            f"{_describe_cycle(edges, set(edges) - set(order))}; change the constraints of one of them"
+        )
+    by_name = {p.name: p for p in passes}
+    return [by_name[n] for n in order]
+
+
+def _check_constraint(stage: str, p: Pass, other: str, index: dict[str, int]) -> None:
+    """A constraint on a pass of another stage is a mistake; one on an unregistered pass is allowed (optional plug-ins)."""
+    registered = _REGISTRY.get(other)
+    if registered is not None and registered.stage != stage:
+        raise PassRegistrationError(
+            f"pass {p.name!r} ({stage}) is ordered against {other!r}, a {registered.stage} pass; "
+            "constraints only order passes of one stage"
+        )
+
+
+def _describe_cycle(edges: dict[str, set[str]], stuck: set[str]) -> str:
+    """Walk successors inside the stuck set until a name repeats: that loop is a cycle."""
+    start = sorted(stuck)[0]
+    path, seen = [start], {start}
+    while True:
+        nxt = sorted(t for t in edges[path[-1]] if t in stuck)[0]
+        if nxt in seen:
+            loop = path[path.index(nxt):] + [nxt]
+            return " -> ".join(loop)
+        path.append(nxt)
+        seen.add(nxt)
+
+
+# --- FakeTensor metadata -----------------------------------------------------------------
+
+
+def infer_meta(node: torch.fx.Node, fake_mode: Any = None) -> Any:
+    """Compute ``node.meta["val"]`` from its inputs' ``val`` (what a pass calls for nodes it creates)."""
+    val = _fake_output(node, fake_mode)
+    node.meta["val"] = val
+    return val
+
+
+def _fake_output(node: torch.fx.Node, fake_mode: Any) -> Any:
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    if fake_mode is None:
+        from torch._guards import detect_fake_mode
+
+        fake_mode = detect_fake_mode([args, kwargs])
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return node.graph.owning_module.get_submodule(node.target)(*args, **kwargs)
+    raise PassRegistrationError(f"cannot infer metadata of a {node.op} node ({node.name})")
+
+
+def meta_mismatch(node: torch.fx.Node, fake_mode: Any = None) -> str | None:
+    """Why ``node.meta["val"]`` disagrees with what its op computes, or None when it agrees."""
+    if "val" not in node.meta:
+        return "has no meta['val']; set it with moe_ascend.passes.infer_meta(node)"
+    if node.op not in ("call_function", "call_method"):
+        return None
+    try:
+        fresh = _fake_output(node, fake_mode)
+    except Exception:  # ops that cannot run on fake inputs (collectives' internals) are taken on trust
+        return None
+    claimed = node.meta["val"]
+    got, want = _signature(claimed), _signature(fresh)
+    if got != want:
+        return f"meta['val'] says {got} but the op computes {want}"
+    return None
+
+
+def _signature(val: Any) -> Any:
+    if isinstance(val, torch.Tensor):
+        return (str(tuple(val.shape)), val.dtype)
+    if isinstance(val, (list, tuple)):
+        return tuple(_signature(v) for v in val)
+    return type(val).__name__

@@ -1,0 +1,50 @@
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch: no graph or guard from an earlier test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def temporary_passes():
+    """Register passes in a test; they are unregistered afterwards."""
+    from moe_ascend.passes import register_pass, unregister_pass
+
+    names = []
+
+    def register(**kwargs):
+        names.append(kwargs["name"])
+        return register_pass(**kwargs)
+
+    yield register
+    for name in names:
+        unregister_pass(name)
+
+
+@pytest.fixture
+def single_rank_group():
+    """A real one-rank gloo process group, so graphs can hold functional collectives."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()

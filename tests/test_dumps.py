@@ -1,0 +1,132 @@
+"""Dumps: a user pass shows at its declared point, summary.json lists the MoE layers, inspect reads it back."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from checks import assert_matches_eager
+from models import LoopMoE, TwoLoopMoE
+
+from moe_ascend.compiler import report_html
+from moe_ascend.passes import PassResult, infer_meta
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+@pytest.fixture
+def clone_matmul_outputs(temporary_passes):
+    """A user pass: a copy after every matmul (numerics unchanged, visible in the code)."""
+
+    @temporary_passes(name="t_clone_mm", stage="post_grad", before=("verify_collectives",))
+    def clone_mm(gm, ctx):
+        matmuls = [n for n in gm.graph.nodes if n.target in MATMULS]
+        for mm in matmuls:
+            with gm.graph.inserting_after(mm):
+                copy = gm.graph.call_function(torch.ops.aten.clone.default, (mm,))
+            infer_meta(copy)
+            mm.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+        return PassResult(gm, modified=bool(matmuls))
+
+    return "t_clone_mm"
+
+
+def compile_and_step(model, dump_dir, **options):
+    compiled = torch.compile(model, backend="moe_ascend", options={"target": "eager", "dump_dir": str(dump_dir), **options})
+    compiled(torch.randn(6, 16)).sum().backward()
+    return json.loads((dump_dir / "summary.json").read_text())
+
+
+def graph(summary, role):
+    return next(g for g in summary["graphs"] if g["role"] == role)
+
+
+def test_user_pass_runs_at_its_declared_point_and_shows_in_the_dump(clone_matmul_outputs, tmp_path):
+    torch.manual_seed(0)
+    summary = compile_and_step(LoopMoE(), tmp_path)
+    for role in ("forward", "backward"):
+        passes = graph(summary, role)["passes"]
+        assert [p["name"] for p in passes] == ["t_clone_mm", "verify_collectives"]
+        assert passes[0]["modified"] and passes[0]["nodes_added"] > 0 and passes[0]["nodes_removed"] == 0
+        code_before = (tmp_path / graph(summary, role)["input_file"]).read_text()
+        code_after = (tmp_path / passes[0]["file"]).read_text()
+        assert "aten.clone.default" not in code_before and "aten.clone.default" in code_after
+    assert [p["name"] for p in graph(summary, "dynamo")["passes"]] == ["normalise", "find_moe"]
+
+
+def test_user_pass_keeps_numerics(clone_matmul_outputs, tmp_path):
+    torch.manual_seed(0)
+    assert_matches_eager(LoopMoE(), (torch.randn(6, 16),), {"target": "eager", "dump_dir": str(tmp_path)})
+
+
+def test_disable_by_name_removes_the_pass(clone_matmul_outputs, tmp_path):
+    summary = compile_and_step(LoopMoE(), tmp_path, disable=[clone_matmul_outputs])
+    forward = graph(summary, "forward")
+    assert [p["name"] for p in forward["passes"]] == ["verify_collectives"]
+    assert "aten.clone.default" not in (tmp_path / forward["passes"][-1]["file"]).read_text()
+
+
+def test_summary_lists_every_moe_layer_with_its_router_and_expert_nodes(tmp_path):
+    torch.manual_seed(0)
+    summary = compile_and_step(TwoLoopMoE(), tmp_path)
+    layers = graph(summary, "dynamo")["moe_layers"]
+    assert [l["layer"] for l in layers] == [0, 1]
+    for layer in layers:
+        assert layer["topk"] in layer["router"] and layer["gate"] in layer["router"]
+        assert len(layer["experts"]) == 12  # 4 experts x (linear, relu, linear)
+        assert layer["output"] in layer["combine"]
+    assert [l["layer"] for l in graph(summary, "backward")["moe_layers"]] == [0, 1]
+
+
+def test_inspect_reads_the_summary_back(tmp_path):
+    torch.manual_seed(0)
+    summary = compile_and_step(LoopMoE(), tmp_path)
+    cli = [sys.executable, "-m", "moe_ascend.compiler.cli", "inspect", str(tmp_path)]
+    as_json = subprocess.run(cli + ["--json"], capture_output=True, text=True, check=True).stdout
+    assert json.loads(as_json) == summary
+    table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+    assert "graph_0.backward" in table and "verify_collectives" in table and "MoE layers: 1" in table
+
+
+def test_inspect_of_a_folder_without_dumps_says_what_to_do(tmp_path):
+    from moe_ascend.compiler.cli import main
+
+    assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_index_html_is_one_self_contained_page(tmp_path):
+    torch.manual_seed(0)
+    compile_and_step(TwoLoopMoE(), tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    for name in ("graph_0", "graph_0.forward", "graph_0.backward", "normalise", "find_moe", "exposed_comm_s"):
+        assert name in page
+    assert page.count("<svg") >= 6  # two regions in each of three graphs
+    assert "<script src" not in page and "<link" not in page
+
+
+def test_region_picture_without_graphviz_is_a_plain_svg(monkeypatch):
+    monkeypatch.setattr(report_html.shutil, "which", lambda name: None)
+    region = {"layer": 0, "nodes": [{"name": "topk", "op": "topk", "role": "router"},
+                                    {"name": "bmm", "op": "bmm", "role": "experts"}], "edges": [["topk", "bmm"]]}
+    svg = report_html.region_svg(region)
+    assert svg.startswith("<svg") and "topk" in svg and "bmm" in svg and "<line" in svg
+
+
+def test_dump_dir_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_ASCEND_DUMP_DIR", str(tmp_path))
+    compiled = torch.compile(LoopMoE(), backend="moe_ascend", options={"target": "eager"})
+    compiled(torch.randn(6, 16))
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "index.html").exists()
+
+
+def test_inductor_dumps_survive_its_cache(tmp_path):
+    """With dumps on, Inductor's FX-graph cache is bypassed, so the second compile still runs (and records) the passes."""
+    torch.manual_seed(0)
+    for attempt in range(2):
+        torch._dynamo.reset()
+        folder = tmp_path / str(attempt)
+        compiled = torch.compile(LoopMoE(), backend="moe_ascend", options={"target": "inductor", "dump_dir": str(folder)})
+        compiled(torch.randn(6, 16)).sum().backward()
+        roles = {g["role"] for g in json.loads((folder / "summary.json").read_text())["graphs"]}
+        assert roles == {"dynamo", "forward", "backward"}

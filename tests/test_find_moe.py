@@ -1,0 +1,83 @@
+"""find_moe: every MoE layer found, every node of it tagged with its role, in all three graphs."""
+
+import json
+import logging
+
+import torch
+from graphs import context, dynamo_graph
+from models import LoopMoE, RouterOnly, TwoLoopMoE
+from quickstart import MoEFeedForward
+
+from moe_ascend.passes.find_moe import find_moe
+from moe_ascend.passes.normalise import normalise
+
+
+def roles(gm):
+    return {n.name: n.meta["custom"]["moe"]["role"] for n in gm.graph.nodes if "moe" in n.meta.get("custom", {})}
+
+
+def test_golden_loop_moe_roles():
+    torch.manual_seed(0)
+    gm = dynamo_graph(LoopMoE(num_experts=2), torch.randn(6, 16))
+    find_moe(gm, ctx := context())
+    (layer,) = ctx.analyses["moe_layers"]
+    assert (layer.gate.name, layer.topk.name, layer.output.name) == ("linear", "topk", "out_2")
+    assert layer.to_json() == {
+        "layer": 0, "gate": "linear", "topk": "topk", "output": "out_2",
+        "router": ["linear", "probs", "topk", "weights", "chosen", "eq", "mul", "weight", "eq_1", "mul_2", "weight_1"],
+        "dispatch": [],
+        "experts": ["input_1", "input_2", "input_3", "input_4", "input_5", "input_6"],
+        "combine": ["out", "mul_1", "out_1", "mul_3", "out_2"],
+    }
+    assert roles(gm)["input_3"] == "experts" and gm.graph.find_nodes(op="placeholder")[0].meta.get("custom") is None
+
+
+def test_golden_capacity_moe_roles():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    gm = dynamo_graph(lambda x: moe(x)[0], torch.randn(1, 6, 8))
+    normalise(gm, context())
+    find_moe(gm, ctx := context())
+    (layer,) = ctx.analyses["moe_layers"]
+    found = layer.to_json()
+    assert found["dispatch"] == ["tokens", "expert_in"]
+    assert found["experts"] == ["bmm", "gelu", "expert_out"]
+    assert found["combine"] == ["out"]
+    assert {"probs", "topk", "dispatch", "combine"} <= set(found["router"])
+    # The load-balancing loss is computed from the router but is not part of the layer's region.
+    assert "aux_loss" not in roles(gm)
+
+
+def test_two_layers_are_two_regions_and_the_layer_between_is_neither():
+    torch.manual_seed(0)
+    gm = dynamo_graph(TwoLoopMoE(), torch.randn(6, 16))
+    find_moe(gm, ctx := context())
+    assert [l.index for l in ctx.analyses["moe_layers"]] == [0, 1]
+    tagged = {n.name: n.meta["custom"]["moe"]["layer"] for n in gm.graph.nodes if "moe" in n.meta.get("custom", {})}
+    mix = [n for n in gm.graph.nodes if n.op == "call_function" and n.name.startswith("linear") and "mix" in str(n.args[1])]
+    assert mix and all(n.name not in tagged for n in mix)
+    assert set(tagged.values()) == {0, 1}
+
+
+def test_router_without_experts_is_reported_once_and_not_annotated(caplog):
+    gm = dynamo_graph(RouterOnly(), torch.randn(6, 16))
+    with caplog.at_level(logging.WARNING, logger="moe_ascend"):
+        find_moe(gm, ctx := context())
+    assert ctx.analyses["moe_layers"] == []
+    (record,) = [r for r in caplog.records if r.name == "moe_ascend"]
+    assert "topk" in record.getMessage() and "not an MoE layer: its per-token choices never meet the tokens" in record.getMessage()
+    assert roles(gm) == {}
+
+
+def test_roles_reach_the_forward_and_backward_graphs(tmp_path):
+    torch.manual_seed(0)
+    model = torch.compile(LoopMoE(), backend="moe_ascend", options={"target": "eager", "dump_dir": str(tmp_path)})
+    model(torch.randn(6, 16)).sum().backward()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    by_role = {g["role"]: g for g in summary["graphs"]}
+    assert set(by_role) == {"dynamo", "forward", "backward"}
+    for role in ("forward", "backward"):
+        (layer,) = by_role[role]["moe_layers"]
+        assert layer["router"] and layer["experts"] and layer["combine"]
+    forward_experts = by_role["forward"]["moe_layers"][0]["experts"]
+    assert sum(name.startswith("addmm") for name in forward_experts) == 8  # 4 experts x 2 linears

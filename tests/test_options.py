@@ -1,0 +1,55 @@
+"""Options: every key and value checked, errors that list what is valid."""
+
+import pytest
+
+from moe_ascend.compiler.options import Options
+from moe_ascend.kernels.errors import OptionError, TopologyError
+from moe_ascend.runtime.topology import Topology
+
+
+def test_defaults():
+    opts = Options.from_user(None)
+    assert (opts.target, opts.hierarchical_a2a, opts.overlap, opts.routing) == ("auto", "auto", "auto", "keep")
+    assert opts.dump_dir is None and opts.passes == () and opts.disable == ()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"targt": "eager"}, r"unknown moe_ascend option\(s\) \['targt'\]; valid options are \['target'"),
+        ({"target": "tpu"}, r"option 'target' is 'tpu'; valid values are \['auto', 'inductor', 'eager', 'ascend'\]"),
+        ({"routing": "random"}, r"valid values are \['keep', 'affinity', 'node_limited'\]"),
+        ({"overlap": 1}, r"a chunk count >= 2"),
+        ({"overlap": True}, r"a chunk count >= 2"),
+        ({"hierarchical_a2a": "yes"}, r"'auto', True, False"),
+        ({"topology": {"nodes": 2}}, r"\{'ranks_per_node': G\}"),
+        ({"disable": [3]}, r"give pass names"),
+        ({"dump_dir": 5}, r"give a folder path or None"),
+    ],
+)
+def test_bad_options_say_what_is_valid(options, message):
+    with pytest.raises(OptionError, match=message):
+        Options.from_user(options)
+    assert issubclass(OptionError, ValueError)
+
+
+def test_good_options():
+    opts = Options.from_user({"target": "eager", "overlap": 4, "hierarchical_a2a": False, "disable": "find_moe"})
+    assert opts.overlap == 4 and opts.disable == ("find_moe",)
+
+
+def test_dump_dir_falls_back_to_the_environment(monkeypatch):
+    monkeypatch.setenv("MOE_ASCEND_DUMP_DIR", "/tmp/somewhere")
+    assert Options.from_user({}).dump_dir == "/tmp/somewhere"
+    assert Options.from_user({"dump_dir": "mine"}).dump_dir == "mine"
+
+
+def test_topology_from_torchrun_environment():
+    topo = Topology.detect(env={"WORLD_SIZE": "8", "RANK": "5", "LOCAL_WORLD_SIZE": "2"})
+    assert (topo.nodes, topo.ranks_per_node, topo.node, topo.local_rank) == (4, 2, 2, 1)
+    assert Topology.detect(ranks_per_node=4, env={"WORLD_SIZE": "8", "RANK": "5"}).nodes == 2
+
+
+def test_topology_that_does_not_divide_the_world_is_an_error():
+    with pytest.raises(TopologyError, match="world size 6 is not a whole number of nodes of 4 ranks"):
+        Topology.detect(ranks_per_node=4, env={"WORLD_SIZE": "6", "RANK": "0"})
