@@ -145,7 +145,13 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;paddin
 const DATA = __DATA__;
 const ROLE = {router:"#f6c85f",dispatch:"#6fb1e4",experts:"#9bd17b",combine:"#e88f8f"};
 const esc = s => String(s).replace(/[&<>]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;"}[c]));
-let current = {g: 0, s: null, view: "diff"};
+// A link like index.html#graph_0.forward/2 opens that graph at that step.
+function fromHash() {
+  const [name, step] = decodeURIComponent(location.hash.slice(1)).split("/");
+  const g = Math.max(0, DATA.graphs.findIndex(x => x.name === name));
+  return {g: g, s: step === undefined || step === "" ? null : Number(step), view: "diff"};
+}
+let current = fromHash();
 function nav() {
   const el = document.getElementById("nav");
   el.innerHTML = "<div><b>moe_ascend</b> (torch " + esc(DATA.torch) + ")</div>";
@@ -202,6 +208,8 @@ function stepView(g, si) {
   return h;
 }
 function render() {
+  const g0 = DATA.graphs[current.g];
+  if (g0) history.replaceState(null, "", "#" + g0.name + (current.s === null ? "" : "/" + current.s));
   nav();
   const g = DATA.graphs[current.g];
   document.getElementById("main").innerHTML = !g ? "<p>no graphs</p>" : current.s === null ? overview(g) : stepView(g, current.s);

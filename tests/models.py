@@ -58,3 +58,36 @@ class RouterOnly(nn.Module):
     def forward(self, x):
         _, chosen = torch.topk(torch.softmax(self.gate(x), dim=-1), 2, dim=-1)
         return self.body(x), chosen.float().mean()
+
+
+class ExpertParallelMoE(nn.Module):
+    """Capacity dispatch to ``[E, C, d]``, an all-to-all to the experts' ranks, grouped experts, and back.
+
+    On a one-rank group the exchanges move nothing, but the graph holds the
+    same functional collectives an expert-parallel run issues.
+    """
+
+    def __init__(self, group, d=16, f=32, num_experts=4, top_k=2, capacity=6):
+        super().__init__()
+        self.group_name = group.group_name  # a name, not the group object: the module stays deep-copyable
+        self.top_k, self.capacity = top_k, capacity
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, d, f) * d**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, f, d) * f**-0.5)
+
+    def forward(self, x):
+        import torch.distributed._functional_collectives as fc
+
+        num_experts, capacity = self.w1.shape[0], self.capacity
+        probs = torch.softmax(self.gate(x), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        mask = F.one_hot(chosen, num_experts).sum(dim=1)  # [T, E]
+        position = (torch.cumsum(mask, dim=0) - 1) * mask
+        slots = F.one_hot(position.clamp(max=capacity - 1), capacity) * (mask * (position < capacity)).unsqueeze(-1)
+        dispatch = slots.to(x.dtype)  # [T, E, C]
+        combine = dispatch * (probs * mask).unsqueeze(-1)
+        send = torch.einsum("tec,td->ecd", dispatch, x)
+        received = fc.all_to_all_single_autograd(send.reshape(-1, x.shape[-1]), None, None, self.group_name).reshape(send.shape)
+        expert_out = torch.bmm(torch.relu(torch.bmm(received, self.w1)), self.w2)
+        returned = fc.all_to_all_single_autograd(expert_out.reshape(-1, x.shape[-1]), None, None, self.group_name).reshape(send.shape)
+        return torch.einsum("tec,ecd->td", combine, returned)

@@ -93,3 +93,10 @@ def test_auto_target_picks_inductor_here_and_says_why(caplog):
         assert targets.resolve_target("auto") == "inductor"
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "torch_npu is not installed" in said[0]
+
+
+def test_moe_with_all_to_all_matches_eager(single_rank_group):
+    from models import ExpertParallelMoE
+
+    torch.manual_seed(0)
+    assert_matches_eager(ExpertParallelMoE(single_rank_group), (torch.randn(8, 16),), {"target": "eager"})

@@ -81,3 +81,23 @@ def test_roles_reach_the_forward_and_backward_graphs(tmp_path):
         assert layer["router"] and layer["experts"] and layer["combine"]
     forward_experts = by_role["forward"]["moe_layers"][0]["experts"]
     assert sum(name.startswith("addmm") for name in forward_experts) == 8  # 4 experts x 2 linears
+
+
+def test_all_to_all_dispatch_and_combine_get_their_roles(single_rank_group, tmp_path):
+    from models import ExpertParallelMoE
+
+    torch.manual_seed(0)
+    model = torch.compile(ExpertParallelMoE(single_rank_group), backend="moe_ascend",
+                          options={"target": "eager", "dump_dir": str(tmp_path)})
+    tokens = torch.randn(8, 16, requires_grad=True)  # as if from an earlier layer: both exchanges have a backward
+    model(tokens).sum().backward()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [g["role"] for g in summary["graphs"]] == ["dynamo", "forward", "backward"]
+    for graph in summary["graphs"]:
+        assert graph["collectives"] == {"all_to_all_single": {"0": 2}}
+        (region,) = graph["regions"]
+        exchanges = [n["role"] for n in region["nodes"] if "all_to_all_single" in n["op"]]
+        assert sorted(exchanges) == ["combine", "dispatch"], graph["name"]
+    dynamo = summary["graphs"][0]["moe_layers"][0]
+    assert "tensor" in dynamo["dispatch"] and "tensor_1" in dynamo["combine"]
+    assert dynamo["experts"] == ["bmm", "relu", "expert_out"]
