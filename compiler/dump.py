@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from moe_ascend.compiler.report_html import graph_view, write_index
 from moe_ascend.passes.analysis.collectives import collectives_by_kind
 from moe_ascend.passes.analysis.moe_regions import META_KEY, layers_from_annotations
 from moe_ascend.passes.infra import Pass, PassContext
@@ -70,11 +71,8 @@ class DumpSession:
         }
 
     def write(self) -> None:
-        from moe_ascend.compiler.report_html import write_index
-
-        summary = self.summary()
-        (self.folder / "summary.json").write_text(json.dumps(summary, indent=1))
-        write_index(self.folder, summary)
+        (self.folder / "summary.json").write_text(json.dumps(self.summary(), indent=1))
+        write_index(self.folder, [g.view for g in self.graphs if g.view is not None], torch.__version__)
 
 
 class GraphRecord:
@@ -89,6 +87,7 @@ class GraphRecord:
         self.passes: list[dict] = []
         self.input_file = self._write_code(0, "input", gm)
         self.result: dict[str, Any] = {}
+        self.view: dict | None = None  # the page's view, made once the graph is finished
 
     def pass_done(self, p: Pass, modified: bool, nodes_before: list[torch.fx.Node], gm: torch.fx.GraphModule, seconds: float) -> None:
         before, after = set(nodes_before), set(gm.graph.nodes)
@@ -115,6 +114,7 @@ class GraphRecord:
             "estimate": timeline.to_json() if timeline is not None else None,
             "regions": _region_graphs(gm),
         }
+        self.view = graph_view(self.session.folder, self.to_json())
         self.session.write()
 
     def to_json(self) -> dict:
@@ -152,9 +152,9 @@ def _region_graphs(gm: torch.fx.GraphModule) -> list[dict]:
             continue
         region = regions.setdefault(tag["layer"], {"layer": tag["layer"], "nodes": [], "edges": []})
         region["nodes"].append({"name": node.name, "op": _op_label(node), "role": tag["role"]})
+    by_name = {n.name: n for n in gm.graph.nodes}
     for region in regions.values():
         names = {n["name"] for n in region["nodes"]}
-        by_name = {n.name: n for n in gm.graph.nodes}
         for name in names:
             for user in by_name[name].users:
                 if user.name in names:

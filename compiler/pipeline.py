@@ -9,7 +9,6 @@ pass, the stage and the graph.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -20,8 +19,6 @@ from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
 from moe_ascend.kernels.errors import MoEAscendError, PassContractError, PassError
 from moe_ascend.passes.analysis.collectives import collective_order, order_violations
 from moe_ascend.passes.infra import Pass, PassContext, PassResult, meta_mismatch, ordered_passes
-
-log = logging.getLogger("moe_ascend")
 
 
 def run_stage(gm: torch.fx.GraphModule, ctx: PassContext, recorder: Any = None) -> torch.fx.GraphModule:

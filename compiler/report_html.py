@@ -19,15 +19,16 @@ ROLE_COLOURS = {"router": "#f6c85f", "dispatch": "#6fb1e4", "experts": "#9bd17b"
 LANE_COLOURS = {"compute": "#6fb1e4", "comm": "#e8a33d", "wait": "#d9534f"}
 
 
-def write_index(folder: Path, summary: dict) -> Path:
-    graphs = [_graph_view(folder, g) for g in summary["graphs"]]
-    page = _PAGE.replace("__DATA__", json.dumps({"graphs": graphs, "torch": summary.get("torch")}).replace("</", "<\\/"))
+def write_index(folder: Path, views: list[dict], torch_version: str) -> Path:
+    """The page for these graph views (from ``graph_view``)."""
+    page = _PAGE.replace("__DATA__", json.dumps({"graphs": views, "torch": torch_version}).replace("</", "<\\/"))
     path = folder / "index.html"
     path.write_text(page)
     return path
 
 
-def _graph_view(folder: Path, graph: dict) -> dict:
+def graph_view(folder: Path, graph: dict) -> dict:
+    """What the page shows of one graph (its summary entry): code and diff per step, pictures, timeline."""
     files = [("input", graph["input_file"])] + [(p["name"], p["file"]) for p in graph["passes"]]
     steps, previous = [], None
     for label, relative in files:

@@ -1,8 +1,7 @@
 """Every error moe_ascend raises, in one module.
 
 It lives in ``kernels/`` because that is the one folder every other folder may
-import (DESIGN.md, layout); users import it as ``moe_ascend.compiler.errors``
-or from here.
+import (DESIGN.md, layout): ``from moe_ascend.kernels.errors import MoEAscendError``.
 """
 
 from __future__ import annotations

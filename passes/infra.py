@@ -170,11 +170,11 @@ def _topological_order(stage: str, passes: list[Pass]) -> list[Pass]:
     edges: dict[str, set[str]] = {p.name: set() for p in passes}
     for p in passes:
         for other in p.after:
-            _check_constraint(stage, p, other, index)
+            _check_constraint(stage, p, other)
             if other in index:
                 edges[other].add(p.name)
         for other in p.before:
-            _check_constraint(stage, p, other, index)
+            _check_constraint(stage, p, other)
             if other in index:
                 edges[p.name].add(other)
     indegree = {name: 0 for name in edges}
@@ -200,7 +200,7 @@ def _topological_order(stage: str, passes: list[Pass]) -> list[Pass]:
     return [by_name[n] for n in order]
 
 
-def _check_constraint(stage: str, p: Pass, other: str, index: dict[str, int]) -> None:
+def _check_constraint(stage: str, p: Pass, other: str) -> None:
     """A constraint on a pass of another stage is a mistake; one on an unregistered pass is allowed (optional plug-ins)."""
     registered = _REGISTRY.get(other)
     if registered is not None and registered.stage != stage:

@@ -26,7 +26,7 @@ def clone_matmul_outputs(temporary_passes):
             with gm.graph.inserting_after(mm):
                 copy = gm.graph.call_function(torch.ops.aten.clone.default, (mm,))
             infer_meta(copy)
-            mm.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+            mm.replace_all_uses_with(copy, delete_user_cb=lambda user, copy=copy: user is not copy)
         return PassResult(gm, modified=bool(matmuls))
 
     return "t_clone_mm"

@@ -34,7 +34,8 @@ from moe_ascend.passes.analysis.ops import is_matmul, op_name
 ROLES = ("router", "dispatch", "experts", "combine")
 META_KEY = "moe"
 _SCORE_OPS = {"softmax", "sigmoid", "log_softmax"}
-_SHAPE_OPS = {"view", "reshape", "flatten", "contiguous", "to", "float", "type", "clone", "squeeze", "unsqueeze"}
+# Ops that pass their input's values through (shape, dtype, copies): the same tokens or scores.
+_PASS_THROUGH_OPS = {"view", "reshape", "flatten", "contiguous", "to", "float", "type", "clone", "squeeze", "unsqueeze"}
 
 
 @dataclass
@@ -98,12 +99,12 @@ def layers_from_annotations(gm: torch.fx.GraphModule) -> list[dict]:
 
 
 def _gate_of(topk: torch.fx.Node) -> torch.fx.Node | None:
-    """The gate matmul behind a top-k: through an optional score function and shape-only ops."""
+    """The gate matmul behind a top-k: through an optional score function and pass-through ops."""
     node = topk.args[0]
     while isinstance(node, torch.fx.Node):
         if is_matmul(node):
             return node
-        if op_name(node) in _SCORE_OPS | _SHAPE_OPS:
+        if op_name(node) in _SCORE_OPS | _PASS_THROUGH_OPS:
             node = node.args[0]
             continue
         return None
@@ -181,8 +182,8 @@ def _is_per_token(node: torch.fx.Node, tokens: int | None) -> bool:
 
 
 def _shape_root(node: torch.fx.Node) -> torch.fx.Node:
-    """Walk up shape-only ops, so ``x`` and ``x.view(-1, d)`` count as the same tokens."""
-    while op_name(node) in _SHAPE_OPS and isinstance(node.args[0], torch.fx.Node):
+    """Walk up pass-through ops, so ``x`` and ``x.view(-1, d)`` count as the same tokens."""
+    while op_name(node) in _PASS_THROUGH_OPS and isinstance(node.args[0], torch.fx.Node):
         node = node.args[0]
     return node
 
