@@ -1,0 +1,124 @@
+"""Capacity dispatch and combine: tokens to a static ``[E, C, d]`` buffer and back.
+
+A (token, choice) pair gets a *slot* ``e·C + c`` in its expert's buffer, or
+``-1`` when the expert is full. Who keeps a slot:
+
+- ``"position"``: first choices before second choices, then token order
+  (GShard): rank by ``(choice, token)``;
+- ``"score"``: the pairs with the highest routing score (ties by position).
+
+Slots are given in that rank order, so the buffer layout is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DROP_POLICIES = ("position", "score")
+
+
+def assign_slots(expert_ids: Tensor, scores: Tensor, num_experts: int, capacity: int, drop_policy: str) -> Tensor:
+    """``slots [T, k]``: each pair's slot ``e·C + rank`` in its expert's buffer, ``-1`` when dropped."""
+    tokens, k = expert_ids.shape
+    pair_expert = expert_ids.t().reshape(-1)  # pair p = choice·T + token: choice-major priority
+    pairs = pair_expert.numel()
+    if drop_policy == "position":
+        order = torch.sort(pair_expert, stable=True).indices
+    else:
+        by_score = torch.sort(-scores.t().reshape(-1).float(), stable=True).indices
+        order = by_score[torch.sort(pair_expert[by_score], stable=True).indices]
+    counts = torch.bincount(pair_expert, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(pair_expert)
+    rank[order] = torch.arange(pairs, device=expert_ids.device) - starts[pair_expert[order]]
+    slot = torch.where(rank < capacity, pair_expert * capacity + rank, torch.full_like(rank, -1))
+    return slot.reshape(k, tokens).t().contiguous()
+
+
+def _check(expert_ids: Tensor, num_experts: int, capacity: int, drop_policy: str) -> None:
+    torch._check(drop_policy in DROP_POLICIES, lambda: f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    torch._check(capacity >= 1, lambda: f"capacity must be >= 1, got {capacity}")
+    torch._check(num_experts >= 1, lambda: f"num_experts must be >= 1, got {num_experts}")
+    torch._check(expert_ids.dim() == 2, lambda: "expert_ids must be [tokens, k]")
+
+
+@torch.library.custom_op("moe_ascend::capacity_dispatch", mutates_args=())
+def capacity_dispatch(
+    tokens: Tensor, expert_ids: Tensor, scores: Tensor, num_experts: int, capacity: int, drop_policy: str
+) -> tuple[Tensor, Tensor]:
+    """``tokens [T, d]`` → ``(dispatched [E, C, d], slots [T, k])``; empty slots are zero."""
+    _check(expert_ids, num_experts, capacity, drop_policy)
+    if expert_ids.numel():
+        torch._check(int(expert_ids.min()) >= 0 and int(expert_ids.max()) < num_experts,
+                     lambda: f"expert ids must lie in [0, {num_experts})")
+    slots = assign_slots(expert_ids, scores, num_experts, capacity, drop_policy)
+    return scatter_to_slots(tokens, slots, num_experts, capacity), slots
+
+
+@capacity_dispatch.register_fake
+def _(tokens, expert_ids, scores, num_experts, capacity, drop_policy):
+    _check(expert_ids, num_experts, capacity, drop_policy)
+    return tokens.new_empty(num_experts, capacity, tokens.shape[1]), expert_ids.new_empty(expert_ids.shape)
+
+
+def scatter_to_slots(tokens: Tensor, slots: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Buffer row ``slots[t, j]`` gets ``tokens[t]``; dropped pairs land in a spare row that is cut off."""
+    total = num_experts * capacity
+    rows = torch.where(slots >= 0, slots, total).reshape(-1)
+    source = tokens.unsqueeze(1).expand(-1, slots.shape[1], -1).reshape(-1, tokens.shape[1])
+    buffer = tokens.new_zeros(total + 1, tokens.shape[1]).index_copy(0, rows, source)
+    return buffer[:total].reshape(num_experts, capacity, tokens.shape[1])
+
+
+def gather_from_slots(buffer: Tensor, slots: Tensor) -> Tensor:
+    """``[T, k, d]``: each pair's buffer row, zeros for dropped pairs."""
+    rows = buffer.reshape(-1, buffer.shape[-1])[slots.clamp(min=0)]
+    return rows * (slots >= 0).unsqueeze(-1).to(rows.dtype)
+
+
+def _dispatch_setup(ctx, inputs, output) -> None:
+    _, slots = output
+    ctx.save_for_backward(slots)
+
+
+def _dispatch_backward(ctx, grad_dispatched: Tensor, _grad_slots: Tensor):
+    (slots,) = ctx.saved_tensors
+    return gather_from_slots(grad_dispatched, slots).sum(dim=1), None, None, None, None, None
+
+
+capacity_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+
+
+@torch.library.custom_op("moe_ascend::capacity_combine", mutates_args=())
+def capacity_combine(expert_out: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
+    """``expert_out [E, C, d]`` → ``[T, d]``: each token's weighted sum over its kept pairs."""
+    pair_out = gather_from_slots(expert_out, slots)
+    return (pair_out * weights.unsqueeze(-1).to(pair_out.dtype)).sum(dim=1)
+
+
+@capacity_combine.register_fake
+def _(expert_out, slots, weights):
+    return expert_out.new_empty(slots.shape[0], expert_out.shape[-1])
+
+
+def _combine_setup(ctx, inputs, output) -> None:
+    expert_out, slots, weights = inputs
+    ctx.buffer_shape = expert_out.shape
+    ctx.weights_dtype = weights.dtype
+    ctx.save_for_backward(expert_out, slots, weights)
+
+
+def _combine_backward(ctx, grad_out: Tensor):
+    expert_out, slots, weights = ctx.saved_tensors
+    kept = (slots >= 0).unsqueeze(-1)
+    pair_grad = grad_out.unsqueeze(1) * weights.unsqueeze(-1).to(grad_out.dtype) * kept  # [T, k, d]
+    total = ctx.buffer_shape[0] * ctx.buffer_shape[1]
+    rows = torch.where(slots >= 0, slots, total).reshape(-1)
+    grad_buffer = grad_out.new_zeros(total + 1, grad_out.shape[-1]).index_add(0, rows, pair_grad.reshape(-1, grad_out.shape[-1]))
+    grad_expert_out = grad_buffer[:total].reshape(ctx.buffer_shape)
+    grad_weights = (gather_from_slots(expert_out, slots) * grad_out.unsqueeze(1)).sum(dim=-1)
+    return grad_expert_out, None, grad_weights.to(ctx.weights_dtype)
+
+
+capacity_combine.register_autograd(_combine_backward, setup_context=_combine_setup)

@@ -1,0 +1,77 @@
+"""Dropless permute / unpermute: every (token, choice) pair becomes one row, rows grouped by expert.
+
+Rows keep token order inside an expert, so ``row_map[i]`` (the pair
+``token·k + choice`` that row ``i`` holds) is a stable sort of the expert ids.
+Shapes are static (``T·k`` rows); only how many rows each expert gets is data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("moe_ascend::permute", mutates_args=())
+def permute(tokens: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``tokens [T, d]`` → ``(rows [T·k, d], tokens_per_expert [E], row_map [T·k])``."""
+    k = expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1)
+    row_map = torch.sort(flat_ids, stable=True).indices
+    tokens_per_expert = torch.bincount(flat_ids, minlength=num_experts)
+    torch._check(tokens_per_expert.numel() == num_experts, lambda: f"expert ids must lie in [0, {num_experts})")
+    return tokens[row_map // k], tokens_per_expert, row_map
+
+
+@permute.register_fake
+def _(tokens, expert_ids, num_experts):
+    rows = expert_ids.numel()
+    return (tokens.new_empty(rows, tokens.shape[1]), expert_ids.new_empty(num_experts), expert_ids.new_empty(rows))
+
+
+def _permute_setup(ctx, inputs, output) -> None:
+    tokens, expert_ids, _ = inputs
+    ctx.pairs_shape = expert_ids.shape
+    ctx.save_for_backward(output[2])
+
+
+def _permute_backward(ctx, grad_rows: Tensor, _grad_counts, _grad_map):
+    (row_map,) = ctx.saved_tensors
+    return _rows_to_pairs(grad_rows, row_map).reshape(*ctx.pairs_shape, -1).sum(dim=1), None, None
+
+
+permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+def _rows_to_pairs(rows: Tensor, row_map: Tensor) -> Tensor:
+    """Undo the grouping: pair ``row_map[i]`` gets row ``i``."""
+    return rows.new_empty(rows.shape).index_copy(0, row_map, rows)
+
+
+@torch.library.custom_op("moe_ascend::unpermute", mutates_args=())
+def unpermute(rows: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
+    """``rows [T·k, d]`` (in permuted order) → ``[T, d]``: each token's weighted sum over its k rows."""
+    pairs = _rows_to_pairs(rows, row_map).reshape(*weights.shape, -1)
+    return (pairs * weights.unsqueeze(-1).to(pairs.dtype)).sum(dim=1)
+
+
+@unpermute.register_fake
+def _(rows, row_map, weights):
+    return rows.new_empty(weights.shape[0], rows.shape[-1])
+
+
+def _unpermute_setup(ctx, inputs, output) -> None:
+    rows, row_map, weights = inputs
+    ctx.weights_dtype = weights.dtype
+    ctx.save_for_backward(rows, row_map, weights)
+
+
+def _unpermute_backward(ctx, grad_out: Tensor):
+    rows, row_map, weights = ctx.saved_tensors
+    pair_grad = grad_out.unsqueeze(1) * weights.unsqueeze(-1).to(grad_out.dtype)  # [T, k, d]
+    grad_rows = pair_grad.reshape(-1, grad_out.shape[-1])[row_map]
+    pairs = _rows_to_pairs(rows, row_map).reshape(*weights.shape, -1)
+    grad_weights = (pairs * grad_out.unsqueeze(1)).sum(dim=-1)
+    return grad_rows, None, grad_weights.to(ctx.weights_dtype)
+
+
+unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)

@@ -1,0 +1,86 @@
+"""Grouped expert matmuls for both layouts.
+
+- ``grouped_mm_batched``: capacity layout, ``x [E, C, d] @ w [E, d, f]`` (a batched matmul);
+- ``grouped_mm``: dropless layout, ``x [N, d]`` whose first ``tokens_per_expert[0]``
+  rows belong to expert 0, the next to expert 1, and so on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("moe_ascend::grouped_mm_batched", mutates_args=())
+def grouped_mm_batched(x: Tensor, w: Tensor) -> Tensor:
+    """``x [E, C, d]``, ``w [E, d, f]`` → ``[E, C, f]``."""
+    return torch.bmm(x, w)
+
+
+@grouped_mm_batched.register_fake
+def _(x, w):
+    torch._check(x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1], lambda: f"cannot multiply {tuple(x.shape)} by {tuple(w.shape)}")
+    return x.new_empty(x.shape[0], x.shape[1], w.shape[2])
+
+
+def _batched_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _batched_backward(ctx, grad: Tensor):
+    x, w = ctx.saved_tensors
+    return torch.bmm(grad, w.transpose(1, 2)), torch.bmm(x.transpose(1, 2), grad)
+
+
+grouped_mm_batched.register_autograd(_batched_backward, setup_context=_batched_setup)
+
+
+@torch.library.custom_op("moe_ascend::grouped_mm", mutates_args=())
+def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    """``x [N, d]`` grouped by expert, ``w [E, d, f]`` → ``[N, f]``; rows past ``Σ tokens_per_expert`` are zero."""
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    for expert, (start, end) in enumerate(_segments(tokens_per_expert)):
+        if end > start:
+            out[start:end] = x[start:end] @ w[expert]
+    return out
+
+
+@grouped_mm.register_fake
+def _(x, w, tokens_per_expert):
+    torch._check(x.shape[1] == w.shape[1], lambda: f"cannot multiply rows of width {x.shape[1]} by {tuple(w.shape)}")
+    torch._check(tokens_per_expert.shape[0] == w.shape[0], lambda: "one count per expert")
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+def _segments(tokens_per_expert: Tensor) -> list[tuple[int, int]]:
+    ends = torch.cumsum(tokens_per_expert, 0).tolist()  # one host read: the reference loops over experts
+    return list(zip([0] + ends[:-1], ends))
+
+
+@torch.library.custom_op("moe_ascend::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(x: Tensor, grad: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    """``[E, d, f]``: expert ``e``'s weight gradient, ``x_eᵀ · grad_e`` over its rows (zero for an idle expert)."""
+    grad_w = x.new_zeros(tokens_per_expert.shape[0], x.shape[1], grad.shape[1])
+    for expert, (start, end) in enumerate(_segments(tokens_per_expert)):
+        if end > start:
+            grad_w[expert] = x[start:end].t() @ grad[start:end]
+    return grad_w
+
+
+@grouped_mm_weight_grad.register_fake
+def _(x, grad, tokens_per_expert):
+    return x.new_empty(tokens_per_expert.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_backward(ctx, grad: Tensor):
+    # Both halves are ops themselves: the backward graph never loops over data-dependent sizes.
+    x, w, tokens_per_expert = ctx.saved_tensors
+    grad_x = grouped_mm(grad, w.transpose(1, 2).contiguous(), tokens_per_expert)
+    return grad_x, grouped_mm_weight_grad(x, grad, tokens_per_expert), None
+
+
+grouped_mm.register_autograd(_grouped_backward, setup_context=_grouped_setup)
