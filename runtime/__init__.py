@@ -1,1 +1,4 @@
 """What runs beside the compiled graph: topology, the reference MoE layer, balancing, the launcher."""
+
+from moe_ascend.runtime.moe_layer import MoELayer  # noqa: F401
+from moe_ascend.runtime.topology import Topology  # noqa: F401

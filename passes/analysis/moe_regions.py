@@ -29,7 +29,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from moe_ascend.passes.analysis.ops import is_matmul, op_name
+from moe_ascend.passes.analysis.ops import TOP_K, is_matmul, op_name
 
 ROLES = ("router", "dispatch", "experts", "combine")
 META_KEY = "moe"
@@ -66,7 +66,7 @@ def find_moe_layers(
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     layers: list[MoELayer] = []
     for node in gm.graph.nodes:
-        if op_name(node) != "topk":
+        if op_name(node) not in TOP_K:
             continue
         gate = _gate_of(node)
         if gate is None:

@@ -1,0 +1,139 @@
+"""``MoELayer``: the reference expert-parallel MoE layer, built on the moe_ascend ops.
+
+    router    weights, expert_ids = topk_softmax(gate(x), k)
+    dispatch  capacity: [E, C, d] buffer (static shapes)  |  dropless: rows grouped by expert
+    experts   SwiGLU per expert, as grouped matmuls (local experts only under expert parallelism)
+    combine   each token's weighted sum of its experts' outputs (+ shared experts)
+
+Expert parallelism over ``ep_group`` (``E / ep_size`` experts per rank) sends the
+dispatched tokens to the ranks that own their experts with functional
+``all_to_all_single`` and brings the results back the same way.
+
+Capacity mode (``capacity_factor`` set) exchanges equal, static blocks: it
+compiles to one graph. Dropless mode first exchanges the per-expert counts,
+then uses them as split sizes. Those sizes are data: under ``torch.compile``
+reading them (``.tolist()``) is a graph break, or, with
+``torch._dynamo.config.capture_scalar_outputs = True``, unbacked sizes that
+Inductor cannot always lower (DESIGN.md, integration notes). With one rank
+no sizes are exchanged and dropless compiles to one graph too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_ascend.kernels as ops
+from moe_ascend.kernels.errors import TopologyError
+
+
+class MoELayer(nn.Module):
+    """Top-k routed SwiGLU experts, capacity or dropless, on one rank or across an EP process group."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float | None = None,
+        ep_group: dist.ProcessGroup | None = None,
+        num_shared_experts: int = 0,
+        drop_policy: str = "position",
+        renormalize: bool = True,
+    ):
+        super().__init__()
+        self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        if num_experts % self.ep_size:
+            raise TopologyError(
+                f"{num_experts} experts do not split evenly over an expert-parallel group of {self.ep_size} ranks; "
+                "choose num_experts divisible by the group size"
+            )
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.num_local_experts = num_experts // self.ep_size
+        self.capacity_factor, self.drop_policy, self.renormalize = capacity_factor, drop_policy, renormalize
+        # The group's name, not the object: functional collectives take it, and the module stays deep-copyable.
+        self.ep_group_name = ep_group.group_name if self.ep_size > 1 else None
+
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.w_gate_up = nn.Parameter(torch.randn(self.num_local_experts, d_model, 2 * d_ff) / math.sqrt(d_model))
+        self.w_down = nn.Parameter(torch.randn(self.num_local_experts, d_ff, d_model) / math.sqrt(d_ff))
+        self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert per source rank: ``ceil(k·T/E · capacity_factor)``."""
+        return max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, expert_ids = ops.topk_softmax(self.gate(tokens), self.top_k, self.renormalize)
+        if self.capacity_factor is not None:
+            out = self._capacity_moe(tokens, weights, expert_ids)
+        else:
+            out = self._dropless_moe(tokens, weights, expert_ids)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
+        return out.reshape(x.shape)
+
+    def _capacity_moe(self, tokens, weights, expert_ids):
+        capacity = self.capacity(tokens.shape[0])
+        dispatched, slots = ops.capacity_dispatch(tokens, expert_ids, weights, self.num_experts, capacity, self.drop_policy)
+        if self.ep_size == 1:
+            return ops.capacity_combine(self._experts_batched(dispatched), slots, weights)
+        d, ep, local = tokens.shape[1], self.ep_size, self.num_local_experts
+        # Experts are numbered rank-major, so each rank's block of the buffer is contiguous: equal splits.
+        received = self._exchange(dispatched.reshape(-1, d))
+        per_expert = received.reshape(ep, local, capacity, d).transpose(0, 1).reshape(local, ep * capacity, d)
+        expert_out = self._experts_batched(per_expert)
+        back = expert_out.reshape(local, ep, capacity, d).transpose(0, 1).reshape(-1, d)
+        returned = self._exchange(back).reshape(self.num_experts, capacity, d)
+        return ops.capacity_combine(returned, slots, weights)
+
+    def _dropless_moe(self, tokens, weights, expert_ids):
+        rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts)
+        if self.ep_size == 1:
+            return ops.unpermute(self._experts_grouped(rows, tokens_per_expert), row_map, weights)
+        ep, local = self.ep_size, self.num_local_experts
+        counts_received = self._exchange(tokens_per_expert).reshape(ep, local)  # [source rank, local expert]
+        send_splits = tokens_per_expert.reshape(ep, local).sum(dim=1).tolist()
+        receive_splits = counts_received.sum(dim=1).tolist()
+        received = self._exchange(rows, receive_splits, send_splits)  # rows by (source rank, local expert)
+        local_expert = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(ep), counts_received.reshape(-1))
+        by_expert = torch.sort(local_expert, stable=True).indices
+        expert_out = self._experts_grouped(received[by_expert], counts_received.sum(dim=0))
+        back = expert_out[torch.argsort(by_expert)]
+        returned = self._exchange(back, send_splits, receive_splits)
+        return ops.unpermute(returned, row_map, weights)
+
+    def _exchange(self, tensor, output_splits=None, input_splits=None):
+        out = fc.all_to_all_single_autograd(tensor, output_splits, input_splits, self.ep_group_name)
+        return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+    def _experts_batched(self, x):
+        gate, up = ops.grouped_mm_batched(x, self.w_gate_up).chunk(2, dim=-1)
+        return ops.grouped_mm_batched(F.silu(gate) * up, self.w_down)
+
+    def _experts_grouped(self, rows, tokens_per_expert):
+        gate, up = ops.grouped_mm(rows, self.w_gate_up, tokens_per_expert).chunk(2, dim=-1)
+        return ops.grouped_mm(F.silu(gate) * up, self.w_down, tokens_per_expert)
+
+
+class SwiGLU(nn.Module):
+    """The shared experts: one dense SwiGLU MLP of ``num_shared_experts · d_ff`` hidden units."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

@@ -1,0 +1,113 @@
+"""MoELayer: one rank and four, capacity and dropless, eager and compiled, recognised by find_moe."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from checks import assert_matches_eager
+from distributed import run_ranks
+
+from moe_ascend.kernels.errors import TopologyError
+from moe_ascend.runtime import MoELayer
+
+MODES = {"capacity": 1.0, "dropless": None}
+
+
+def layer_kwargs(mode):
+    return dict(d_model=8, d_ff=16, num_experts=8, top_k=2, capacity_factor=MODES[mode], num_shared_experts=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_rank_compiles_to_one_graph_and_matches_eager(mode):
+    torch.manual_seed(0)
+    layer = MoELayer(**layer_kwargs(mode))
+    x = torch.randn(2, 6, 8)
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    assert_matches_eager(layer, (x,), {"target": "eager"})
+
+
+def test_capacity_layer_matches_eager_under_inductor():
+    torch.manual_seed(0)
+    assert_matches_eager(MoELayer(**layer_kwargs("capacity")), (torch.randn(12, 8),), {"target": "inductor"})
+
+
+def test_find_moe_sees_the_ops_of_our_layer(tmp_path):
+    torch.manual_seed(0)
+    compiled = torch.compile(MoELayer(**layer_kwargs("capacity")), backend="moe_ascend",
+                             options={"target": "eager", "dump_dir": str(tmp_path)})
+    compiled(torch.randn(12, 8)).sum().backward()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (layer,) = summary["graphs"][0]["moe_layers"]
+    ops_by_role = {role: {n["op"] for n in summary["graphs"][0]["regions"][0]["nodes"] if n["role"] == role}
+                   for role in ("router", "dispatch", "experts", "combine")}
+    assert "moe_ascend.topk_softmax.default" in ops_by_role["router"]
+    assert "moe_ascend.capacity_dispatch.default" in ops_by_role["dispatch"]
+    assert "moe_ascend.grouped_mm_batched.default" in ops_by_role["experts"]
+    assert "moe_ascend.capacity_combine.default" in ops_by_role["combine"]
+    assert [len(g["moe_layers"]) for g in summary["graphs"]] == [1, 1, 1]
+
+
+def test_experts_must_split_over_the_group():
+    class FakeGroup:
+        group_name = "x"
+
+    import moe_ascend.runtime.moe_layer as module
+
+    original = module.dist.get_world_size
+    module.dist.get_world_size = lambda group: 3
+    module.dist.get_rank = lambda group: 0
+    try:
+        with pytest.raises(TopologyError, match="8 experts do not split evenly over an expert-parallel group of 3"):
+            MoELayer(8, 16, 8, 2, ep_group=FakeGroup())
+    finally:
+        module.dist.get_world_size = original
+        module.dist.get_rank = dist.get_rank
+
+
+def expert_parallel_equals_one_process(rank, world_size, mode, compiled):
+    """On each rank: the EP layer's outputs and grads equal a single-process layer's holding all experts."""
+    torch.manual_seed(0)
+    reference = MoELayer(**layer_kwargs(mode))
+    layer = MoELayer(**layer_kwargs(mode), ep_group=dist.group.WORLD)
+    local = slice(rank * layer.num_local_experts, (rank + 1) * layer.num_local_experts)
+    with torch.no_grad():
+        layer.gate.weight.copy_(reference.gate.weight)
+        layer.w_gate_up.copy_(reference.w_gate_up[local])
+        layer.w_down.copy_(reference.w_down[local])
+        for mine, theirs in zip(layer.shared.parameters(), reference.shared.parameters()):
+            mine.copy_(theirs)
+    batches = [torch.randn(6, 8, generator=torch.Generator().manual_seed(100 + r)) for r in range(world_size)]
+    probes = [torch.randn(6, 8, generator=torch.Generator().manual_seed(200 + r)) for r in range(world_size)]
+
+    run = layer
+    if compiled:
+        assert torch._dynamo.explain(layer)(batches[rank]).graph_break_count == 0
+        run = torch.compile(layer, backend="moe_ascend", options={"target": "eager"})
+    out = run(batches[rank])
+    (out * probes[rank]).sum().backward()
+    sum((reference(b) * p).sum() for b, p in zip(batches, probes)).backward()
+
+    torch.testing.assert_close(out, reference(batches[rank]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.w_gate_up.grad, reference.w_gate_up.grad[local], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.w_down.grad, reference.w_down.grad[local], rtol=1e-5, atol=1e-5)
+    for mine, theirs in [(layer.gate.weight, reference.gate.weight), *zip(layer.shared.parameters(), reference.shared.parameters())]:
+        dist.all_reduce(mine.grad)  # replicated parameters: each rank holds its own tokens' share
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+    return True
+
+
+@pytest.mark.parametrize("mode, compiled", [("capacity", False), ("dropless", False), ("capacity", True)])
+def test_four_ranks_equal_one_process(mode, compiled):
+    assert run_ranks(4, expert_parallel_equals_one_process, mode, compiled) == [True] * 4
+
+
+def dropless_graph_breaks(rank, world_size):
+    torch.manual_seed(0)
+    layer = MoELayer(**layer_kwargs("dropless"), ep_group=dist.group.WORLD)
+    return torch._dynamo.explain(layer)(torch.randn(6, 8)).graph_break_count
+
+
+def test_dropless_across_ranks_breaks_the_graph_where_it_reads_split_sizes():
+    """What the docstring promises: reading the exchanged counts is a graph break (capacity mode has none)."""
+    assert all(breaks >= 1 for breaks in run_ranks(2, dropless_graph_breaks))
