@@ -29,6 +29,7 @@ def run_stage(gm: torch.fx.GraphModule, ctx: PassContext, recorder: Any = None) 
         if ctx.role not in p.roles:
             continue
         nodes_before = list(gm.graph.nodes)
+        vals_before = {n for n in nodes_before if "val" in n.meta}  # side-effect nodes (set_grad_enabled) have none
         order_before = collective_order(gm)
         started = time.perf_counter()
         result = _call(p, gm, ctx)
@@ -36,7 +37,7 @@ def run_stage(gm: torch.fx.GraphModule, ctx: PassContext, recorder: Any = None) 
         if ctx.stage == "post_grad" and result.gm is not gm:
             _fail(p, ctx, "post_grad passes rewrite the graph in place; return PassResult(gm, ...) with the gm given")
         gm = result.gm
-        _check(p, ctx, gm, nodes_before, order_before, result.modified)
+        _check(p, ctx, gm, nodes_before, vals_before, order_before, result.modified)
         if record is not None:
             record.pass_done(p, result.modified, nodes_before, gm, seconds)
     if record is not None:
@@ -61,6 +62,7 @@ def _check(
     ctx: PassContext,
     gm: torch.fx.GraphModule,
     nodes_before: list[torch.fx.Node],
+    vals_before: set[torch.fx.Node],
     order_before: dict[str, list[str]],
     modified: bool,
 ) -> None:
@@ -77,7 +79,7 @@ def _check(
     problems = [
         f"{n.name}: {why}"
         for n in gm.graph.nodes
-        if n.op != "output" and (why := _meta_problem(n, n not in old, ctx.fake_mode))
+        if n.op != "output" and (why := _meta_problem(n, n not in old, vals_before, ctx.fake_mode))
     ]
     if problems:
         _fail(p, ctx, "FakeTensor metadata is wrong: " + "; ".join(problems[:5]))
@@ -86,10 +88,10 @@ def _check(
         _fail(p, ctx, "collectives changed order within a process group (ranks would deadlock): " + "; ".join(violations))
 
 
-def _meta_problem(node: torch.fx.Node, created: bool, fake_mode: Any) -> str | None:
+def _meta_problem(node: torch.fx.Node, created: bool, vals_before: set[torch.fx.Node], fake_mode: Any) -> str | None:
     if created:
         return meta_mismatch(node, fake_mode)
-    return None if "val" in node.meta else "lost its meta['val']"
+    return "lost its meta['val']" if node in vals_before and "val" not in node.meta else None
 
 
 def _fail(p: Pass, ctx: PassContext, message: str):

@@ -91,3 +91,42 @@ class ExpertParallelMoE(nn.Module):
         expert_out = torch.bmm(torch.relu(torch.bmm(received, self.w1)), self.w2)
         returned = fc.all_to_all_single_autograd(expert_out.reshape(-1, x.shape[-1]), None, None, self.group_name).reshape(send.shape)
         return torch.einsum("tec,ecd->td", combine, returned)
+
+
+class TitanStyleMoE(nn.Module):
+    """Expert parallelism as torchtitan and Megatron write it: sort by expert, split sizes, all-to-all, per-expert matmuls."""
+
+    def __init__(self, group, d=16, f=32, num_experts=4, top_k=2):
+        super().__init__()
+        import torch.distributed as dist
+
+        self.group_name, self.top_k, self.num_experts = group.group_name, top_k, num_experts
+        self.ep = dist.get_world_size(group)
+        self.local = num_experts // self.ep
+        self.router = nn.Linear(d, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(self.local, d, f) * d**-0.5)
+        self.w2 = nn.Parameter(torch.randn(self.local, f, d) * f**-0.5)
+
+    def forward(self, x):
+        import torch.distributed._functional_collectives as fc
+
+        scores = torch.softmax(self.router(x), dim=-1)
+        top_scores, selected = torch.topk(scores, self.top_k, dim=-1)
+        flat_experts = selected.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        routed = x[order // self.top_k]
+        counts = F.one_hot(flat_experts, self.num_experts).sum(dim=0)
+        counts_received = fc.all_to_all_single(counts, None, None, self.group_name)
+        send_splits = counts.view(self.ep, -1).sum(dim=1).tolist()
+        receive_splits = counts_received.view(self.ep, -1).sum(dim=1).tolist()
+        received = fc.all_to_all_single_autograd(routed, receive_splits, send_splits, self.group_name)
+        chunks = list(torch.split(received, counts_received.tolist()))  # by (source rank, local expert)
+        for e in range(self.local):
+            mine = list(range(e, len(chunks), self.local))
+            out = torch.relu(torch.cat([chunks[c] for c in mine]) @ self.w1[e]) @ self.w2[e]
+            for c, piece in zip(mine, torch.split(out, [chunks[c].shape[0] for c in mine])):
+                chunks[c] = piece
+        returned = fc.all_to_all_single_autograd(torch.cat(chunks), send_splits, receive_splits, self.group_name)
+        unsorted = torch.empty_like(returned).index_copy(0, order, returned)
+        weighted = unsorted.reshape(-1, self.top_k, x.shape[-1]) * top_scores.unsqueeze(-1)
+        return weighted.sum(dim=1)

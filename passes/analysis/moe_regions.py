@@ -129,17 +129,24 @@ def _layer_from_router(
         return None, "its per-token choices never meet the tokens (no dispatch)"
     output = _convergence_point(data, entries)
     if output is None or output.op == "output":
+        if any(user.op == "output" for n in data for user in n.users):
+            return None, (
+                "its routed tokens leave this graph before the combine: a graph break inside the layer "
+                "(split sizes read with .tolist()?); set torch._dynamo.config.capture_scalar_outputs = True "
+                "or use capacity (static-shape) dispatch"
+            )
         return None, "its routed paths never meet again in one node (no combine)"
+    output = _back_to_token_shape(output, tokens)
 
     upstream = _ancestors(root) | {root}
     region = (_ancestors(output) | {output}) - upstream
     region = {n for n in region if n.op not in ("placeholder", "get_attr", "output")}
+    expert_weights = _expert_weight_values(region, upstream | _ancestors(gate), token_side)
     data_nodes = region & token_side
-    router_nodes = (region & gate_side) - data_nodes
+    router_nodes = (region & gate_side) - data_nodes - expert_weights
     weights = region - data_nodes - router_nodes
 
-    activations = token_side | gate_side | upstream
-    matmuls = {n for n in data_nodes if is_matmul(n) and _has_weight_operand(n, activations)}
+    matmuls = {n for n in data_nodes if is_matmul(n) and any(i in expert_weights for i in n.all_input_nodes)}
     if not matmuls:
         return None, "no matmul with expert weights consumes the dispatched tokens (no experts)"
 
@@ -159,6 +166,25 @@ def _layer_from_router(
 
     nodes = {role: sorted((n for n, r in roles.items() if r == role), key=order.__getitem__) for role in ROLES}
     return MoELayer(index, gate, topk, tokens, output, nodes), ""
+
+
+def _back_to_token_shape(point: torch.fx.Node, tokens: torch.fx.Node) -> torch.fx.Node:
+    """Follow the meeting point's sole users until the values are token-shaped again (``[T·k, d]`` summed to ``[T, d]``)."""
+    node = point
+    while _numel(node) != _numel(tokens) and len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op not in ("call_function", "call_method"):
+            break
+        node = user
+    return node if _numel(node) == _numel(tokens) else point
+
+
+def _numel(node: torch.fx.Node) -> int | None:
+    val = node.meta.get("val")
+    try:
+        return int(val.numel())
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _token_count(gate: torch.fx.Node) -> int | None:
@@ -233,6 +259,16 @@ def _convergence_point(data: set[torch.fx.Node], entries: set[torch.fx.Node]) ->
     return None if point in (None, sink) else point
 
 
-def _has_weight_operand(node: torch.fx.Node, activations: set[torch.fx.Node]) -> bool:
-    """True when some operand of the matmul depends on neither tokens nor routing (a weight)."""
-    return any(i not in activations for i in node.all_input_nodes)
+def _expert_weight_values(
+    region: set[torch.fx.Node], before_layer: set[torch.fx.Node], token_side: set[torch.fx.Node]
+) -> set[torch.fx.Node]:
+    """Values computed from the layer's own parameters and not from its tokens: ``w1``, ``w1[e]``, ``w1[expert_ids]``.
+
+    The layer's parameters are the graph inputs its region reads that neither the
+    tokens nor the gate were computed from.
+    """
+    sources = {
+        i for n in region for i in n.all_input_nodes
+        if i.op in ("placeholder", "get_attr") and i not in before_layer
+    }
+    return (sources | _descendants(sources)) - token_side

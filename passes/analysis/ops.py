@@ -55,4 +55,6 @@ def collective_group(node: torch.fx.Node) -> str:
 
 
 def is_matmul(node: torch.fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and op_name(node) in MATMULS
+    """The matmul family, including any library's grouped matmul (torch._grouped_mm, transformers', ours)."""
+    name = op_name(node)
+    return node.op in ("call_function", "call_method") and (name in MATMULS or "grouped_mm" in name)

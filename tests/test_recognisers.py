@@ -1,0 +1,94 @@
+"""MoE code written by others is recognised: transformers' Mixtral and Qwen2-MoE, and torchtitan-style EP."""
+
+import json
+import logging
+
+import pytest
+import torch
+from checks import assert_matches_eager
+
+transformers = pytest.importorskip("transformers")
+
+ROLES = ("router", "dispatch", "experts", "combine")
+
+
+def tiny_mixtral(experts_implementation):
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )
+    config._experts_implementation = experts_implementation
+    return transformers.MixtralForCausalLM(config)
+
+
+def tiny_qwen2_moe(experts_implementation):
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )
+    config._experts_implementation = experts_implementation
+    return transformers.Qwen2MoeForCausalLM(config)
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids).logits
+
+
+@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe])
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+def test_transformers_moe_logits_gradients_and_layers(build, experts_implementation, tmp_path):
+    torch.manual_seed(0)
+    model = Logits(build(experts_implementation))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert_matches_eager(model, (ids,), {"target": "eager", "dump_dir": str(tmp_path)})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [g["role"] for g in summary["graphs"]] == ["dynamo", "forward", "backward"]
+    for graph in summary["graphs"]:
+        assert [layer["layer"] for layer in graph["moe_layers"]] == [0, 1], graph["name"]
+        assert all(layer[role] for layer in graph["moe_layers"] for role in ROLES)
+    gates = [layer["gate"] for layer in summary["graphs"][0]["moe_layers"]]
+    assert gates == ["router_logits", "router_logits_1"]
+
+
+def test_transformers_shared_expert_stays_outside_the_routed_region(tmp_path):
+    torch.manual_seed(0)
+    model = torch.compile(Logits(tiny_qwen2_moe("grouped_mm")), backend="moe_ascend",
+                          options={"target": "eager", "dump_dir": str(tmp_path)})
+    model(torch.randint(0, 64, (2, 8)))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    layer = summary["graphs"][0]["moe_layers"][0]
+    region = {n for role in ROLES for n in layer[role]}
+    assert layer["output"] == "final_hidden_states"
+    assert not any("shared" in name for name in region)
+
+
+def test_titan_style_expert_parallel_is_one_region_with_scalar_capture(single_rank_group, tmp_path):
+    from models import TitanStyleMoE
+
+    torch.manual_seed(0)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        assert_matches_eager(TitanStyleMoE(single_rank_group), (torch.randn(8, 16, requires_grad=True),),
+                             {"target": "eager", "dump_dir": str(tmp_path)})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (layer,) = summary["graphs"][0]["moe_layers"]
+    (region,) = summary["graphs"][0]["regions"]
+    exchanges = {n["role"] for n in region["nodes"] if "all_to_all_single" in n["op"]}
+    assert exchanges == {"router", "dispatch", "combine"}  # the counts exchange is routing metadata
+    assert layer["experts"]
+
+
+def test_titan_style_with_a_graph_break_gets_one_warning_naming_it(single_rank_group, caplog):
+    from models import TitanStyleMoE
+
+    torch.manual_seed(0)
+    model = torch.compile(TitanStyleMoE(single_rank_group), backend="moe_ascend", options={"target": "eager"})
+    with caplog.at_level(logging.WARNING, logger="moe_ascend"):
+        model(torch.randn(8, 16))
+    said = [r.getMessage() for r in caplog.records if r.name == "moe_ascend"]
+    assert len(said) == 1 and "graph break inside the layer" in said[0] and "capture_scalar_outputs" in said[0]
