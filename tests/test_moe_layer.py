@@ -48,21 +48,14 @@ def test_find_moe_sees_the_ops_of_our_layer(tmp_path):
     assert [len(g["moe_layers"]) for g in summary["graphs"]] == [1, 1, 1]
 
 
-def test_experts_must_split_over_the_group():
-    class FakeGroup:
-        group_name = "x"
+def test_experts_must_split_over_the_group(monkeypatch):
+    class ThreeRanks:
+        group_name = "three"
 
-    import moe_ascend.runtime.moe_layer as module
-
-    original = module.dist.get_world_size
-    module.dist.get_world_size = lambda group: 3
-    module.dist.get_rank = lambda group: 0
-    try:
-        with pytest.raises(TopologyError, match="8 experts do not split evenly over an expert-parallel group of 3"):
-            MoELayer(8, 16, 8, 2, ep_group=FakeGroup())
-    finally:
-        module.dist.get_world_size = original
-        module.dist.get_rank = dist.get_rank
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    with pytest.raises(TopologyError, match="8 experts do not split evenly over an expert-parallel group of 3"):
+        MoELayer(8, 16, 8, 2, ep_group=ThreeRanks())
 
 
 def expert_parallel_equals_one_process(rank, world_size, mode, compiled):
