@@ -235,10 +235,8 @@ def infer_meta(node: torch.fx.Node, fake_mode: Any = None) -> Any:
 
 def _fake_output(node: torch.fx.Node, fake_mode: Any) -> Any:
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
-    if fake_mode is None:
-        from torch._guards import detect_fake_mode
-
-        fake_mode = detect_fake_mode([args, kwargs])
+    # The inputs' own mode first: Dynamo's graph values need not share its tracing context's mode.
+    fake_mode = _mode_of([args, kwargs]) or fake_mode
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         if node.op == "call_function":
             return node.target(*args, **kwargs)
@@ -247,6 +245,13 @@ def _fake_output(node: torch.fx.Node, fake_mode: Any) -> Any:
         if node.op == "call_module":
             return node.graph.owning_module.get_submodule(node.target)(*args, **kwargs)
     raise PassRegistrationError(f"cannot infer metadata of a {node.op} node ({node.name})")
+
+
+def _mode_of(values: Any) -> Any:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    leaves = torch.utils._pytree.tree_leaves(values)
+    return next((v.fake_mode for v in leaves if isinstance(v, FakeTensor)), None)
 
 
 def meta_mismatch(node: torch.fx.Node, fake_mode: Any = None) -> str | None:

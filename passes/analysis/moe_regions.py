@@ -49,6 +49,14 @@ class MoELayer:
     output: torch.fx.Node
     nodes: dict[str, list[torch.fx.Node]] = field(default_factory=dict)
 
+    def replace(self, old: torch.fx.Node, new: torch.fx.Node | None) -> None:
+        """Keep the layer true after a rewrite: ``old`` became ``new`` (or went away, with ``None``)."""
+        for role, nodes in self.nodes.items():
+            self.nodes[role] = [new if n is old else n for n in nodes if n is not old or new is not None]
+        for anchor in ("gate", "topk", "tokens", "output"):
+            if getattr(self, anchor) is old and new is not None:
+                setattr(self, anchor, new)
+
     def to_json(self) -> dict:
         return {
             "layer": self.index,

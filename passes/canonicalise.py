@@ -1,0 +1,118 @@
+"""canonicalise (pre_grad): rewrite recognised MoE regions onto the moe_ascend ops, so later passes see one IR.
+
+Two rewrites, each exactly the same math:
+
+    router   torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)
+          →  torch.ops.moe_ascend.topk_softmax(logits, k, False)
+    experts  torch.bmm(x, w)              # w: the layer's expert weights, [E, d, f]
+          →  torch.ops.moe_ascend.grouped_mm_batched(x, w)
+
+The router rewrite applies to fp32/fp64 scores (the op's softmax runs in at
+least fp32, which would round bf16 differently). The one place the two can
+differ is an exact tie between two experts' probabilities: torch.topk leaves
+the order unspecified, ``topk_softmax`` picks the lower expert id.
+
+Before::
+
+    probs = torch.softmax(linear, dim = -1)
+    topk = torch.topk(probs, 2, dim = -1)
+    weights = topk[0];  experts = topk[1]
+    bmm = torch.bmm(expert_in, l_w_in_)
+
+After::
+
+    probs = torch.softmax(linear, dim = -1)        # still there for its other users (aux loss)
+    topk_softmax = torch.ops.moe_ascend.topk_softmax.default(linear, 2, False)
+    weights = topk_softmax[0];  experts = topk_softmax[1]
+    bmm = torch.ops.moe_ascend.grouped_mm_batched.default(expert_in, l_w_in_)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+import moe_ascend.kernels  # noqa: F401  (registers torch.ops.moe_ascend)
+from moe_ascend.passes.analysis.ops import op_name
+from moe_ascend.passes.infra import PassContext, PassResult, infer_meta, register_pass
+
+
+@register_pass(name="canonicalise", stage="pre_grad", after=("find_moe",), roles=("dynamo",))
+def canonicalise(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    modified = False
+    for layer in ctx.analyses.get("moe_layers", []):
+        for node in list(layer.nodes["router"]):
+            modified |= _fuse_router(gm, node, ctx, layer)
+        for node in list(layer.nodes["experts"]):
+            modified |= _grouped_expert_matmul(gm, node, ctx, layer)
+    return PassResult(gm, modified)
+
+
+def _fuse_router(gm: torch.fx.GraphModule, topk: torch.fx.Node, ctx: PassContext, layer) -> bool:
+    """``topk(softmax(logits, -1), k, dim=-1)`` whose users take its values and indices → ``topk_softmax``."""
+    if op_name(topk) != "topk" or topk.target is not torch.topk:
+        return False
+    scores = topk.args[0]
+    k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+    if not (_is_softmax_over_last_dim(scores) and isinstance(k, int) and _topk_over_last_dim(topk)):
+        return False
+    logits = scores.args[0]
+    if logits.meta["val"].dim() != 2 or logits.meta["val"].dtype not in (torch.float32, torch.float64):
+        return False
+    if not all(u.op == "call_function" and u.target is operator.getitem for u in topk.users):
+        return False
+    with gm.graph.inserting_before(topk):
+        fused = gm.graph.call_function(torch.ops.moe_ascend.topk_softmax.default, (logits, k, False))
+    _replace(gm, topk, fused, ctx, layer)
+    if not scores.users:  # the softmax fed only the top-k
+        gm.graph.erase_node(scores)
+        layer.replace(scores, None)
+    return True
+
+
+def _grouped_expert_matmul(gm: torch.fx.GraphModule, bmm: torch.fx.Node, ctx: PassContext, layer) -> bool:
+    """``torch.bmm(x, w)`` in the experts role, on an expert-weight tensor ``w`` → ``grouped_mm_batched``."""
+    if bmm.target is not torch.bmm or bmm.kwargs:
+        return False
+    x, w = bmm.args
+    if not _is_expert_weight(w):
+        return False  # e.g. weights gathered per token (w[expert_ids]): not the [E, d, f] layout
+    with gm.graph.inserting_before(bmm):
+        grouped = gm.graph.call_function(torch.ops.moe_ascend.grouped_mm_batched.default, (x, w))
+    _replace(gm, bmm, grouped, ctx, layer)
+    return True
+
+
+def _is_expert_weight(node: torch.fx.Node) -> bool:
+    """A parameter seen through view-only ops (``w.transpose(1, 2)``)."""
+    while op_name(node) in ("transpose", "permute", "contiguous") and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node.op in ("placeholder", "get_attr")
+
+
+def _is_softmax_over_last_dim(node) -> bool:
+    if not isinstance(node, torch.fx.Node) or node.target is not torch.softmax:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    rank = node.meta["val"].dim()
+    return dim in (-1, rank - 1) and node.kwargs.get("dtype") is None and len(node.args) <= 2
+
+
+def _topk_over_last_dim(topk: torch.fx.Node) -> bool:
+    rank = topk.args[0].meta["val"].dim()
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
+    return dim in (-1, rank - 1) and largest is True
+
+
+def _replace(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, ctx: PassContext, layer) -> None:
+    """``new`` takes ``old``'s users, MoE role and source location (its ``val`` is derived afresh) and its place in the layer."""
+    infer_meta(new, ctx.fake_mode)
+    for key in ("custom", "stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+    layer.replace(old, new)

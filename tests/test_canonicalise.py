@@ -1,0 +1,72 @@
+"""canonicalise: recognised routers and expert matmuls become moe_ascend ops, with the same numbers."""
+
+import re
+
+import torch
+from checks import assert_matches_eager
+from graphs import code_lines, context, dynamo_graph
+from models import LoopMoE
+from quickstart import MoEFeedForward, MoETransformer, batches, stdlib_bytes
+
+from moe_ascend.passes.canonicalise import canonicalise
+from moe_ascend.passes.find_moe import find_moe
+from moe_ascend.passes.normalise import normalise
+
+
+def prepared(fn, *inputs):
+    gm = dynamo_graph(fn, *inputs)
+    ctx = context()
+    normalise(gm, ctx)
+    find_moe(gm, ctx)
+    return gm, ctx
+
+
+def test_golden_router_and_expert_matmuls():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    gm, ctx = prepared(lambda x: moe(x)[0], torch.randn(1, 6, 8))
+    result = canonicalise(gm, ctx)
+    gm.recompile()
+    assert result.modified
+    lines = code_lines(gm)
+    assert "topk_softmax_default = torch.ops.moe_ascend.topk_softmax.default(linear, 2, False)" in lines
+    assert "weights = topk_softmax_default[0]" in lines and "experts = topk_softmax_default[1]" in lines
+    assert not any("torch.topk" in line or "torch.bmm" in line for line in lines)
+    assert "probs = torch.softmax(linear, dim = -1)" in lines  # still read by the load-balancing loss
+    grouped = [re.sub(r"\b[gl]_moe_", "moe_", line) for line in lines if line.startswith("grouped_mm_batched")]
+    assert grouped == [  # Dynamo spells the closure's weights g_... or l_... depending on how it was reached
+        "grouped_mm_batched_default = torch.ops.moe_ascend.grouped_mm_batched.default(expert_in, moe_parameters_w_in_)",
+        "grouped_mm_batched_default_1 = torch.ops.moe_ascend.grouped_mm_batched.default(gelu, moe_parameters_w_out_)",
+    ]
+    (layer,) = ctx.analyses["moe_layers"]
+    assert layer.topk.name == "topk_softmax_default"
+    assert [n.name for n in layer.nodes["experts"]] == ["grouped_mm_batched_default", "gelu", "grouped_mm_batched_default_1"]
+    roles = {n.name: n.meta["custom"]["moe"]["role"] for n in gm.graph.nodes if "moe" in n.meta.get("custom", {})}
+    assert roles["topk_softmax_default"] == "router" and roles["grouped_mm_batched_default"] == "experts"
+
+
+def test_per_expert_loop_keeps_its_linears():
+    torch.manual_seed(0)
+    gm, ctx = prepared(LoopMoE(), torch.randn(6, 16))
+    canonicalise(gm, ctx)
+    gm.recompile()
+    lines = code_lines(gm)
+    assert sum("torch._C._nn.linear" in line for line in lines) == 1 + 8  # gate + 4 experts x 2
+    assert any("moe_ascend.topk_softmax" in line for line in lines)
+    assert not any("torch.softmax" in line for line in lines)  # it fed only the top-k: gone with it
+
+
+def test_transformer_loss_and_gradients_equal_eager():
+    torch.manual_seed(0)
+    model = MoETransformer(d_model=32, n_heads=2, d_ff=64, n_layers=2, seq_len=16)
+    assert_matches_eager(model, next(batches(stdlib_bytes(100_000), 4, 16)), {"target": "eager"})
+
+
+def test_disable_keeps_the_users_ops(tmp_path):
+    torch.manual_seed(0)
+    moe = MoEFeedForward(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    compiled = torch.compile(lambda x: moe(x)[0], backend="moe_ascend",
+                             options={"target": "eager", "disable": ["canonicalise"], "dump_dir": str(tmp_path)})
+    compiled(torch.randn(1, 6, 8))
+    assert "torch.topk" in (tmp_path / "graph_0" / "pre_grad" / "02_find_moe.py").read_text()
+    assert not (tmp_path / "graph_0" / "pre_grad" / "03_canonicalise.py").exists()
