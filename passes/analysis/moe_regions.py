@@ -125,11 +125,31 @@ def _layer_from_router(
     tokens = gate.args[0]
     root = _shape_root(tokens)
     token_side = _descendants([root], skip={gate})
-    routed = _descendants([topk])
-    data = routed & token_side
     gate_side = _descendants([gate]) | {gate}
+    output, missing = _layer_output(gate, topk, tokens, token_side, gate_side)
+    if output is None:
+        return None, missing
+
+    upstream = _ancestors(root) | {root}
+    region = (_ancestors(output) | {output}) - upstream
+    region = {n for n in region if n.op not in ("placeholder", "get_attr", "output")}
+    expert_weights = _expert_weight_values(region, upstream | _ancestors(gate), token_side)
+    data_nodes = region & token_side
+    router_nodes = (region & gate_side) - data_nodes - expert_weights
+    matmuls = {n for n in data_nodes if is_matmul(n) and any(i in expert_weights for i in n.all_input_nodes)}
+    if not matmuls:
+        return None, "no matmul with expert weights consumes the dispatched tokens (no experts)"
+
+    roles = _roles(region, data_nodes, router_nodes, matmuls, order)
+    nodes = {role: sorted((n for n, r in roles.items() if r == role), key=order.__getitem__) for role in ROLES}
+    return MoELayer(index, gate, topk, tokens, output, nodes), ""
+
+
+def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.Node | None, str]:
+    """Where every path that carries per-token routing into the tokens meets again, or why there is no such node."""
+    data = _descendants([topk]) & token_side
     routing_only = gate_side - token_side
-    tokens_routed = _token_count(gate)
+    tokens_routed = _numel(gate) // int(gate.meta["val"].shape[-1]) if _numel(gate) else None
     entries = {
         n for n in data if any(i in routing_only and _is_per_token(i, tokens_routed) for i in n.all_input_nodes)
     }
@@ -144,20 +164,11 @@ def _layer_from_router(
                 "or use capacity (static-shape) dispatch"
             )
         return None, "its routed paths never meet again in one node (no combine)"
-    output = _back_to_token_shape(output, tokens)
+    return _back_to_token_shape(output, tokens), ""
 
-    upstream = _ancestors(root) | {root}
-    region = (_ancestors(output) | {output}) - upstream
-    region = {n for n in region if n.op not in ("placeholder", "get_attr", "output")}
-    expert_weights = _expert_weight_values(region, upstream | _ancestors(gate), token_side)
-    data_nodes = region & token_side
-    router_nodes = (region & gate_side) - data_nodes - expert_weights
-    weights = region - data_nodes - router_nodes
 
-    matmuls = {n for n in data_nodes if is_matmul(n) and any(i in expert_weights for i in n.all_input_nodes)}
-    if not matmuls:
-        return None, "no matmul with expert weights consumes the dispatched tokens (no experts)"
-
+def _roles(region, data_nodes, router_nodes, matmuls, order) -> dict[torch.fx.Node, str]:
+    """Data before the expert matmuls is dispatch, between them experts, after them combine; weights follow their users."""
     after_matmul = _descendants(matmuls) & data_nodes
     before_matmul = _ancestors_of_set(matmuls) & data_nodes
     roles: dict[torch.fx.Node, str] = {n: "router" for n in router_nodes}
@@ -168,12 +179,10 @@ def _layer_from_router(
             roles[n] = "dispatch"
         else:
             roles[n] = "combine"
-    for n in sorted(weights, key=order.__getitem__, reverse=True):  # users first
+    for n in sorted(region - data_nodes - router_nodes, key=order.__getitem__, reverse=True):  # users first
         user_roles = [roles[u] for u in n.users if u in roles]
         roles[n] = next((r for r in ("experts", "dispatch") if r in user_roles), "combine")
-
-    nodes = {role: sorted((n for n, r in roles.items() if r == role), key=order.__getitem__) for role in ROLES}
-    return MoELayer(index, gate, topk, tokens, output, nodes), ""
+    return roles
 
 
 def _back_to_token_shape(point: torch.fx.Node, tokens: torch.fx.Node) -> torch.fx.Node:
@@ -192,15 +201,6 @@ def _numel(node: torch.fx.Node) -> int | None:
     try:
         return int(val.numel())
     except (AttributeError, TypeError, ValueError, RuntimeError):
-        return None
-
-
-def _token_count(gate: torch.fx.Node) -> int | None:
-    """How many tokens the gate scores: its output's elements over the number of experts."""
-    scores = gate.meta.get("val")
-    try:
-        return int(scores.numel()) // int(scores.shape[-1])
-    except (AttributeError, TypeError, ValueError, RuntimeError, ZeroDivisionError):
         return None
 
 
