@@ -3,8 +3,9 @@
 Each measurement runs in a fresh process with a fresh, empty Inductor cache
 folder, so both backends compile every kernel cold. Compile time is the first
 training step (forward + backward, which compiles both graphs) minus a warm
-step. The two backends alternate (A B A B ...) so drift hits both alike; the
-figure is the median of the per-pair ratios.
+step. The two backends alternate, and which goes first alternates too
+(A B, B A, ...), so drift and order hit both alike; the figure is the median
+of the per-pair ratios.
 
     python bench/compile_overhead.py --repeats 3
 """
@@ -73,8 +74,10 @@ def main() -> None:
     runs, ratios = [], []
     print(f"{'repeat':>6} {'inductor s':>11} {'moe_ascend s':>13} {'ratio':>7}")
     for repeat in range(args.repeats):
-        inductor = measure("inductor", args)
-        ours = measure("moe_ascend", args)
+        if repeat % 2:
+            ours, inductor = measure("moe_ascend", args), measure("inductor", args)
+        else:
+            inductor, ours = measure("inductor", args), measure("moe_ascend", args)
         ratio = ours["compile_s"] / inductor["compile_s"]
         runs += [dict(inductor, repeat=repeat), dict(ours, repeat=repeat)]
         ratios.append(ratio)

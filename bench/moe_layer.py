@@ -1,7 +1,8 @@
 """Forward + backward time of ``MoELayer`` compiled with moe_ascend against plain inductor, one process.
 
 Both compiled copies hold the same weights and run in the same process,
-alternating step by step (A B A B ...) so that machine noise hits both alike.
+alternating step by step, and which goes first alternates too (A B, B A, ...),
+so that machine noise and order hit both alike.
 The figure is inductor time / moe_ascend time for the capacity layer (the
 static-shape layer that compiles to one graph); the dropless layer is
 reported beside it.
@@ -44,9 +45,10 @@ def measure(mode: str, args) -> dict:
         for _ in range(3):
             step_time(compiled, x)
     times = {name: [] for name in contenders}
-    for _ in range(args.steps):
-        for name, compiled in contenders.items():
-            times[name].append(step_time(compiled, x))
+    names = list(contenders)
+    for step in range(args.steps):
+        for name in names if step % 2 == 0 else names[::-1]:
+            times[name].append(step_time(contenders[name], x))
     inductor, ours = median(times["inductor"]), median(times["moe_ascend"])
     return {"mode": mode, "inductor_s": inductor, "moe_ascend_s": ours, "speedup": inductor / ours,
             "inductor_times_s": times["inductor"], "moe_ascend_times_s": times["moe_ascend"]}
