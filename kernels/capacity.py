@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ascend.kernels.weighted_sum import weighted_sum, weighted_sum_backward
+
 DROP_POLICIES = ("position", "score")
 
 
@@ -93,8 +95,7 @@ capacity_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_
 @torch.library.custom_op("moe_ascend::capacity_combine", mutates_args=())
 def capacity_combine(expert_out: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
     """``expert_out [E, C, d]`` → ``[T, d]``: each token's weighted sum over its kept pairs."""
-    pair_out = gather_from_slots(expert_out, slots)
-    return (pair_out * weights.unsqueeze(-1).to(pair_out.dtype)).sum(dim=1)
+    return weighted_sum(gather_from_slots(expert_out, slots), weights)
 
 
 @capacity_combine.register_fake
@@ -105,20 +106,16 @@ def _(expert_out, slots, weights):
 def _combine_setup(ctx, inputs, output) -> None:
     expert_out, slots, weights = inputs
     ctx.buffer_shape = expert_out.shape
-    ctx.weights_dtype = weights.dtype
     ctx.save_for_backward(expert_out, slots, weights)
 
 
 def _combine_backward(ctx, grad_out: Tensor):
     expert_out, slots, weights = ctx.saved_tensors
-    kept = (slots >= 0).unsqueeze(-1)
-    pair_grad = grad_out.unsqueeze(1) * weights.unsqueeze(-1).to(grad_out.dtype) * kept  # [T, k, d]
+    pair_grad, grad_weights = weighted_sum_backward(gather_from_slots(expert_out, slots), weights, grad_out)
     total = ctx.buffer_shape[0] * ctx.buffer_shape[1]
     rows = torch.where(slots >= 0, slots, total).reshape(-1)
     grad_buffer = grad_out.new_zeros(total + 1, grad_out.shape[-1]).index_add(0, rows, pair_grad.reshape(-1, grad_out.shape[-1]))
-    grad_expert_out = grad_buffer[:total].reshape(ctx.buffer_shape)
-    grad_weights = (gather_from_slots(expert_out, slots) * grad_out.unsqueeze(1)).sum(dim=-1)
-    return grad_expert_out, None, grad_weights.to(ctx.weights_dtype)
+    return grad_buffer[:total].reshape(ctx.buffer_shape), None, grad_weights
 
 
 capacity_combine.register_autograd(_combine_backward, setup_context=_combine_setup)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ascend.kernels.weighted_sum import weighted_sum, weighted_sum_backward
+
 
 @torch.library.custom_op("moe_ascend::permute", mutates_args=())
 def permute(tokens: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -50,8 +52,7 @@ def _rows_to_pairs(rows: Tensor, row_map: Tensor) -> Tensor:
 @torch.library.custom_op("moe_ascend::unpermute", mutates_args=())
 def unpermute(rows: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
     """``rows [T·k, d]`` (in permuted order) → ``[T, d]``: each token's weighted sum over its k rows."""
-    pairs = _rows_to_pairs(rows, row_map).reshape(*weights.shape, -1)
-    return (pairs * weights.unsqueeze(-1).to(pairs.dtype)).sum(dim=1)
+    return weighted_sum(_rows_to_pairs(rows, row_map).reshape(*weights.shape, -1), weights)
 
 
 @unpermute.register_fake
@@ -60,18 +61,14 @@ def _(rows, row_map, weights):
 
 
 def _unpermute_setup(ctx, inputs, output) -> None:
-    rows, row_map, weights = inputs
-    ctx.weights_dtype = weights.dtype
-    ctx.save_for_backward(rows, row_map, weights)
+    ctx.save_for_backward(*inputs)
 
 
 def _unpermute_backward(ctx, grad_out: Tensor):
     rows, row_map, weights = ctx.saved_tensors
-    pair_grad = grad_out.unsqueeze(1) * weights.unsqueeze(-1).to(grad_out.dtype)  # [T, k, d]
-    grad_rows = pair_grad.reshape(-1, grad_out.shape[-1])[row_map]
     pairs = _rows_to_pairs(rows, row_map).reshape(*weights.shape, -1)
-    grad_weights = (pairs * grad_out.unsqueeze(1)).sum(dim=-1)
-    return grad_rows, None, grad_weights.to(ctx.weights_dtype)
+    pair_grad, grad_weights = weighted_sum_backward(pairs, weights, grad_out)
+    return pair_grad.reshape(-1, grad_out.shape[-1])[row_map], None, grad_weights
 
 
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
