@@ -209,10 +209,9 @@ function stepView(g, si) {
   return h;
 }
 function render() {
-  const g0 = DATA.graphs[current.g];
-  if (g0) history.replaceState(null, "", "#" + g0.name + (current.s === null ? "" : "/" + current.s));
-  nav();
   const g = DATA.graphs[current.g];
+  if (g) history.replaceState(null, "", "#" + g.name + (current.s === null ? "" : "/" + current.s));
+  nav();
   document.getElementById("main").innerHTML = !g ? "<p>no graphs</p>" : current.s === null ? overview(g) : stepView(g, current.s);
 }
 render();

@@ -39,9 +39,8 @@ grouped_mm_batched.register_autograd(_batched_backward, setup_context=_batched_s
 def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """``x [N, d]`` grouped by expert, ``w [E, d, f]`` → ``[N, f]``; rows past ``Σ tokens_per_expert`` are zero."""
     out = x.new_zeros(x.shape[0], w.shape[2])
-    for expert, (start, end) in enumerate(_segments(tokens_per_expert)):
-        if end > start:
-            out[start:end] = x[start:end] @ w[expert]
+    for expert, rows in _expert_rows(tokens_per_expert):
+        out[rows] = x[rows] @ w[expert]
     return out
 
 
@@ -52,18 +51,18 @@ def _(x, w, tokens_per_expert):
     return x.new_empty(x.shape[0], w.shape[2])
 
 
-def _segments(tokens_per_expert: Tensor) -> list[tuple[int, int]]:
+def _expert_rows(tokens_per_expert: Tensor) -> list[tuple[int, slice]]:
+    """``(expert, its rows)`` for every expert that has rows."""
     ends = torch.cumsum(tokens_per_expert, 0).tolist()  # one host read: the reference loops over experts
-    return list(zip([0] + ends[:-1], ends))
+    return [(e, slice(start, end)) for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
 
 
 @torch.library.custom_op("moe_ascend::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad(x: Tensor, grad: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """``[E, d, f]``: expert ``e``'s weight gradient, ``x_eᵀ · grad_e`` over its rows (zero for an idle expert)."""
     grad_w = x.new_zeros(tokens_per_expert.shape[0], x.shape[1], grad.shape[1])
-    for expert, (start, end) in enumerate(_segments(tokens_per_expert)):
-        if end > start:
-            grad_w[expert] = x[start:end].t() @ grad[start:end]
+    for expert, rows in _expert_rows(tokens_per_expert):
+        grad_w[expert] = x[rows].t() @ grad[rows]
     return grad_w
 
 

@@ -58,7 +58,7 @@ def canonicalise(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _fuse_router(gm: torch.fx.GraphModule, topk: torch.fx.Node, ctx: PassContext, layer) -> bool:
     """``topk(softmax(logits, -1), k, dim=-1)`` whose users take its values and indices → ``topk_softmax``."""
-    if op_name(topk) != "topk" or topk.target is not torch.topk:
+    if topk.target is not torch.topk:
         return False
     scores = topk.args[0]
     k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")

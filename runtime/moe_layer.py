@@ -49,7 +49,6 @@ class MoELayer(nn.Module):
     ):
         super().__init__()
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
-        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
         if num_experts % self.ep_size:
             raise TopologyError(
                 f"{num_experts} experts do not split evenly over an expert-parallel group of {self.ep_size} ranks; "

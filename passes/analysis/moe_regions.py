@@ -149,7 +149,8 @@ def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.N
     """Where every path that carries per-token routing into the tokens meets again, or why there is no such node."""
     data = _descendants([topk]) & token_side
     routing_only = gate_side - token_side
-    tokens_routed = _numel(gate) // int(gate.meta["val"].shape[-1]) if _numel(gate) else None
+    scores = _numel(gate)
+    tokens_routed = scores // int(gate.meta["val"].shape[-1]) if scores else None
     entries = {
         n for n in data if any(i in routing_only and _is_per_token(i, tokens_routed) for i in n.all_input_nodes)
     }

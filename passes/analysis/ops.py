@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-MATMULS = frozenset({
-    "linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum", "_grouped_mm",
-    "grouped_mm", "grouped_mm_batched",  # moe_ascend ops
-})
+MATMULS = frozenset({"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum"})
 TOP_K = frozenset({"topk", "topk_softmax"})  # torch.topk, and moe_ascend's fused softmax + top-k
 WAIT = "wait_tensor"
 
