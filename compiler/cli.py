@@ -25,7 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
-    for name, issue in (("launch", "Two-step hierarchical all-to-all"), ("plan", "The planner")):
+    launch = commands.add_parser(
+        "launch", help="run a script on an emulated cluster: a network namespace per node, shaped inter-node links",
+        description="Runs NODES x RANKS_PER_NODE ranks of SCRIPT with torchrun's environment. As root with iproute2, "
+                    "each node is a network namespace and tc shapes its uplink; otherwise every rank runs on loopback.")
+    launch.add_argument("--nodes", type=int, required=True)
+    launch.add_argument("--ranks-per-node", type=int, default=1)
+    launch.add_argument("--inter-node-bandwidth", default="1gbit", help="tc rate of each node's uplink (default 1gbit)")
+    launch.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")
+    launch.add_argument("command_args", metavar="command", nargs=argparse.REMAINDER, help="-- script.py ARGS (or any program)")
+
+    for name, issue in (("plan", "The planner"),):
         stub = commands.add_parser(name, help=f"not in this version yet (issue: {issue})")
         stub.add_argument("args", nargs=argparse.REMAINDER)
         stub.set_defaults(missing=issue)
@@ -49,6 +59,12 @@ def _run(args: argparse.Namespace) -> int:
         summary = load_summary(args.dir)
         print(json.dumps(summary, indent=1) if args.json else format_table(summary))
         return 0
+    if args.command == "launch":
+        from moe_ascend.runtime.launcher import ClusterSpec, launch
+
+        command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+        spec = ClusterSpec(args.nodes, args.ranks_per_node, args.inter_node_bandwidth, args.inter_node_latency)
+        return launch(spec, command)
     if args.command == "doctor":
         from moe_ascend.compiler.doctor import report
 

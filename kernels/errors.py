@@ -19,6 +19,10 @@ class TopologyError(MoEAscendError, ValueError):
     """A cluster description that does not match the processes that run."""
 
 
+class LaunchError(MoEAscendError):
+    """The emulated cluster could not be set up, or the launch command line is wrong."""
+
+
 class TargetUnavailableError(MoEAscendError, RuntimeError):
     """A lowering target asked for that this machine cannot run."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
+
+import torch.distributed as dist
 
 from moe_ascend.kernels.errors import TopologyError
 
@@ -43,9 +45,12 @@ class Topology:
         cls, ranks_per_node: int | None = None, env: Mapping[str, str] | None = None
     ) -> "Topology":
         """Read the topology from torchrun's environment; ``ranks_per_node`` overrides ``LOCAL_WORLD_SIZE``."""
+        from_group = env is None and dist.is_available() and dist.is_initialized()
         env = os.environ if env is None else env
-        world_size = int(env.get("WORLD_SIZE", "1"))
-        rank = int(env.get("RANK", "0"))
+        if from_group:  # the process group is the truth once it exists
+            world_size, rank = dist.get_world_size(), dist.get_rank()
+        else:
+            world_size, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
         per_node = ranks_per_node or int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
         if per_node < 1 or world_size % per_node:
             raise TopologyError(
@@ -53,3 +58,40 @@ class Topology:
                 f"set options['topology'] = {{'ranks_per_node': G}} with G dividing {world_size}"
             )
         return cls(nodes=world_size // per_node, ranks_per_node=per_node, rank=rank)
+
+    def node_ranks(self, node: int) -> list[int]:
+        """The global ranks on ``node``."""
+        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
+
+    def peer_ranks(self, local_rank: int) -> list[int]:
+        """The global ranks with ``local_rank`` on every node: one per node, in node order."""
+        return list(range(local_rank, self.world_size, self.ranks_per_node))
+
+    def process_groups(self) -> "HierarchyGroups":
+        """This rank's intra-node and inter-node (same local rank) groups, created on first use and reused.
+
+        Every rank creates every group in the same order, as ``dist.new_group`` requires.
+        """
+        key = (self.nodes, self.ranks_per_node, dist.group.WORLD)
+        if key not in _GROUPS:
+            if not dist.is_initialized() or dist.get_world_size() != self.world_size:
+                found = dist.get_world_size() if dist.is_initialized() else "no process group"
+                raise TopologyError(
+                    f"the topology {self.nodes} nodes x {self.ranks_per_node} ranks needs a default process group "
+                    f"of {self.world_size} ranks, found {found}: call dist.init_process_group first, or set "
+                    "options['topology'] to match the world size"
+                )
+            intra = [dist.new_group(self.node_ranks(n)) for n in range(self.nodes)]
+            inter = [dist.new_group(self.peer_ranks(l)) for l in range(self.ranks_per_node)]
+            _GROUPS[key] = HierarchyGroups(intra=intra[self.node], inter=inter[self.local_rank])
+        return _GROUPS[key]
+
+
+class HierarchyGroups(NamedTuple):
+    """``intra``: the ranks of this node; ``inter``: the ranks with this local rank, one per node."""
+
+    intra: "dist.ProcessGroup"
+    inter: "dist.ProcessGroup"
+
+
+_GROUPS: dict[tuple, HierarchyGroups] = {}

@@ -53,3 +53,13 @@ def test_topology_from_torchrun_environment():
 def test_topology_that_does_not_divide_the_world_is_an_error():
     with pytest.raises(TopologyError, match="world size 6 is not a whole number of nodes of 4 ranks"):
         Topology.detect(ranks_per_node=4, env={"WORLD_SIZE": "6", "RANK": "0"})
+
+
+def test_hierarchy_groups_need_a_process_group_of_the_topologys_size():
+    with pytest.raises(TopologyError, match="needs a default process group of 4 ranks, found no process group"):
+        Topology(nodes=2, ranks_per_node=2).process_groups()
+
+
+def test_ranks_of_a_node_and_peers_across_nodes():
+    topo = Topology(nodes=3, ranks_per_node=2, rank=3)
+    assert topo.node_ranks(1) == [2, 3] and topo.peer_ranks(1) == [1, 3, 5]
