@@ -87,6 +87,16 @@ class CostModel:
         factor = 2.0 if op_name(node) == "all_reduce" else 1.0  # ring all-reduce moves the data twice
         return self.profile.collective_latency + factor * _tensor_bytes(node.meta.get("val")) / bandwidth
 
+    def exchange_seconds(self, inter_node_bytes: float, intra_node_bytes: float, collectives: int) -> float:
+        """One rank's all-to-all traffic, in bytes it sends off its node and inside it.
+
+        The ranks of a node share its uplink, so the inter-node bytes of all of them queue on it.
+        """
+        ranks_per_node = self.topology.ranks_per_node if self.topology is not None else 1
+        return (collectives * self.profile.collective_latency
+                + inter_node_bytes * ranks_per_node / self.profile.inter_node_bandwidth
+                + intra_node_bytes / self.profile.intra_node_bandwidth)
+
     def timeline(self, gm: torch.fx.GraphModule) -> Timeline:
         timeline = Timeline()
         now = comm_free = 0.0

@@ -38,6 +38,19 @@ def assign_slots(expert_ids: Tensor, scores: Tensor, num_experts: int, capacity:
     return slot.reshape(k, tokens).t().contiguous()
 
 
+@torch.library.custom_op("moe_ascend::capacity_slots", mutates_args=())
+def capacity_slots(expert_ids: Tensor, scores: Tensor, num_experts: int, capacity: int, drop_policy: str) -> Tensor:
+    """The slot map ``capacity_dispatch`` uses, without the buffer: ``[T, k]``, ``e·C + c`` or ``-1``."""
+    _check(expert_ids, num_experts, capacity, drop_policy)
+    return assign_slots(expert_ids, scores, num_experts, capacity, drop_policy)
+
+
+@capacity_slots.register_fake
+def _(expert_ids, scores, num_experts, capacity, drop_policy):
+    _check(expert_ids, num_experts, capacity, drop_policy)
+    return expert_ids.new_empty(expert_ids.shape)
+
+
 def _check(expert_ids: Tensor, num_experts: int, capacity: int, drop_policy: str) -> None:
     torch._check(drop_policy in DROP_POLICIES, lambda: f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     torch._check(capacity >= 1, lambda: f"capacity must be >= 1, got {capacity}")

@@ -23,4 +23,4 @@ from moe_ascend.passes.infra import (  # noqa: F401  (the public pass API)
 )
 
 # Built-in passes register themselves on import; their order comes from after=/before=.
-from moe_ascend.passes import canonicalise, find_moe, normalise, verify_collectives  # noqa: F401,E402
+from moe_ascend.passes import canonicalise, find_moe, hierarchical_a2a, normalise, verify_collectives  # noqa: F401,E402

@@ -24,11 +24,11 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 import torch.nn as nn
 import torch.nn.functional as F
 
 import moe_ascend.kernels as ops
+import moe_ascend.kernels.exchange as ep
 from moe_ascend.kernels.errors import TopologyError
 
 
@@ -97,24 +97,14 @@ class MoELayer(nn.Module):
         return ops.capacity_combine(returned, slots, weights)
 
     def _dropless_moe(self, tokens, weights, expert_ids):
-        rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts)
         if self.ep_size == 1:
+            rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts)
             return ops.unpermute(self._experts_grouped(rows, tokens_per_expert), row_map, weights)
-        ep, local = self.ep_size, self.num_local_experts
-        counts_received = self._exchange(tokens_per_expert).reshape(ep, local)  # [source rank, local expert]
-        send_splits = tokens_per_expert.reshape(ep, local).sum(dim=1).tolist()
-        receive_splits = counts_received.sum(dim=1).tolist()
-        received = self._exchange(rows, receive_splits, send_splits)  # rows by (source rank, local expert)
-        local_expert = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(ep), counts_received.reshape(-1))
-        by_expert = torch.sort(local_expert, stable=True).indices
-        expert_out = self._experts_grouped(received[by_expert], counts_received.sum(dim=0))
-        back = expert_out[torch.argsort(by_expert)]
-        returned = self._exchange(back, send_splits, receive_splits)
-        return ops.unpermute(returned, row_map, weights)
+        rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_experts, self.ep_size, self.ep_group_name)
+        return ep.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, weights, self.ep_group_name)
 
-    def _exchange(self, tensor, output_splits=None, input_splits=None):
-        out = fc.all_to_all_single_autograd(tensor, output_splits, input_splits, self.ep_group_name)
-        return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+    def _exchange(self, tensor):
+        return ep.exchange(tensor, self.ep_group_name)
 
     def _experts_batched(self, x):
         gate, up = ops.grouped_mm_batched(x, self.w_gate_up).chunk(2, dim=-1)

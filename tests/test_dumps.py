@@ -52,7 +52,7 @@ def test_user_pass_runs_at_its_declared_point_and_shows_in_the_dump(clone_matmul
         code_before = (tmp_path / graph(summary, role)["input_file"]).read_text()
         code_after = (tmp_path / passes[0]["file"]).read_text()
         assert "aten.clone.default" not in code_before and "aten.clone.default" in code_after
-    assert [p["name"] for p in graph(summary, "dynamo")["passes"]] == ["normalise", "find_moe"]
+    assert [p["name"] for p in graph(summary, "dynamo")["passes"]] == ["normalise", "find_moe", "hierarchical_a2a"]
 
 
 def test_user_pass_keeps_numerics(clone_matmul_outputs, tmp_path):

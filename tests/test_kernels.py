@@ -127,6 +127,7 @@ def test_capacity_dispatch(case, policy):
     dispatched, slots = ops.capacity_dispatch(tokens, case["choices"], scores, case["num_experts"], case["capacity"], policy)
     want_slots = naive_slots(case["choices"], scores, case["num_experts"], case["capacity"], policy)
     assert torch.equal(slots, want_slots)
+    assert torch.equal(ops.capacity_slots(case["choices"], scores, case["num_experts"], case["capacity"], policy), want_slots)
     kept_per_expert = torch.bincount(slots[slots >= 0] // case["capacity"], minlength=case["num_experts"])
     assert int(kept_per_expert.max()) <= case["capacity"]
     assert_same(dispatched, naive_dispatch(tokens, want_slots, case["num_experts"], case["capacity"]), [tokens])
@@ -199,6 +200,7 @@ def opcheck_cases():
     return [
         (torch.ops.moe_ascend.topk_softmax, (req(logits), 2, True)),
         (torch.ops.moe_ascend.capacity_dispatch, (req(tokens), ids, weights.detach(), 3, 3, "position")),
+        (torch.ops.moe_ascend.capacity_slots, (ids, weights.detach(), 3, 3, "score")),
         (torch.ops.moe_ascend.capacity_combine, (req(dispatched), slots, req(weights))),
         (torch.ops.moe_ascend.permute, (req(tokens), ids, 3)),
         (torch.ops.moe_ascend.unpermute, (req(rows), row_map, req(weights))),

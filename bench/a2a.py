@@ -1,0 +1,183 @@
+"""Dispatch + combine time and inter-node bytes, flat vs hierarchical all-to-all, on the emulated cluster.
+
+For each layout (2 x 2 and 4 x 2 ranks, 1 Gbit/s between nodes) and each
+top-k (2, 4, 8, 16 of 64 experts), every rank routes its tokens at random and
+runs the dropless exchange both ways, alternating which goes first; the
+experts are the identity (communication only, so more ranks than cores is
+fine, DESIGN.md). A step's time is the slowest rank's. Bytes are what the
+exchanges hand to the inter-node links (tokens and routes; the counts are a
+few bytes), counted from their split sizes; the node's uplink counter (``tx_bytes``, headers
+included) is read beside them.
+
+The predicted byte ratio is the expected number of distinct remote nodes of a
+token over its expected number of remote experts, for uniform routing.
+
+    python bench/a2a.py                        # both layouts (launches the cluster itself)
+    python bench/a2a.py --layouts 4x2 --top-k 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, write_result  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layouts", default="2x2,4x2", help="NODESxRANKS_PER_NODE, comma separated")
+    parser.add_argument("--bandwidth", default="1gbit")
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", default="2,4,8,16")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
+    parser.add_argument("--width", type=int, default=1024, help="hidden size (fp32)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="output path (default bench/results/a2a.json)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    runs = []
+    print(f"{'layout':<7}{'top-k':>6}{'flat ms':>10}{'hier ms':>10}{'speedup':>9}{'bytes h/f':>11}{'predicted':>11}"
+          f"{'goodput':>9}", flush=True)
+    for layout in args.layouts.split(","):
+        nodes, per_node = (int(v) for v in layout.lower().split("x"))
+        command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
+                   str(per_node), "--inter-node-bandwidth", args.bandwidth, "--", __file__, "--worker",
+                   "--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
+                   "--width", str(args.width), "--repeats", str(args.repeats), "--bandwidth", args.bandwidth]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"the {layout} run failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+        shaping_off = "shaping is off" in done.stdout
+        for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M):
+            run = json.loads(line) | {"layout": layout, "shaped": not shaping_off}
+            runs.append(run)
+            print(f"{layout:<7}{run['top_k']:>6}{run['flat_s'] * 1e3:>10.1f}{run['hierarchical_s'] * 1e3:>10.1f}"
+                  f"{run['speedup']:>9.2f}{run['inter_bytes_ratio']:>11.3f}{run['predicted_bytes_ratio']:>11.3f}"
+                  f"{run['hierarchical_goodput']:>9.2f}", flush=True)
+    anchor = next((r for r in runs if r["layout"] == "4x2" and r["top_k"] == 8 and r["num_experts"] == 64), None)
+    figure = {"name": "speedup_top8_e64_4x2", "value": anchor["speedup"] if anchor else None, "goal": 2.0,
+              "higher_is_better": True}
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
+    path = write_result("a2a", figure, runs, config, args.json)
+    print(f"speedup_top8_e64_4x2 = {figure['value']}  (goal >= 2.0)  -> {path}")
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import moe_ascend.kernels as ops
+    from moe_ascend.kernels import exchange as flat
+    from moe_ascend.kernels import hierarchical
+    from moe_ascend.runtime import Topology
+    from moe_ascend.runtime.launcher import parse_rate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    topology = Topology.detect()
+    groups = topology.process_groups()
+    world, rank = topology.world_size, topology.rank
+    h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+    world_group = dist.group.WORLD.group_name
+    link_bits = parse_rate(args.bandwidth)
+
+    def slowest(seconds: float) -> float:
+        t = torch.tensor([seconds])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def node_sum(value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=groups.intra)
+        return t.item()
+
+    for top_k in (int(k) for k in args.top_k.split(",")):
+        generator = torch.Generator().manual_seed(1000 * top_k + rank)
+        tokens = torch.randn(args.tokens, args.width, generator=generator)
+        weights, expert_ids = ops.topk_softmax(torch.randn(args.tokens, args.experts, generator=generator), top_k, True)
+
+        def run_flat():
+            rows, _, plan = flat.dropless_dispatch(tokens, expert_ids, args.experts, world, world_group)
+            return flat.dropless_combine(rows, plan, weights, world_group), plan
+
+        def run_hierarchical():
+            rows, _, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, args.experts, h)
+            return hierarchical.dropless_combine(rows, plan, h), plan
+
+        contenders = {"flat": run_flat, "hierarchical": run_hierarchical}
+        outputs = {name: fn()[0] for name, fn in contenders.items()}  # warm-up, and the two must agree
+        agree = torch.allclose(outputs["flat"], outputs["hierarchical"], rtol=1e-5, atol=1e-5)
+        times = {name: [] for name in contenders}
+        wire = {name: [] for name in contenders}
+        for repeat in range(args.repeats):
+            for name in (list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]):
+                dist.barrier()
+                before = uplink_tx_bytes()
+                started = time.perf_counter()
+                _, plan = contenders[name]()
+                elapsed = time.perf_counter() - started
+                times[name].append(slowest(elapsed))
+                wire[name].append(node_sum(uplink_tx_bytes() - before) if topology.local_rank == 0 else node_sum(0))
+        flat_bytes = node_sum(flat_inter_bytes(expert_ids, args.experts, topology, args.width))
+        hier_bytes = node_sum(hierarchical_inter_bytes(tokens, expert_ids, args.experts, topology, args.width))
+        flat_s, hier_s = median(times["flat"]), median(times["hierarchical"])
+        if rank == 0:
+            print("RESULT " + json.dumps({
+                "num_experts": args.experts, "top_k": top_k, "tokens_per_rank": args.tokens, "width": args.width,
+                "flat_s": flat_s, "hierarchical_s": hier_s, "speedup": flat_s / hier_s,
+                "flat_times_s": times["flat"], "hierarchical_times_s": times["hierarchical"],
+                "flat_inter_bytes_node0": flat_bytes, "hierarchical_inter_bytes_node0": hier_bytes,
+                "inter_bytes_ratio": hier_bytes / flat_bytes,
+                "predicted_bytes_ratio": predicted_ratio(args.experts, top_k, topology.nodes),
+                "flat_uplink_tx_bytes_node0": median(wire["flat"]), "hierarchical_uplink_tx_bytes_node0": median(wire["hierarchical"]),
+                # a node's inter-node bytes over the exchange's time, as a share of its uplink's rate
+                "hierarchical_goodput": hier_bytes * 8 / hier_s / link_bits,
+                "flat_goodput": flat_bytes * 8 / flat_s / link_bits,
+                "outputs_agree": agree,
+            }), flush=True)
+    dist.destroy_process_group()
+
+
+def flat_inter_bytes(expert_ids, num_experts: int, topology, width: int) -> float:
+    """This rank's inter-node bytes, dispatch + combine: one row per (token, remote expert), there and back."""
+    per_node = num_experts // topology.nodes
+    remote_pairs = int((expert_ids // per_node != topology.node).sum())
+    return 2 * remote_pairs * width * 4
+
+
+def hierarchical_inter_bytes(tokens, expert_ids, num_experts: int, topology, width: int) -> float:
+    """One row per (token, remote node), there (with its route) and back."""
+    import torch
+
+    per_node = num_experts // topology.nodes
+    hit = torch.zeros(tokens.shape[0], topology.nodes, dtype=torch.bool).scatter(1, expert_ids // per_node, True)
+    remote_rows = int(hit.sum()) - int(hit[:, topology.node].sum())
+    return remote_rows * (2 * width * 4 + 2 * per_node * 4)
+
+
+def predicted_ratio(num_experts: int, top_k: int, nodes: int) -> float:
+    """E[distinct remote nodes of a token] / E[remote experts of a token], top-k uniform without replacement."""
+    per_node = num_experts // nodes
+    miss = math.comb(num_experts - per_node, top_k) / math.comb(num_experts, top_k)
+    return (nodes - 1) * (1 - miss) / (top_k * (nodes - 1) / nodes)
+
+
+def uplink_tx_bytes() -> int:
+    """Bytes this node's uplink has sent (0 outside the emulated cluster)."""
+    path = Path("/sys/class/net/uplink/statistics/tx_bytes")
+    return int(path.read_text()) if path.exists() else 0
+
+
+if __name__ == "__main__":
+    main()

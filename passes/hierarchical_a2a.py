@@ -1,0 +1,178 @@
+"""hierarchical_a2a (pre_grad): the expert-parallel exchange crosses the inter-node link once per (token, node).
+
+For each recognised capacity-mode EP layer whose all-to-alls run over all the
+ranks, the flat dispatch (``capacity_dispatch`` → all-to-all → the experts'
+``[E_rank, W·C, d]`` input) and the flat combine (the experts' output →
+all-to-all → ``capacity_combine``) become the two-step exchange of
+``moe_ascend.kernels.hierarchical``: an inter-node all-to-all among the ranks
+with the same local rank, then an intra-node one, and back. The experts see the
+same input, so outputs and gradients equal the flat layer's (sums in another
+order). Shapes stay static.
+
+``hierarchical_a2a=True`` rewrites every such layer when the topology spans
+nodes; ``"auto"`` only where the cost model predicts the two steps to be
+faster than the flat exchange; ``False`` never.
+
+Before::
+
+    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 16, 6, 'position')
+    dispatched = capacity_dispatch[0];  slots = capacity_dispatch[1]
+    tensor = torch.ops._c10d_functional_autograd.all_to_all_single(dispatched.reshape(-1, 8), [24, 24, 24, 24], [24, 24, 24, 24], '0')
+    ...
+    per_expert = transpose.reshape(4, 24, 8)
+    grouped_mm_batched = torch.ops.moe_ascend.grouped_mm_batched.default(per_expert, w_gate_up)
+    ...
+    out = torch.ops.moe_ascend.capacity_combine.default(returned, slots, weights)
+
+After::
+
+    hierarchical_dispatch = moe_ascend.kernels.hierarchical.capacity_dispatch(tokens, expert_ids, weights, weights, 16, 6, 'position', Hierarchy(nodes=2, ranks_per_node=2, intra_group='1', inter_group='3'))
+    expert_in = hierarchical_dispatch[0];  plan = hierarchical_dispatch[1]
+    grouped_mm_batched = torch.ops.moe_ascend.grouped_mm_batched.default(expert_in, w_gate_up)
+    ...
+    out = moe_ascend.kernels.hierarchical.capacity_combine(expert_out, plan, Hierarchy(...))
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.distributed as dist
+import torch.fx
+
+from moe_ascend.kernels import hierarchical
+from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
+from moe_ascend.passes.infra import PassContext, PassResult, infer_meta, register_pass
+
+
+@register_pass(name="hierarchical_a2a", stage="pre_grad", after=("find_moe", "canonicalise"), roles=("dynamo",))
+def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    setting = ctx.options.hierarchical_a2a
+    topology = ctx.topology
+    if setting is False or topology is None or topology.nodes < 2:
+        return PassResult(gm, False)
+    modified = False
+    for layer in ctx.analyses.get("moe_layers", []):
+        site = _capacity_exchange(layer, topology)
+        if isinstance(site, str):
+            if site:  # an EP layer we cannot rewrite; a single-rank layer needs no note
+                ctx.logger.warning("%s: MoE layer %d keeps the flat all-to-all: %s", ctx.graph_name, layer.index, site)
+            continue
+        groups = topology.process_groups()
+        hierarchy = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+        if setting == "auto" and not _predicted_faster(site, hierarchy, ctx):
+            ctx.logger.info("%s: MoE layer %d keeps the flat all-to-all: the cost model predicts no gain", ctx.graph_name, layer.index)
+            continue
+        _rewrite(gm, site, hierarchy, ctx, layer)
+        modified = True
+    return PassResult(gm, modified)
+
+
+class _Exchange:
+    """The nodes of one flat capacity exchange, and its sizes."""
+
+    def __init__(self, dispatch, combine, expert_in, expert_user, expert_out, collectives, num_experts, capacity):
+        self.dispatch, self.combine = dispatch, combine
+        self.expert_in, self.expert_user, self.expert_out = expert_in, expert_user, expert_out
+        self.collectives, self.num_experts, self.capacity = collectives, num_experts, capacity
+
+
+def _capacity_exchange(layer, topology) -> _Exchange | str:
+    """The layer's flat exchange, or why it has none we can rewrite ("" when it exchanges nothing)."""
+    roles = {n: role for role, nodes in layer.nodes.items() for n in nodes}
+    collectives = [n for n in roles if is_collective(n) and op_name(n) == "all_to_all_single"]
+    if not collectives:
+        return ""
+    dispatches = [n for n, role in roles.items() if op_name(n) == "capacity_dispatch"]
+    combines = [n for n in roles if op_name(n) == "capacity_combine"]
+    if len(dispatches) != 1 or len(combines) != 1:
+        return "it is not a capacity_dispatch/capacity_combine layer (dropless layers are not rewritten yet)"
+    dispatch, combine = dispatches[0], combines[0]
+    if len(collectives) != 2 or len({collective_group(n) for n in collectives}) != 1:
+        return f"it has {len(collectives)} all-to-alls; one dispatch and one combine on one group are expected"
+    group = dist.distributed_c10d._resolve_process_group(collective_group(collectives[0]))
+    if dist.get_process_group_ranks(group) != list(range(topology.world_size)):
+        return "its expert-parallel group is not all ranks in order; the two-step exchange needs the whole topology"
+    experts = set(layer.nodes.get("experts", []))
+    entries = [(a, user) for user in experts for a in user.all_input_nodes if roles.get(a) == "dispatch"]
+    exits = [n for n in experts if any(roles.get(u) == "combine" for u in n.users)]
+    if len(entries) != 1 or len(exits) != 1:
+        return "its experts do not have one input from the dispatch and one output to the combine"
+    (expert_in, expert_user), expert_out = entries[0], exits[0]
+    order = {n: i for i, n in enumerate(dispatch.graph.nodes)}
+    if order[combine.args[2]] > order[expert_user]:
+        return "its combine weights are computed after the experts start; the dispatch needs them"
+    num_experts, capacity = dispatch.args[3], dispatch.args[4]
+    world = topology.world_size
+    want = (num_experts // world, world * capacity)
+    if num_experts % world or tuple(expert_in.meta["val"].shape[:2]) != want or tuple(expert_out.meta["val"].shape[:2]) != want:
+        return f"its experts' input is not the flat exchange's [E/W, W*C, d] = [{want[0]}, {want[1]}, d]"
+    return _Exchange(dispatch, combine, expert_in, expert_user, expert_out, collectives, num_experts, capacity)
+
+
+def _predicted_faster(site: _Exchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext) -> bool:
+    tokens = site.dispatch.args[0].meta["val"]
+    flat_s, hier_s = predicted_exchange_seconds(tokens.shape[0], tokens.shape[1], tokens.element_size(), site.num_experts,
+                                                site.capacity, hierarchy, ctx.cost_model)
+    return hier_s < flat_s
+
+
+def predicted_exchange_seconds(tokens: int, width: int, element: int, num_experts: int, capacity: int,
+                               hierarchy: hierarchical.Hierarchy, cost_model) -> tuple[float, float]:
+    """(flat, hierarchical) dispatch + combine seconds of one rank: their bytes on the cost model's links.
+
+    Flat: the ``[E, C, d]`` buffer's remote share, there and back. Hierarchical: its step-1
+    and step-2 buffers (tokens and route), there and back.
+    """
+    nodes, per_node_ranks, world = hierarchy.nodes, hierarchy.ranks_per_node, hierarchy.world_size
+    per_node = num_experts // nodes
+    node_capacity = min(tokens, per_node * capacity)
+    rank_capacity = min(node_capacity, num_experts // world * capacity)
+    row = 2 * width * element + 2 * per_node * 4  # a token there and its sum back, plus its route
+    flat_buffer = num_experts * capacity * width * element
+    flat_inter, flat_intra = 2 * (nodes - 1) / nodes * flat_buffer, 2 * (per_node_ranks - 1) / world * flat_buffer
+    hier_inter = (nodes - 1) * node_capacity * row
+    hier_intra = (per_node_ranks - 1) * nodes * rank_capacity * row
+    return (cost_model.exchange_seconds(flat_inter, flat_intra, collectives=2),
+            cost_model.exchange_seconds(hier_inter, hier_intra, collectives=6))
+
+
+def _rewrite(gm: torch.fx.GraphModule, site: _Exchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext, layer) -> None:
+    graph = gm.graph
+    tokens, expert_ids, scores, num_experts, capacity, drop_policy = site.dispatch.args[:6]
+    weights = site.combine.args[2]
+    with graph.inserting_before(site.expert_user):
+        dispatch = graph.create_node("call_function", hierarchical.capacity_dispatch,
+                                     (tokens, expert_ids, weights, scores, num_experts, capacity, drop_policy, hierarchy),
+                                     name="hierarchical_dispatch")
+        expert_in = graph.create_node("call_function", operator.getitem, (dispatch, 0), name="expert_in")
+        plan = graph.create_node("call_function", operator.getitem, (dispatch, 1), name="plan")
+    with graph.inserting_after(site.expert_out):
+        combine = graph.create_node("call_function", hierarchical.capacity_combine, (site.expert_out, plan, hierarchy),
+                                    name="hierarchical_combine")
+    for node, like in ((dispatch, site.dispatch), (expert_in, site.dispatch), (plan, site.dispatch), (combine, site.combine)):
+        infer_meta(node, ctx.fake_mode)
+        for key in ("custom", "stack_trace", "nn_module_stack"):  # role, layer and source line of the node it stands for
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    site.expert_user.replace_input_with(site.expert_in, expert_in)
+    site.combine.replace_all_uses_with(combine)
+    layer.nodes["dispatch"] += [dispatch, expert_in, plan]
+    layer.nodes["combine"].append(combine)
+    if layer.output is site.combine:
+        layer.output = combine
+    _erase_flat_exchange(graph, layer)
+
+
+def _erase_flat_exchange(graph: torch.fx.Graph, layer) -> None:
+    """The flat dispatch and combine nodes nothing reads any more, the collectives and their waits included."""
+    exchange = set(layer.nodes["dispatch"]) | set(layer.nodes["combine"])
+    erased = True
+    while erased:
+        erased = False
+        for node in reversed(list(graph.nodes)):
+            if node in exchange and node.op in ("call_function", "call_method") and not node.users and node is not layer.output:
+                graph.erase_node(node)
+                layer.replace(node, None)
+                erased = True

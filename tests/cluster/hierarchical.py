@@ -1,0 +1,113 @@
+"""On every rank: the hierarchical exchange against the flat one, same weights, same tokens (``hierarchical.py equal|golden``)."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import moe_ascend.kernels as ops
+from moe_ascend.kernels import hierarchical
+from moe_ascend.runtime import MoELayer, Topology
+
+
+def layer_and_tokens(num_experts=16, top_k=4, tokens=24, d=8, policy="position", capacity_factor=1.0):
+    torch.manual_seed(0)  # same weights everywhere (each rank holds its own experts' slice)
+    layer = MoELayer(d, 16, num_experts, top_k, capacity_factor=capacity_factor, ep_group=dist.group.WORLD,
+                     drop_policy=policy).double()
+    torch.manual_seed(1 + dist.get_rank())
+    x = torch.randn(tokens, d, dtype=torch.float64, requires_grad=True)
+    return layer, x
+
+
+def hierarchical_forward(layer, x, h):
+    weights, ids = ops.topk_softmax(layer.gate(x), layer.top_k, layer.renormalize)
+    if layer.capacity_factor is None:
+        rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(x, ids, weights, layer.num_experts, h)
+        return hierarchical.dropless_combine(layer._experts_grouped(rows, tokens_per_expert), plan, h)
+    expert_in, plan = hierarchical.capacity_dispatch(x, ids, weights, weights, layer.num_experts, layer.capacity(x.shape[0]),
+                                                     layer.drop_policy, h)
+    return hierarchical.capacity_combine(layer._experts_batched(expert_in), plan, h)
+
+
+def gradients(layer, x, out):
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
+    out.backward(grad)
+    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    return got
+
+
+def equal() -> dict:
+    """Both checks below; one process start."""
+    return {"rank": dist.get_rank(), "eager": eager()["max_abs_diff"], "compiled": compiled()["max_abs_diff"]}
+
+
+def eager() -> dict:
+    topology = Topology.detect()
+    groups = topology.process_groups()
+    h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+    worst = {}
+    for mode, policy, capacity_factor in (("position", "position", 1.0), ("score", "score", 1.0), ("dropless", "position", None)):
+        layer, x = layer_and_tokens(policy=policy, capacity_factor=capacity_factor)
+        flat = layer(x)
+        flat_grads = gradients(layer, x, flat)
+        hier = hierarchical_forward(layer, x, h)
+        hier_grads = gradients(layer, x, hier)
+        worst[mode] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
+    return {"rank": dist.get_rank(), "max_abs_diff": worst}
+
+
+def compiled() -> dict:
+    """MoELayer compiled with hierarchical_a2a=True against the same layer run eagerly (flat)."""
+    import os
+
+    dump_dir = os.environ.get("DUMP_DIR")
+    worst = {}
+    for policy in ("position", "score"):
+        layer, x = layer_and_tokens(policy=policy)
+        flat = layer(x)
+        flat_grads = gradients(layer, x, flat)
+        torch._dynamo.reset()
+        options = {"hierarchical_a2a": True, "target": "eager"} | ({"dump_dir": dump_dir} if dump_dir and policy == "score" else {})
+        compiled_layer = torch.compile(layer, backend="moe_ascend", options=options)
+        hier = compiled_layer(x)
+        hier_grads = gradients(layer, x, hier)
+        worst[policy] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
+    return {"rank": dist.get_rank(), "max_abs_diff": worst}
+
+
+def golden() -> dict:
+    """The collectives of the compiled forward graph, in order, named by the group they run on."""
+    from moe_ascend.passes import PassResult, register_pass, unregister_pass
+    from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
+
+    groups = Topology.detect().process_groups()
+    names = {groups.intra.group_name: "intra", groups.inter.group_name: "inter", dist.group.WORLD.group_name: "world"}
+    seen = {}
+
+    @register_pass(name="record_collectives", stage="post_grad", after=("verify_collectives",))
+    def record(gm, ctx):
+        seen[ctx.role] = [[op_name(n), names.get(collective_group(n), "other")] for n in gm.graph.nodes if is_collective(n)]
+        return PassResult(gm, False)
+
+    @register_pass(name="record_pre_grad", stage="pre_grad", after=("hierarchical_a2a",), roles=("dynamo",))
+    def record_pre_grad(gm, ctx):
+        seen["pre_grad"] = [n.name for n in gm.graph.nodes if n.op == "call_function"]
+        return PassResult(gm, False)
+
+    try:
+        layer, x = layer_and_tokens()
+        torch._dynamo.reset()
+        torch.compile(layer, backend="moe_ascend", options={"hierarchical_a2a": True, "target": "eager"})(x).sum().backward()
+    finally:
+        unregister_pass("record_collectives")
+        unregister_pass("record_pre_grad")
+    return {"rank": dist.get_rank(), **seen}
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    print("RESULT " + json.dumps(globals()[sys.argv[1]]()), flush=True)
+    dist.destroy_process_group()
