@@ -169,14 +169,15 @@ def gather_rows(buffer: Tensor, rows: Tensor) -> Tensor:
 
 
 class DroplessPlan(NamedTuple):
-    """Where each row went, kept by the dropless dispatch for the combine; split sizes are host ints."""
+    """Where each row came from, kept by the dropless dispatch for the combine; sizes are host ints."""
 
-    node_rows: Tensor  # [T, N]: a token's step-1 row per destination node (spare: not sent)
-    forward_rows: Tensor  # [R, G]: a received row's step-2 row per peer (spare: not sent)
-    pair_rows: Tensor  # [P]: the step-2 row each expert row came from
+    token_of_row: Tensor  # [S]: the token each step-1 row carries
+    row_of_forward: Tensor  # [F]: the received step-1 row each step-2 row carries
+    row_of_pair: Tensor  # [P]: the received step-2 row each expert row carries
     pair_weights: Tensor  # [P]: its routing weight
     inter_splits: tuple[list[int], list[int]]  # (sent, received) per node
     intra_splits: tuple[list[int], list[int]]  # (sent, received) per rank of the node
+    num_tokens: int
 
 
 def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, hierarchy: Hierarchy
@@ -184,61 +185,57 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
     """``tokens [T, d]`` → (this rank's rows grouped by local expert, tokens per local expert, plan), hierarchically.
 
     As the flat dropless dispatch, each step first exchanges its counts and reads them as split sizes.
+    Every buffer is its source gathered along a row → source-row map; the combine adds back along the same maps.
     """
     nodes, per_node_ranks = hierarchy.nodes, hierarchy.ranks_per_node
     per_node, per_rank = num_experts // nodes, num_experts // hierarchy.world_size
-    num_tokens, width = tokens.shape
+    num_tokens = tokens.shape[0]
+
+    # Each token's route over all experts: [T, N, 2, E_node] (present, weight).
+    present = torch.zeros(num_tokens, num_experts, dtype=weights.dtype, device=tokens.device).scatter(1, expert_ids, 1.0)
+    weight = torch.zeros(num_tokens, num_experts, dtype=weights.dtype, device=tokens.device).scatter(1, expert_ids, weights)
+    route = torch.stack([present, weight], dim=1).reshape(num_tokens, 2, nodes, per_node).transpose(1, 2)
 
     # Step 1: a row per (token, destination node), rows grouped by node.
-    dest_node = expert_ids // per_node
-    node_hit = torch.zeros(num_tokens, nodes, dtype=torch.bool, device=tokens.device).scatter(1, dest_node, True)
-    node_rows, inter_splits = _rows_grouped_by_destination(node_hit, hierarchy.inter_group)
-    sent = sum(inter_splits[0])
-    present = torch.ones_like(expert_ids)  # dropless: every pair is kept (the "slot" is 0, sent as 1)
-    route = route_columns(node_rows.gather(1, dest_node), expert_ids % per_node, present, weights, sent, per_node)
-    payload = scatter_rows(tokens.unsqueeze(1).expand(-1, nodes, -1).reshape(-1, width), node_rows.reshape(-1), sent)
-    payload = exchange(payload, hierarchy.inter_group, inter_splits[1], inter_splits[0])
+    token_of_row, dest_node, inter_splits = _rows_by_destination(present.reshape(num_tokens, nodes, per_node).sum(-1) > 0,
+                                                                 hierarchy.inter_group)
+    route = route[token_of_row, dest_node].reshape(-1, 2 * per_node)
+    payload = exchange(tokens[token_of_row], hierarchy.inter_group, inter_splits[1], inter_splits[0])
     route = exchange(route, hierarchy.inter_group, inter_splits[1], inter_splits[0])
 
     # Step 2: each received row to the ranks of this node that own one of its experts.
-    received = payload.shape[0]
-    route_present = route[:, :per_node].reshape(received, per_node_ranks, per_rank)
-    route_weights = route[:, per_node:].reshape(received, per_node_ranks, per_rank)
-    forward_rows, intra_splits = _rows_grouped_by_destination((route_present > 0).any(dim=-1), hierarchy.intra_group)
-    forwarded = sum(intra_splits[0])
-    payload = scatter_rows(payload.unsqueeze(1).expand(-1, per_node_ranks, -1).reshape(-1, width),
-                           forward_rows.reshape(-1), forwarded)
-    route = scatter_rows(torch.cat([route_present, route_weights], dim=-1).reshape(-1, 2 * per_rank),
-                         forward_rows.reshape(-1), forwarded)
-    payload = exchange(payload, hierarchy.intra_group, intra_splits[1], intra_splits[0])
-    route = exchange(route, hierarchy.intra_group, intra_splits[1], intra_splits[0])
+    route = route.reshape(-1, 2, per_node_ranks, per_rank).transpose(1, 2)  # [R, G, 2, E_rank]
+    row_of_forward, peer, intra_splits = _rows_by_destination(route[:, :, 0].sum(-1) > 0, hierarchy.intra_group)
+    payload = exchange(payload[row_of_forward], hierarchy.intra_group, intra_splits[1], intra_splits[0])
+    route = exchange(route[row_of_forward, peer].reshape(-1, 2 * per_rank), hierarchy.intra_group,
+                     intra_splits[1], intra_splits[0])
 
     # One expert row per (row, local expert) pair, grouped by expert.
-    pair_present = (route[:, :per_rank] > 0).t().reshape(-1)  # expert-major: [E_rank · Q]
-    pairs = torch.sort(torch.where(pair_present, 0, 1), stable=True).indices[: int(pair_present.sum())]
-    rows_of_pairs = pairs % payload.shape[0]
-    pair_weights = route[:, per_rank:].t().reshape(-1)[pairs].to(weights.dtype)
+    row_of_pair, local_expert = (route[:, :per_rank] > 0).t().nonzero(as_tuple=True)[::-1]
+    pair_weights = route[:, per_rank:][row_of_pair, local_expert]
     tokens_per_expert = (route[:, :per_rank] > 0).sum(dim=0)
-    plan = DroplessPlan(node_rows, forward_rows, rows_of_pairs, pair_weights, inter_splits, intra_splits)
-    return payload[rows_of_pairs], tokens_per_expert, plan
+    plan = DroplessPlan(token_of_row, row_of_forward, row_of_pair, pair_weights, inter_splits, intra_splits, num_tokens)
+    return payload[row_of_pair], tokens_per_expert, plan
 
 
 def dropless_combine(expert_out: Tensor, plan: DroplessPlan, hierarchy: Hierarchy) -> Tensor:
     """Expert rows → ``[T, d]``: summed per step-2 row on the expert's rank, per node on the forwarding rank, then home."""
-    received = sum(plan.intra_splits[1])
     weighted = expert_out * plan.pair_weights.unsqueeze(-1).to(expert_out.dtype)
-    partial = expert_out.new_zeros(received, expert_out.shape[-1]).index_add(0, plan.pair_rows, weighted)
+    partial = _add_rows(weighted, plan.row_of_pair, sum(plan.intra_splits[1]))
     partial = exchange(partial, hierarchy.intra_group, plan.intra_splits[0], plan.intra_splits[1])
-    node_sum = gather_rows(partial, plan.forward_rows).sum(dim=1)
+    node_sum = _add_rows(partial, plan.row_of_forward, sum(plan.inter_splits[1]))
     node_sum = exchange(node_sum, hierarchy.inter_group, plan.inter_splits[0], plan.inter_splits[1])
-    return gather_rows(node_sum, plan.node_rows).sum(dim=1)
+    return _add_rows(node_sum, plan.token_of_row, plan.num_tokens)
 
 
-def _rows_grouped_by_destination(hit: Tensor, group: str) -> tuple[Tensor, tuple[list[int], list[int]]]:
-    """``hit [R, D]`` → (each hit's row in a send buffer grouped by destination, else the spare row; (sent, received) splits)."""
+def _rows_by_destination(hit: Tensor, group: str) -> tuple[Tensor, Tensor, tuple[list[int], list[int]]]:
+    """``hit [R, D]`` → the send buffer's rows, grouped by destination: (source row, destination) of each, and the
+    (sent, received) split sizes, the received ones exchanged over ``group``."""
+    destination, source = hit.t().nonzero(as_tuple=True)  # destination-major, sources in order
     counts = hit.sum(dim=0)
-    sent_splits = counts.tolist()
-    received_splits = exchange(counts, group).tolist()
-    starts = torch.cumsum(counts, dim=0) - counts
-    rows = torch.where(hit, starts + torch.cumsum(hit.long(), dim=0) - 1, sum(sent_splits))
-    return rows, (sent_splits, received_splits)
+    return source, destination, (counts.tolist(), exchange(counts, group).tolist())
+
+
+def _add_rows(rows: Tensor, index: Tensor, num_rows: int) -> Tensor:
+    """``[num_rows, d]``: row ``index[i]`` accumulates ``rows[i]``."""
+    return rows.new_zeros(num_rows, rows.shape[-1]).index_add(0, index, rows)
