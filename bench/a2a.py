@@ -54,13 +54,12 @@ def main() -> None:
         command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
                    str(per_node), "--inter-node-bandwidth", args.bandwidth, "--", __file__, "--worker",
                    "--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
-                   "--width", str(args.width), "--repeats", str(args.repeats), "--bandwidth", args.bandwidth]
+                   "--width", str(args.width), "--repeats", str(args.repeats)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"the {layout} run failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
-        shaping_off = "shaping is off" in done.stdout
         for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M):
-            run = json.loads(line) | {"layout": layout, "shaped": not shaping_off}
+            run = json.loads(line) | {"layout": layout}
             runs.append(run)
             print(f"{layout:<7}{run['top_k']:>6}{run['flat_s'] * 1e3:>10.1f}{run['hierarchical_s'] * 1e3:>10.1f}"
                   f"{run['speedup']:>9.2f}{run['inter_bytes_ratio']:>11.3f}{run['predicted_bytes_ratio']:>11.3f}"
@@ -81,7 +80,7 @@ def worker(args) -> None:
     from moe_ascend.kernels import exchange as flat
     from moe_ascend.kernels import hierarchical
     from moe_ascend.runtime import Topology
-    from moe_ascend.runtime.launcher import parse_rate
+    from moe_ascend.runtime.launcher import cluster_from_environment
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -90,7 +89,8 @@ def worker(args) -> None:
     world, rank = topology.world_size, topology.rank
     h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
     world_group = dist.group.WORLD.group_name
-    link_bits = parse_rate(args.bandwidth)
+    cluster = cluster_from_environment()  # what the launcher really applied
+    link_bits = cluster["bandwidth_bits_per_s"]
 
     def slowest(seconds: float) -> float:
         t = torch.tensor([seconds])
@@ -120,17 +120,20 @@ def worker(args) -> None:
         agree = torch.allclose(outputs["flat"], outputs["hierarchical"], rtol=1e-5, atol=1e-5)
         times = {name: [] for name in contenders}
         wire = {name: [] for name in contenders}
+        plans = {}
         for repeat in range(args.repeats):
             for name in (list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]):
                 dist.barrier()
                 before = uplink_tx_bytes()
                 started = time.perf_counter()
-                _, plan = contenders[name]()
+                _, plans[name] = contenders[name]()
                 elapsed = time.perf_counter() - started
                 times[name].append(slowest(elapsed))
-                wire[name].append(node_sum(uplink_tx_bytes() - before) if topology.local_rank == 0 else node_sum(0))
-        flat_bytes = node_sum(flat_inter_bytes(expert_ids, args.experts, topology, args.width))
-        hier_bytes = node_sum(hierarchical_inter_bytes(tokens, expert_ids, args.experts, topology, args.width))
+                wire[name].append(node_sum(uplink_tx_bytes() - before if topology.local_rank == 0 else 0))
+        element = tokens.element_size()
+        flat_bytes = node_sum(flat_inter_bytes(plans["flat"], topology, args.width, element))
+        route_bytes = 2 * args.experts // topology.nodes * weights.element_size()  # (present, weight) per node expert
+        hier_bytes = node_sum(hierarchical_inter_bytes(plans["hierarchical"], topology, args.width, element, route_bytes))
         flat_s, hier_s = median(times["flat"]), median(times["hierarchical"])
         if rank == 0:
             print("RESULT " + json.dumps({
@@ -144,26 +147,21 @@ def worker(args) -> None:
                 # a node's inter-node bytes over the exchange's time, as a share of its uplink's rate
                 "hierarchical_goodput": hier_bytes * 8 / hier_s / link_bits,
                 "flat_goodput": flat_bytes * 8 / flat_s / link_bits,
-                "outputs_agree": agree,
+                "outputs_agree": agree, "shaped": cluster["shaped"],
             }), flush=True)
     dist.destroy_process_group()
 
 
-def flat_inter_bytes(expert_ids, num_experts: int, topology, width: int) -> float:
-    """This rank's inter-node bytes, dispatch + combine: one row per (token, remote expert), there and back."""
-    per_node = num_experts // topology.nodes
-    remote_pairs = int((expert_ids // per_node != topology.node).sum())
-    return 2 * remote_pairs * width * 4
+def flat_inter_bytes(plan, topology, width: int, element: int) -> float:
+    """This rank's inter-node bytes, dispatch + combine: the rows it sent to ranks of other nodes, there and back."""
+    remote_rows = sum(rows for rank, rows in enumerate(plan.send_splits) if rank // topology.ranks_per_node != topology.node)
+    return 2 * remote_rows * width * element
 
 
-def hierarchical_inter_bytes(tokens, expert_ids, num_experts: int, topology, width: int) -> float:
-    """One row per (token, remote node), there (with its route) and back."""
-    import torch
-
-    per_node = num_experts // topology.nodes
-    hit = torch.zeros(tokens.shape[0], topology.nodes, dtype=torch.bool).scatter(1, expert_ids // per_node, True)
-    remote_rows = int(hit.sum()) - int(hit[:, topology.node].sum())
-    return remote_rows * (2 * width * 4 + 2 * per_node * 4)
+def hierarchical_inter_bytes(plan, topology, width: int, element: int, route_bytes: int) -> float:
+    """The rows it sent to other nodes in step 1: there with their route, and their sums back."""
+    remote_rows = sum(rows for node, rows in enumerate(plan.inter_splits[0]) if node != topology.node)
+    return remote_rows * (2 * width * element + route_bytes)
 
 
 def predicted_ratio(num_experts: int, top_k: int, nodes: int) -> float:

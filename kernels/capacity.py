@@ -82,8 +82,13 @@ def scatter_to_slots(tokens: Tensor, slots: Tensor, num_experts: int, capacity: 
     total = num_experts * capacity
     rows = torch.where(slots >= 0, slots, total).reshape(-1)
     source = tokens.unsqueeze(1).expand(-1, slots.shape[1], -1).reshape(-1, tokens.shape[1])
-    buffer = tokens.new_zeros(total + 1, tokens.shape[1]).index_copy(0, rows, source)
-    return buffer[:total].reshape(num_experts, capacity, tokens.shape[1])
+    return scatter_rows(source, rows, total).reshape(num_experts, capacity, tokens.shape[1])
+
+
+def scatter_rows(source: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """``[num_rows, d]``: row ``rows[i]`` gets ``source[i]``; the spare row ``num_rows`` takes what is not sent."""
+    buffer = source.new_zeros(num_rows + 1, source.shape[-1]).index_copy(0, rows, source)
+    return buffer[:num_rows]
 
 
 def gather_from_slots(buffer: Tensor, slots: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from moe_ascend.kernels.capacity import scatter_rows
 from moe_ascend.kernels.exchange import exchange
 from moe_ascend.kernels.weighted_sum import weighted_sum
 
@@ -156,12 +157,6 @@ def route_columns(pair_rows: Tensor, pair_column: Tensor, pair_slot: Tensor, pai
     return torch.cat([slots, weights], dim=1)[:num_rows]
 
 
-def scatter_rows(source: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """``[num_rows, d]``: row ``rows[i]`` gets ``source[i]``; the spare row ``num_rows`` takes what is not sent."""
-    buffer = source.new_zeros(num_rows + 1, source.shape[-1]).index_copy(0, rows, source)
-    return buffer[:num_rows]
-
-
 def gather_rows(buffer: Tensor, rows: Tensor) -> Tensor:
     """``buffer[rows]`` with the spare row ``len(buffer)`` reading zeros; shape ``[*rows.shape, d]``."""
     padded = torch.cat([buffer, buffer.new_zeros(1, buffer.shape[-1])])
@@ -197,7 +192,7 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
     route = torch.stack([present, weight], dim=1).reshape(num_tokens, 2, nodes, per_node).transpose(1, 2)
 
     # Step 1: a row per (token, destination node), rows grouped by node.
-    token_of_row, dest_node, inter_splits = _rows_by_destination(present.reshape(num_tokens, nodes, per_node).sum(-1) > 0,
+    token_of_row, dest_node, inter_splits = _send_order(present.reshape(num_tokens, nodes, per_node).sum(-1) > 0,
                                                                  hierarchy.inter_group)
     route = route[token_of_row, dest_node].reshape(-1, 2 * per_node)
     payload = exchange(tokens[token_of_row], hierarchy.inter_group, inter_splits[1], inter_splits[0])
@@ -205,7 +200,7 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
 
     # Step 2: each received row to the ranks of this node that own one of its experts.
     route = route.reshape(-1, 2, per_node_ranks, per_rank).transpose(1, 2)  # [R, G, 2, E_rank]
-    row_of_forward, peer, intra_splits = _rows_by_destination(route[:, :, 0].sum(-1) > 0, hierarchy.intra_group)
+    row_of_forward, peer, intra_splits = _send_order(route[:, :, 0].sum(-1) > 0, hierarchy.intra_group)
     payload = exchange(payload[row_of_forward], hierarchy.intra_group, intra_splits[1], intra_splits[0])
     route = exchange(route[row_of_forward, peer].reshape(-1, 2 * per_rank), hierarchy.intra_group,
                      intra_splits[1], intra_splits[0])
@@ -228,9 +223,11 @@ def dropless_combine(expert_out: Tensor, plan: DroplessPlan, hierarchy: Hierarch
     return _add_rows(node_sum, plan.token_of_row, plan.num_tokens)
 
 
-def _rows_by_destination(hit: Tensor, group: str) -> tuple[Tensor, Tensor, tuple[list[int], list[int]]]:
-    """``hit [R, D]`` → the send buffer's rows, grouped by destination: (source row, destination) of each, and the
-    (sent, received) split sizes, the received ones exchanged over ``group``."""
+def _send_order(hit: Tensor, group: str) -> tuple[Tensor, Tensor, tuple[list[int], list[int]]]:
+    """``hit [R, D]`` → a variable-size send buffer's rows, grouped by destination: (source row, destination) of each,
+    and the (sent, received) split sizes, the received ones exchanged over ``group``.
+
+    The dropless twin of ``rows_by_destination``, which places rows in a static buffer instead."""
     destination, source = hit.t().nonzero(as_tuple=True)  # destination-major, sources in order
     counts = hit.sum(dim=0)
     return source, destination, (counts.tolist(), exchange(counts, group).tolist())

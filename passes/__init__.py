@@ -16,6 +16,7 @@ from moe_ascend.passes.infra import (  # noqa: F401  (the public pass API)
     PassContext,
     PassResult,
     infer_meta,
+    inherit_meta,
     ordered_passes,
     register_pass,
     registered_passes,

@@ -42,7 +42,7 @@ import torch.fx
 
 import moe_ascend.kernels  # noqa: F401  (registers torch.ops.moe_ascend)
 from moe_ascend.passes.analysis.ops import op_name
-from moe_ascend.passes.infra import PassContext, PassResult, infer_meta, register_pass
+from moe_ascend.passes.infra import PassContext, PassResult, inherit_meta, register_pass
 
 
 @register_pass(name="canonicalise", stage="pre_grad", after=("find_moe",), roles=("dynamo",), enabled=False)
@@ -115,10 +115,7 @@ def _topk_over_last_dim(topk: torch.fx.Node) -> bool:
 
 def _replace(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, ctx: PassContext, layer) -> None:
     """``new`` takes ``old``'s users, MoE role and source location (its ``val`` is derived afresh) and its place in the layer."""
-    infer_meta(new, ctx.fake_mode)
-    for key in ("custom", "stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
+    inherit_meta(new, old, ctx.fake_mode)
     old.replace_all_uses_with(new)
     gm.graph.erase_node(old)
     layer.replace(old, new)

@@ -36,6 +36,7 @@ After::
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ import torch.fx
 
 from moe_ascend.kernels import hierarchical
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
-from moe_ascend.passes.infra import PassContext, PassResult, infer_meta, register_pass
+from moe_ascend.passes.infra import PassContext, PassResult, inherit_meta, register_pass
 
 
 @register_pass(name="hierarchical_a2a", stage="pre_grad", after=("find_moe", "canonicalise"), roles=("dynamo",))
@@ -69,13 +70,17 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified)
 
 
+@dataclass
 class _Exchange:
     """The nodes of one flat capacity exchange, and its sizes."""
 
-    def __init__(self, dispatch, combine, expert_in, expert_user, expert_out, collectives, num_experts, capacity):
-        self.dispatch, self.combine = dispatch, combine
-        self.expert_in, self.expert_user, self.expert_out = expert_in, expert_user, expert_out
-        self.collectives, self.num_experts, self.capacity = collectives, num_experts, capacity
+    dispatch: torch.fx.Node  # capacity_dispatch
+    combine: torch.fx.Node  # capacity_combine
+    expert_in: torch.fx.Node  # the experts' [E_rank, W·C, d] input, after the all-to-all
+    expert_user: torch.fx.Node  # the expert node that reads it
+    expert_out: torch.fx.Node  # the experts' output, before the all-to-all back
+    num_experts: int
+    capacity: int
 
 
 def _capacity_exchange(layer, topology) -> _Exchange | str:
@@ -108,7 +113,7 @@ def _capacity_exchange(layer, topology) -> _Exchange | str:
     want = (num_experts // world, world * capacity)
     if num_experts % world or tuple(expert_in.meta["val"].shape[:2]) != want or tuple(expert_out.meta["val"].shape[:2]) != want:
         return f"its experts' input is not the flat exchange's [E/W, W*C, d] = [{want[0]}, {want[1]}, d]"
-    return _Exchange(dispatch, combine, expert_in, expert_user, expert_out, collectives, num_experts, capacity)
+    return _Exchange(dispatch, combine, expert_in, expert_user, expert_out, num_experts, capacity)
 
 
 def _predicted_faster(site: _Exchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext) -> bool:
@@ -152,27 +157,22 @@ def _rewrite(gm: torch.fx.GraphModule, site: _Exchange, hierarchy: hierarchical.
         combine = graph.create_node("call_function", hierarchical.capacity_combine, (site.expert_out, plan, hierarchy),
                                     name="hierarchical_combine")
     for node, like in ((dispatch, site.dispatch), (expert_in, site.dispatch), (plan, site.dispatch), (combine, site.combine)):
-        infer_meta(node, ctx.fake_mode)
-        for key in ("custom", "stack_trace", "nn_module_stack"):  # role, layer and source line of the node it stands for
-            if key in like.meta:
-                node.meta[key] = like.meta[key]
+        inherit_meta(node, like, ctx.fake_mode)
     site.expert_user.replace_input_with(site.expert_in, expert_in)
     site.combine.replace_all_uses_with(combine)
+    graph.erase_node(site.combine)
+    layer.replace(site.combine, combine)  # its place in the combine role, and as the layer's output
     layer.nodes["dispatch"] += [dispatch, expert_in, plan]
-    layer.nodes["combine"].append(combine)
-    if layer.output is site.combine:
-        layer.output = combine
     _erase_flat_exchange(graph, layer)
 
 
 def _erase_flat_exchange(graph: torch.fx.Graph, layer) -> None:
-    """The flat dispatch and combine nodes nothing reads any more, the collectives and their waits included."""
+    """The flat dispatch and combine nodes nothing reads any more, the collectives and their waits included.
+
+    Walking the graph backwards reaches a node's users before the node, so one pass frees whole chains.
+    """
     exchange = set(layer.nodes["dispatch"]) | set(layer.nodes["combine"])
-    erased = True
-    while erased:
-        erased = False
-        for node in reversed(list(graph.nodes)):
-            if node in exchange and node.op in ("call_function", "call_method") and not node.users and node is not layer.output:
-                graph.erase_node(node)
-                layer.replace(node, None)
-                erased = True
+    for node in reversed(list(graph.nodes)):
+        if node in exchange and node.op in ("call_function", "call_method") and not node.users and node is not layer.output:
+            graph.erase_node(node)
+            layer.replace(node, None)

@@ -233,6 +233,14 @@ def infer_meta(node: torch.fx.Node, fake_mode: Any = None) -> Any:
     return val
 
 
+def inherit_meta(new: torch.fx.Node, old: torch.fx.Node, fake_mode: Any = None) -> None:
+    """``new`` stands for ``old``: its ``val`` worked out afresh, ``old``'s MoE role and source location kept."""
+    infer_meta(new, fake_mode)
+    for key in ("custom", "stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
 def _fake_output(node: torch.fx.Node, fake_mode: Any) -> Any:
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
     # The inputs' own mode first: Dynamo's graph values need not share its tracing context's mode.

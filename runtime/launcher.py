@@ -223,7 +223,7 @@ def rank_environment(spec: ClusterSpec, rank: int, cluster: EmulatedCluster | No
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
     )
     if cluster is None:  # loopback: one machine, so a free port rather than the fixed one
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
     return env
 
 
@@ -322,7 +322,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now."""
     import socket
 
     with socket.socket() as s:

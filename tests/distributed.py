@@ -1,18 +1,13 @@
 """Run a function on N real processes joined by a gloo process group (plain multi-process, loopback)."""
 
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moe_ascend.runtime.launcher import free_port
 
 
 def _rank_main(rank, world_size, port, fn, args, results):
