@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && apt-get install -y -qq graphviz >/dev/null) || echo "graphviz not installed: region pictures use the plain SVG fallback"; \
 	  else echo "graphviz not installed (not root): region pictures use the plain SVG fallback"; fi; }
+	@command -v tc >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null) || echo "iproute2 not installed: moe-ascend launch runs on loopback, unshaped"; \
+	  else echo "iproute2 not installed (not root): moe-ascend launch runs on loopback, unshaped"; fi; }
 	@touch $(STAMP)
 
 test: setup
