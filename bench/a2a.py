@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     parser.add_argument("--width", type=int, default=1024, help="hidden size (fp32)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunks", type=int, default=4, help="pipeline chunks of the hierarchical exchange")
     parser.add_argument("--json", default=None, help="output path (default bench/results/a2a.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
         command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
                    str(per_node), "--inter-node-bandwidth", args.bandwidth, "--", __file__, "--worker",
                    "--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
-                   "--width", str(args.width), "--repeats", str(args.repeats)]
+                   "--width", str(args.width), "--repeats", str(args.repeats), "--chunks", str(args.chunks)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"the {layout} run failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
@@ -112,7 +113,7 @@ def worker(args) -> None:
             return flat.dropless_combine(rows, plan, weights, world_group), plan
 
         def run_hierarchical():
-            rows, _, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, args.experts, h)
+            rows, _, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, args.experts, h, args.chunks)
             return hierarchical.dropless_combine(rows, plan, h), plan
 
         contenders = {"flat": run_flat, "hierarchical": run_hierarchical}
@@ -160,7 +161,7 @@ def flat_inter_bytes(plan, topology, width: int, element: int) -> float:
 
 def hierarchical_inter_bytes(plan, topology, width: int, element: int, route_bytes: int) -> float:
     """The rows it sent to other nodes in step 1: there with their route, and their sums back."""
-    remote_rows = sum(rows for node, rows in enumerate(plan.inter_splits[0]) if node != topology.node)
+    remote_rows = sum(rows for chunk in plan.chunks for node, rows in enumerate(chunk.inter_splits[0]) if node != topology.node)
     return remote_rows * (2 * width * element + route_bytes)
 
 

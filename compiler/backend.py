@@ -29,6 +29,7 @@ from moe_ascend.compiler.options import Options
 from moe_ascend.compiler.pipeline import PostGradStage, run_stage
 from moe_ascend.compiler.targets import LOWERINGS, resolve_target
 from moe_ascend.passes.infra import PassContext, registered_passes
+from moe_ascend.runtime import traffic
 from moe_ascend.runtime.topology import Topology
 
 log = logging.getLogger("moe_ascend")
@@ -62,7 +63,7 @@ def moe_ascend(
     gm = run_stage(gm, make_context("pre_grad", "dynamo"), recorder)
     cache_key = None if recorder is not None else _cache_key(opts, target)
     post_grad = PostGradStage(make_context, recorder, cache_key)
-    return LOWERINGS[target](gm, example_inputs, post_grad)
+    return traffic.counting(LOWERINGS[target](gm, example_inputs, post_grad), post_grad.traffic)
 
 
 def _cache_key(opts: Options, target: str) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from moe_ascend.compiler.report_html import graph_view, write_index
-from moe_ascend.passes.analysis.collectives import collectives_by_kind
+from moe_ascend.passes.analysis.collectives import collectives_by_kind, exchange_bytes
 from moe_ascend.passes.analysis.moe_regions import META_KEY, layers_from_annotations
 from moe_ascend.passes.infra import Pass, PassContext
 
@@ -111,6 +111,7 @@ class GraphRecord:
             "nodes": len(gm.graph.nodes),
             "moe_layers": _detailed_layers(ctx, gm),
             "collectives": collectives_by_kind(gm),
+            "exchange_bytes": _exchange_bytes_json(gm),
             "estimate": timeline.to_json() if timeline is not None else None,
             "regions": _region_graphs(gm),
         }
@@ -133,6 +134,12 @@ class GraphRecord:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(gm.print_readable(print_output=False, include_stride=False, include_device=False))
         return str(relative)
+
+
+def _exchange_bytes_json(gm: torch.fx.GraphModule) -> dict | str:
+    """Bytes one run of the graph sends per kind of link; ``"data-dependent"`` when its split sizes are data."""
+    sent = exchange_bytes(gm)
+    return sent.to_json() if sent is not None else "data-dependent"
 
 
 def _detailed_layers(ctx: PassContext, gm: torch.fx.GraphModule) -> list[dict]:

@@ -45,6 +45,11 @@ def format_table(summary: dict) -> str:
         collectives = graph.get("collectives") or {}
         text = ", ".join(f"{kind} x{n} on group {g}" for kind, groups in collectives.items() for g, n in groups.items())
         out.append(f"  collectives: {text or 'none'}")
+        sent = graph.get("exchange_bytes")
+        if text and isinstance(sent, dict):
+            out.append(f"  all-to-all bytes per run: inter-node {sent['inter_node']:,}, intra-node {sent['intra_node']:,}")
+        elif text and sent:
+            out.append(f"  all-to-all bytes per run: {sent} (counted at run time: moe_ascend.runtime.traffic)")
         estimate = graph.get("estimate")
         if estimate:
             out.append(

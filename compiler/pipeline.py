@@ -9,6 +9,7 @@ pass, the stage and the graph.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,8 +18,11 @@ import torch.fx
 from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
 
 from moe_ascend.kernels.errors import MoEAscendError, PassContractError, PassError
-from moe_ascend.passes.analysis.collectives import collective_order, order_violations
+from moe_ascend.passes.analysis.collectives import collective_order, exchange_bytes, order_violations
 from moe_ascend.passes.infra import Pass, PassContext, PassResult, meta_mismatch, ordered_passes
+from moe_ascend.runtime.traffic import LinkBytes
+
+log = logging.getLogger("moe_ascend")
 
 
 def run_stage(gm: torch.fx.GraphModule, ctx: PassContext, recorder: Any = None) -> torch.fx.GraphModule:
@@ -112,20 +116,29 @@ class PostGradStage(CustomInferenceAwareGraphPass):
         self.make_context = make_context
         self.recorder = recorder
         self.cache_key = cache_key
+        self.traffic: dict[str, LinkBytes] = {}  # role → what one run of its graph sends (runtime.traffic.counting)
 
     def __call__(self, graph: torch.fx.Graph, is_inference: bool) -> None:
         gm = graph.owning_module
-        self.run(gm, "inference" if is_inference else _training_role(gm))
+        self.run(gm, "inference" if is_inference else training_role(gm))
 
     def run(self, gm: torch.fx.GraphModule, role: str) -> torch.fx.GraphModule:
         return run_stage(gm, self.make_context("post_grad", role), self.recorder)
+
+    def account(self, gm: torch.fx.GraphModule, role: str) -> None:
+        """Note what one run of the graph's all-to-alls sends; lowerings call it on every graph, cache hits too."""
+        sent = exchange_bytes(gm)
+        if sent is None:
+            log.info("moe_ascend: a %s graph's all-to-all sizes are data; runtime.traffic does not count them", role)
+        else:
+            self.traffic[role] = sent
 
     def uuid(self) -> str | None:
         # None turns Inductor's FX-graph cache off: when dumping, the passes must really run.
         return self.cache_key
 
 
-def _training_role(gm: torch.fx.GraphModule) -> str:
+def training_role(gm: torch.fx.GraphModule) -> str:
     """AOTAutograd names the backward graph's incoming gradients ``tangents_*``."""
     placeholders = (n.name for n in gm.graph.nodes if n.op == "placeholder")
     return "backward" if any(name.startswith("tangents") for name in placeholders) else "forward"

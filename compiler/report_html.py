@@ -45,6 +45,7 @@ def graph_view(folder: Path, graph: dict) -> dict:
         "steps": steps,
         "layers": graph.get("moe_layers", []),
         "collectives": graph.get("collectives", {}),
+        "exchange_bytes": graph.get("exchange_bytes"),
         "estimate": {k: v for k, v in estimate.items() if k != "events"},
         "regions": [{"layer": r["layer"], "svg": region_svg(r)} for r in graph.get("regions", [])],
         "timeline": timeline_svg(estimate.get("events", []), estimate.get("step_s", 0.0)),
@@ -193,6 +194,8 @@ function overview(g) {
   h += '<h3>Collectives</h3>';
   const kinds = Object.keys(g.collectives);
   h += kinds.length ? "<table><tr><th>kind</th><th>group</th><th>count</th></tr>" + kinds.map(k => Object.entries(g.collectives[k]).map(([grp, n]) => "<tr><td>" + esc(k) + "</td><td>" + esc(grp) + "</td><td>" + n + "</td></tr>").join("")).join("") + "</table>" : "<p>none</p>";
+  const sent = g.exchange_bytes;
+  if (kinds.length && sent) h += "<p>all-to-all bytes per run: " + (typeof sent === "object" ? "inter-node " + sent.inter_node.toLocaleString() + " · intra-node " + sent.intra_node.toLocaleString() : esc(sent)) + "</p>";
   const e = g.estimate;
   h += "<h3>Estimated timeline</h3>";
   if (e && e.step_s !== undefined) h += "<p>step " + (e.step_s * 1e3).toFixed(3) + " ms · compute " + (e.compute_s * 1e3).toFixed(3) + " ms · communication " + (e.comm_s * 1e3).toFixed(3) + " ms · <b>exposed communication " + (e.exposed_comm_s * 1e3).toFixed(3) + " ms</b></p>";

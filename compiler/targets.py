@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.fx
 
-from moe_ascend.compiler.pipeline import PostGradStage
+from moe_ascend.compiler.pipeline import PostGradStage, training_role
 from moe_ascend.kernels.errors import TargetUnavailableError
 
 log = logging.getLogger("moe_ascend")
@@ -51,24 +51,31 @@ def ascend_unavailable_reason() -> str | None:
 
 
 def lower_inductor(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": post_grad})
+    def inner_compile(graph: torch.fx.GraphModule, inputs, **kwargs):
+        # Here, not in the post_grad stage: Inductor skips that stage on an FX-graph cache hit.
+        post_grad.account(graph, "inference" if kwargs.get("is_inference") else training_role(graph))
+        return compile_fx_inner(graph, inputs, **kwargs)
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches={"post_grad_custom_pre_pass": post_grad})
 
 
 def lower_eager(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:
-    from functorch.compile import make_boxed_func
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
 
     def compiler_for(role: str):
         def compile_graph(graph: torch.fx.GraphModule, inputs):
+            post_grad.account(graph, role)
             graph = post_grad.run(graph, role)
             return make_boxed_func(graph.forward)
 
         return compile_graph
 
-    # Inductor's decompositions, so post_grad passes see the same aten IR on every target.
+    # Inductor's decompositions and partitioner, so post_grad passes see the same aten IR on every target (the
+    # default partitioner replayed the hierarchical dispatch, all-to-alls included, in the backward).
     return aot_module_simplified(
         gm,
         example_inputs,
@@ -76,6 +83,7 @@ def lower_eager(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradSta
         bw_compiler=compiler_for("backward"),
         inference_compiler=compiler_for("inference"),
         decompositions=select_decomp_table(),
+        partition_fn=min_cut_rematerialization_partition,
     )
 
 

@@ -16,9 +16,23 @@ from torch import Tensor
 
 
 def exchange(tensor: Tensor, group: str, output_splits=None, input_splits=None) -> Tensor:
-    """Functional, differentiable all-to-all over ``group`` (equal splits unless given)."""
-    out = fc.all_to_all_single_autograd(tensor, output_splits, input_splits, group)
+    """Functional, differentiable all-to-all over ``group`` (equal splits unless given), waited for."""
+    out = issue(tensor, group, output_splits, input_splits)
     return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+
+def issue(tensor: Tensor, group: str, output_splits=None, input_splits=None) -> Tensor:
+    """``exchange`` without the wait: in eager the result waits at its first use, so work placed between overlaps
+    the transfer (a traced graph gets its wait at once, and the scheduler places it)."""
+    out = fc.all_to_all_single_autograd(tensor, output_splits, input_splits, group)
+    if not torch.compiler.is_compiling():  # a compiled graph counts its exchanges per call (runtime.traffic.counting)
+        from moe_ascend.runtime import traffic  # the runtime imports the kernels
+
+        traffic.record(traffic.all_to_all_bytes(group, tensor.numel() * tensor.element_size(), input_splits))
+        if out.grad_fn is not None:  # the backward sends the gradient the other way
+            back = traffic.all_to_all_bytes(group, out.numel() * out.element_size(), output_splits)
+            out.grad_fn.register_hook(lambda *_: traffic.record(back))
+    return out
 
 
 class DroplessPlan(NamedTuple):

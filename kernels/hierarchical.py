@@ -22,6 +22,11 @@ Capacity mode keeps static shapes: a rank sends a destination node at most
 pairs each), and a forwarding rank sends a peer at most ``min(that, E_rank·C)``
 per source node, so nothing the flat dispatch keeps is ever dropped.
 
+The dropless exchange can go in chunks of tokens, pipelined: every chunk's
+step 1 is issued at once, and each chunk is forwarded inside the node as it
+lands, so the inter-node link does not wait for step 2 (nor the combine's
+return for the node sums of later chunks).
+
 Experts are numbered rank-major over ranks numbered node-major, as ``MoELayer``
 places them: expert ``e`` lives on rank ``e // E_rank``, node ``e // E_node``.
 The route travels as float32 (slot + 1, exact below 2**24, and the weight; zero
@@ -30,13 +35,14 @@ means no pair) beside the tokens, which keep their dtype.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from moe_ascend.kernels.capacity import scatter_rows
-from moe_ascend.kernels.exchange import exchange
+from moe_ascend.kernels.exchange import exchange, issue
 from moe_ascend.kernels.weighted_sum import weighted_sum
 
 
@@ -163,24 +169,32 @@ def gather_rows(buffer: Tensor, rows: Tensor) -> Tensor:
     return padded[rows]
 
 
-class DroplessPlan(NamedTuple):
-    """Where each row came from, kept by the dropless dispatch for the combine; sizes are host ints."""
+class DroplessChunk(NamedTuple):
+    """One chunk of tokens' way through the two steps; sizes are host ints."""
 
     token_of_row: Tensor  # [S]: the token each step-1 row carries
-    row_of_forward: Tensor  # [F]: the received step-1 row each step-2 row carries
-    row_of_pair: Tensor  # [P]: the received step-2 row each expert row carries
-    pair_weights: Tensor  # [P]: its routing weight
+    row_of_forward: Tensor  # [F]: the chunk's received step-1 row each step-2 row carries
     inter_splits: tuple[list[int], list[int]]  # (sent, received) per node
     intra_splits: tuple[list[int], list[int]]  # (sent, received) per rank of the node
+
+
+class DroplessPlan(NamedTuple):
+    """Where each row came from, kept by the dropless dispatch for the combine."""
+
+    chunks: tuple[DroplessChunk, ...]
+    row_of_pair: Tensor  # [P]: the received step-2 row (all chunks in order) each expert row carries
+    pair_weights: Tensor  # [P]: its routing weight
     num_tokens: int
 
 
-def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, hierarchy: Hierarchy
-                      ) -> tuple[Tensor, Tensor, DroplessPlan]:
+def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, hierarchy: Hierarchy,
+                      chunks: int = 1) -> tuple[Tensor, Tensor, DroplessPlan]:
     """``tokens [T, d]`` → (this rank's rows grouped by local expert, tokens per local expert, plan), hierarchically.
 
     As the flat dropless dispatch, each step first exchanges its counts and reads them as split sizes.
     Every buffer is its source gathered along a row → source-row map; the combine adds back along the same maps.
+    The tokens go in ``chunks`` pieces, pipelined: every chunk's step 1 is issued at once, so the inter-node link
+    carries chunk i+1 while step 2 forwards chunk i (functional collectives wait at first use, in eager).
     """
     nodes, per_node_ranks = hierarchy.nodes, hierarchy.ranks_per_node
     per_node, per_rank = num_experts // nodes, num_experts // hierarchy.world_size
@@ -191,36 +205,54 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
     weight = torch.zeros(num_tokens, num_experts, dtype=weights.dtype, device=tokens.device).scatter(1, expert_ids, weights)
     route = torch.stack([present, weight], dim=1).reshape(num_tokens, 2, nodes, per_node).transpose(1, 2)
 
-    # Step 1: a row per (token, destination node), rows grouped by node.
-    token_of_row, dest_node, inter_splits = _send_order(present.reshape(num_tokens, nodes, per_node).sum(-1) > 0,
-                                                                 hierarchy.inter_group)
-    route = route[token_of_row, dest_node].reshape(-1, 2 * per_node)
-    payload = exchange(tokens[token_of_row], hierarchy.inter_group, inter_splits[1], inter_splits[0])
-    route = exchange(route, hierarchy.inter_group, inter_splits[1], inter_splits[0])
+    # Step 1: a row per (token, destination node), rows grouped by node, every chunk's counts in one exchange.
+    node_hit = present.reshape(num_tokens, nodes, per_node).sum(-1) > 0
+    hits = node_hit.tensor_split(chunks)
+    starts = itertools.accumulate([len(hit) for hit in hits[:-1]], initial=0)
+    sends = [hit.t().nonzero(as_tuple=True)[::-1] for hit in hits]  # (row, node) grouped by node
+    counts = torch.stack([hit.sum(dim=0) for hit in hits])  # [K, N]
+    inter_splits = list(zip(counts.tolist(), exchange(counts.t().contiguous(), hierarchy.inter_group).t().tolist()))
+    step1 = []
+    for start, (row, node), (sent, received) in zip(starts, sends, inter_splits):
+        token_of_row = row + start
+        step1.append((token_of_row,
+                      issue(tokens[token_of_row], hierarchy.inter_group, received, sent),
+                      issue(route[token_of_row, node].reshape(-1, 2 * per_node), hierarchy.inter_group, received, sent)))
 
-    # Step 2: each received row to the ranks of this node that own one of its experts.
-    route = route.reshape(-1, 2, per_node_ranks, per_rank).transpose(1, 2)  # [R, G, 2, E_rank]
-    row_of_forward, peer, intra_splits = _send_order(route[:, :, 0].sum(-1) > 0, hierarchy.intra_group)
-    payload = exchange(payload[row_of_forward], hierarchy.intra_group, intra_splits[1], intra_splits[0])
-    route = exchange(route[row_of_forward, peer].reshape(-1, 2 * per_rank), hierarchy.intra_group,
-                     intra_splits[1], intra_splits[0])
+    # Step 2: each received row to the ranks of this node that own one of its experts, a chunk as it lands.
+    plans, payloads, routes = [], [], []
+    for (token_of_row, payload, node_route), splits in zip(step1, inter_splits):
+        node_route = node_route.reshape(-1, 2, per_node_ranks, per_rank).transpose(1, 2)  # [R, G, 2, E_rank]
+        row_of_forward, peer, intra_splits = _send_order(node_route[:, :, 0].sum(-1) > 0, hierarchy.intra_group)
+        payloads.append(issue(payload[row_of_forward], hierarchy.intra_group, intra_splits[1], intra_splits[0]))
+        routes.append(issue(node_route[row_of_forward, peer].reshape(-1, 2 * per_rank), hierarchy.intra_group,
+                            intra_splits[1], intra_splits[0]))
+        plans.append(DroplessChunk(token_of_row, row_of_forward, splits, intra_splits))
+    payload, route = torch.cat(payloads), torch.cat(routes)
 
     # One expert row per (row, local expert) pair, grouped by expert.
     row_of_pair, local_expert = (route[:, :per_rank] > 0).t().nonzero(as_tuple=True)[::-1]
     pair_weights = route[:, per_rank:][row_of_pair, local_expert]
     tokens_per_expert = (route[:, :per_rank] > 0).sum(dim=0)
-    plan = DroplessPlan(token_of_row, row_of_forward, row_of_pair, pair_weights, inter_splits, intra_splits, num_tokens)
-    return payload[row_of_pair], tokens_per_expert, plan
+    return payload[row_of_pair], tokens_per_expert, DroplessPlan(tuple(plans), row_of_pair, pair_weights, num_tokens)
 
 
 def dropless_combine(expert_out: Tensor, plan: DroplessPlan, hierarchy: Hierarchy) -> Tensor:
-    """Expert rows → ``[T, d]``: summed per step-2 row on the expert's rank, per node on the forwarding rank, then home."""
+    """Expert rows → ``[T, d]``: summed per step-2 row on the expert's rank, per node on the forwarding rank, then home.
+
+    Pipelined as the dispatch: every chunk's intra-node return is issued at once, and each chunk's node sums go
+    home over the inter-node link as soon as they are added.
+    """
     weighted = expert_out * plan.pair_weights.unsqueeze(-1).to(expert_out.dtype)
-    partial = _add_rows(weighted, plan.row_of_pair, sum(plan.intra_splits[1]))
-    partial = exchange(partial, hierarchy.intra_group, plan.intra_splits[0], plan.intra_splits[1])
-    node_sum = _add_rows(partial, plan.row_of_forward, sum(plan.inter_splits[1]))
-    node_sum = exchange(node_sum, hierarchy.inter_group, plan.inter_splits[0], plan.inter_splits[1])
-    return _add_rows(node_sum, plan.token_of_row, plan.num_tokens)
+    partial = _add_rows(weighted, plan.row_of_pair, sum(sum(chunk.intra_splits[1]) for chunk in plan.chunks))
+    parts = partial.split([sum(chunk.intra_splits[1]) for chunk in plan.chunks])
+    returned = [issue(part, hierarchy.intra_group, chunk.intra_splits[0], chunk.intra_splits[1])
+                for part, chunk in zip(parts, plan.chunks)]
+    homes = []
+    for part, chunk in zip(returned, plan.chunks):
+        node_sum = _add_rows(part, chunk.row_of_forward, sum(chunk.inter_splits[1]))
+        homes.append(issue(node_sum, hierarchy.inter_group, chunk.inter_splits[0], chunk.inter_splits[1]))
+    return _add_rows(torch.cat(homes), torch.cat([chunk.token_of_row for chunk in plan.chunks]), plan.num_tokens)
 
 
 def _send_order(hit: Tensor, group: str) -> tuple[Tensor, Tensor, tuple[list[int], list[int]]]:

@@ -89,10 +89,14 @@ def _capacity_exchange(layer, topology) -> _Exchange | str:
     collectives = [n for n in roles if is_collective(n) and op_name(n) == "all_to_all_single"]
     if not collectives:
         return ""
+    groups = topology.process_groups()
+    if {collective_group(n) for n in collectives} <= {groups.intra.group_name, groups.inter.group_name}:
+        return ""  # already the two-step exchange (MoELayer(hierarchical_a2a=True))
     dispatches = [n for n, role in roles.items() if op_name(n) == "capacity_dispatch"]
     combines = [n for n in roles if op_name(n) == "capacity_combine"]
     if len(dispatches) != 1 or len(combines) != 1:
-        return "it is not a capacity_dispatch/capacity_combine layer (dropless layers are not rewritten yet)"
+        return ("it is not a capacity_dispatch/capacity_combine layer; for a dropless layer, whose split sizes "
+                "split its exchange across graphs, build MoELayer(..., hierarchical_a2a=True)")
     dispatch, combine = dispatches[0], combines[0]
     if len(collectives) != 2 or len({collective_group(n) for n in collectives}) != 1:
         return f"it has {len(collectives)} all-to-alls; one dispatch and one combine on one group are expected"

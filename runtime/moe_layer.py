@@ -16,6 +16,12 @@ reading them (``.tolist()``) is a graph break, or, with
 ``torch._dynamo.config.capture_scalar_outputs = True``, unbacked sizes that
 Inductor cannot always lower (DESIGN.md, integration notes). With one rank
 no sizes are exchanged and dropless compiles to one graph too.
+
+``hierarchical_a2a=True`` runs the two-step exchange of
+``kernels.hierarchical`` whenever the topology spans nodes: the way to get it
+for dropless layers, whose exchange the compiler pass cannot rewrite (it is
+split across graphs at the host-read split sizes). Capacity layers get it from
+the ``hierarchical_a2a`` compile option as well.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import torch.nn.functional as F
 
 import moe_ascend.kernels as ops
 import moe_ascend.kernels.exchange as ep
+from moe_ascend.kernels import hierarchical
 from moe_ascend.kernels.errors import TopologyError
+from moe_ascend.runtime.topology import Topology
 
 
 class MoELayer(nn.Module):
@@ -46,6 +54,7 @@ class MoELayer(nn.Module):
         num_shared_experts: int = 0,
         drop_policy: str = "position",
         renormalize: bool = True,
+        hierarchical_a2a: bool = False,
     ):
         super().__init__()
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -61,11 +70,26 @@ class MoELayer(nn.Module):
         self.capacity_factor, self.drop_policy, self.renormalize = capacity_factor, drop_policy, renormalize
         # The group's name, not the object: functional collectives take it, and the module stays deep-copyable.
         self.ep_group_name = ep_group.group_name if self.ep_size > 1 else None
+        self.hierarchy = self._hierarchy(ep_group) if hierarchical_a2a else None
 
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.w_gate_up = nn.Parameter(torch.randn(self.num_local_experts, d_model, 2 * d_ff) / math.sqrt(d_model))
         self.w_down = nn.Parameter(torch.randn(self.num_local_experts, d_ff, d_model) / math.sqrt(d_ff))
         self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
+
+    def _hierarchy(self, ep_group) -> hierarchical.Hierarchy | None:
+        """The two-step exchange's groups, or None where one node holds every rank (nothing to save)."""
+        topology = Topology.detect()
+        if self.ep_size == 1 or topology.nodes == 1:
+            return None
+        if dist.get_process_group_ranks(ep_group) != list(range(topology.world_size)):
+            raise TopologyError(
+                "hierarchical_a2a=True needs the expert-parallel group to be all ranks in order "
+                f"(the topology's {topology.nodes} x {topology.ranks_per_node}); pass ep_group=dist.group.WORLD"
+            )
+        groups = topology.process_groups()
+        return hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name,
+                                      groups.inter.group_name)
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert per source rank: ``ceil(k·T/E · capacity_factor)``."""
@@ -84,6 +108,10 @@ class MoELayer(nn.Module):
 
     def _capacity_moe(self, tokens, weights, expert_ids):
         capacity = self.capacity(tokens.shape[0])
+        if self.hierarchy is not None:
+            expert_in, plan = hierarchical.capacity_dispatch(tokens, expert_ids, weights, weights, self.num_experts,
+                                                             capacity, self.drop_policy, self.hierarchy)
+            return hierarchical.capacity_combine(self._experts_batched(expert_in), plan, self.hierarchy)
         dispatched, slots = ops.capacity_dispatch(tokens, expert_ids, weights, self.num_experts, capacity, self.drop_policy)
         if self.ep_size == 1:
             return ops.capacity_combine(self._experts_batched(dispatched), slots, weights)
@@ -100,6 +128,10 @@ class MoELayer(nn.Module):
         if self.ep_size == 1:
             rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts)
             return ops.unpermute(self._experts_grouped(rows, tokens_per_expert), row_map, weights)
+        if self.hierarchy is not None:
+            rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, self.num_experts,
+                                                                           self.hierarchy)
+            return hierarchical.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, self.hierarchy)
         rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_experts, self.ep_size, self.ep_group_name)
         return ep.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, weights, self.ep_group_name)
 

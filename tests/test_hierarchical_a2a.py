@@ -29,8 +29,11 @@ def launch(nodes: int, ranks_per_node: int, mode: str) -> list[dict]:
 
 @pytest.mark.parametrize("nodes, ranks_per_node", [(2, 2), (4, 2)], ids=["2x2", "4x2"])
 def test_hierarchical_equals_flat_forward_and_backward(nodes, ranks_per_node):
-    # Every rank, both drop policies: the kernel called directly and MoELayer compiled with the pass.
+    # Every rank: the kernels called directly (both drop policies, dropless in one and three chunks), MoELayer
+    # compiled with the pass (capacity), and MoELayer(hierarchical_a2a=True) compiled (dropless).
     for result in launch(nodes, ranks_per_node, "equal"):
+        assert set(result["eager"]) == {"position", "score", "dropless", "dropless_3_chunks"}
+        assert set(result["compiled"]) == {"position", "score", "dropless"}
         for check in ("eager", "compiled"):
             assert max(result[check].values()) < 1e-12, (result["rank"], check, result[check])
 
@@ -51,6 +54,19 @@ def test_golden_two_collectives_on_two_groups_in_order():
         [a2a, "inter"],                  # and one row per (token, node) home
     ]
     assert {group for _, group in result["backward"]} == {"inter", "intra"}
+
+
+def test_the_runtime_counts_bytes_per_link_for_eager_and_compiled_exchanges():
+    # Capacity layer: [16 experts, 6 slots, 8] fp64 = 6144 bytes a buffer, a quarter to each of the 4 ranks;
+    # rank 0 on 2 x 2 sends two quarters off its node and one to its node-mate, four times a step
+    # (dispatch and combine, forward and backward).
+    for result in launch(2, 2, "traffic"):
+        assert result["eager_flat"] == {"inter_node": 4 * 2 * 1536, "intra_node": 4 * 1536}
+        assert result["compiled_flat"] == result["eager_flat"]  # static sizes of the graphs, counted per call
+        assert result["compiled_hierarchical"] == result["eager_hierarchical"]
+        assert result["eager_hierarchical"] != result["eager_flat"]
+        forward, backward = result["report"]  # the inspect report's forward and backward graphs
+        assert forward.startswith("all-to-all bytes per run: inter-node ") and backward.startswith("all-to-all bytes")
 
 
 def test_the_cost_model_picks_hierarchy_for_bandwidth_bound_exchanges_only():

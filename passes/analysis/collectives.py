@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
 import torch.fx
 
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
+from moe_ascend.runtime import traffic
 
 
 def collective_order(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
@@ -41,3 +43,20 @@ def order_violations(before: dict[str, list[str]], after: dict[str, list[str]]) 
         if kept_before != kept_after:
             problems.append(f"group {group}: order was {kept_before}, now {kept_after}")
     return problems
+
+
+def exchange_bytes(gm: torch.fx.GraphModule) -> traffic.LinkBytes | None:
+    """What one run of the graph's all-to-alls sends over each kind of link, from their static sizes.
+
+    None when a size is data (dropless split sizes read inside the graph): then only the runtime knows.
+    """
+    sent = traffic.LinkBytes()
+    for node in gm.graph.nodes:
+        if not (is_collective(node) and op_name(node) == "all_to_all_single"):
+            continue
+        tensor, input_splits = node.args[0].meta.get("val"), node.args[2] if len(node.args) > 2 else None
+        sizes = [*(tensor.shape if tensor is not None else [None]), *(input_splits or [])]
+        if not all(isinstance(size, int) for size in sizes):
+            return None
+        sent = sent + traffic.all_to_all_bytes(collective_group(node), tensor.numel() * tensor.element_size(), input_splits)
+    return sent

@@ -11,19 +11,20 @@ from moe_ascend.kernels import hierarchical
 from moe_ascend.runtime import MoELayer, Topology
 
 
-def layer_and_tokens(num_experts=16, top_k=4, tokens=24, d=8, policy="position", capacity_factor=1.0):
+def layer_and_tokens(num_experts=16, top_k=4, tokens=24, d=8, policy="position", capacity_factor=1.0,
+                     hierarchical_a2a=False):
     torch.manual_seed(0)  # same weights everywhere (each rank holds its own experts' slice)
     layer = MoELayer(d, 16, num_experts, top_k, capacity_factor=capacity_factor, ep_group=dist.group.WORLD,
-                     drop_policy=policy).double()
+                     drop_policy=policy, hierarchical_a2a=hierarchical_a2a).double()
     torch.manual_seed(1 + dist.get_rank())
     x = torch.randn(tokens, d, dtype=torch.float64, requires_grad=True)
     return layer, x
 
 
-def hierarchical_forward(layer, x, h):
+def hierarchical_forward(layer, x, h, chunks=1):
     weights, ids = ops.topk_softmax(layer.gate(x), layer.top_k, layer.renormalize)
     if layer.capacity_factor is None:
-        rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(x, ids, weights, layer.num_experts, h)
+        rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(x, ids, weights, layer.num_experts, h, chunks)
         return hierarchical.dropless_combine(layer._experts_grouped(rows, tokens_per_expert), plan, h)
     expert_in, plan = hierarchical.capacity_dispatch(x, ids, weights, weights, layer.num_experts, layer.capacity(x.shape[0]),
                                                      layer.drop_policy, h)
@@ -49,18 +50,20 @@ def eager() -> dict:
     groups = topology.process_groups()
     h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
     worst = {}
-    for mode, policy, capacity_factor in (("position", "position", 1.0), ("score", "score", 1.0), ("dropless", "position", None)):
+    for mode, policy, capacity_factor, chunks in (("position", "position", 1.0, 1), ("score", "score", 1.0, 1),
+                                                   ("dropless", "position", None, 1), ("dropless_3_chunks", "position", None, 3)):
         layer, x = layer_and_tokens(policy=policy, capacity_factor=capacity_factor)
         flat = layer(x)
         flat_grads = gradients(layer, x, flat)
-        hier = hierarchical_forward(layer, x, h)
+        hier = hierarchical_forward(layer, x, h, chunks)
         hier_grads = gradients(layer, x, hier)
         worst[mode] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
     return {"rank": dist.get_rank(), "max_abs_diff": worst}
 
 
 def compiled() -> dict:
-    """MoELayer compiled with hierarchical_a2a=True against the same layer run eagerly (flat)."""
+    """MoELayer compiled with the hierarchical_a2a=True option (capacity), or built with it (dropless, whose
+    exchange runs between graphs), against the same layer run eagerly (flat)."""
     import os
 
     dump_dir = os.environ.get("DUMP_DIR")
@@ -75,6 +78,14 @@ def compiled() -> dict:
         hier = compiled_layer(x)
         hier_grads = gradients(layer, x, hier)
         worst[policy] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
+    layer, x = layer_and_tokens(capacity_factor=None)
+    flat = layer(x)
+    flat_grads = gradients(layer, x, flat)
+    two_step, x = layer_and_tokens(capacity_factor=None, hierarchical_a2a=True)
+    torch._dynamo.reset()
+    hier = torch.compile(two_step, backend="moe_ascend", options={"target": "eager"})(x)
+    hier_grads = gradients(two_step, x, hier)
+    worst["dropless"] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
     return {"rank": dist.get_rank(), "max_abs_diff": worst}
 
 
@@ -105,6 +116,36 @@ def golden() -> dict:
         unregister_pass("record_collectives")
         unregister_pass("record_pre_grad")
     return {"rank": dist.get_rank(), **seen}
+
+
+def traffic() -> dict:
+    """This rank's bytes per kind of link for one training step, counted by the runtime, four ways; and the
+    bytes the inspect report shows for the compiled hierarchical graphs."""
+    import tempfile
+
+    from moe_ascend.compiler.inspect import format_table, load_summary
+    from moe_ascend.runtime import traffic as counter
+
+    topology = Topology.detect()
+    groups = topology.process_groups()
+    h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+    layer, x = layer_and_tokens()
+
+    def one_step(forward) -> dict:
+        counter.reset()
+        forward(x).sum().backward()
+        return counter.read().to_json()
+
+    counts = {"eager_flat": one_step(layer), "eager_hierarchical": one_step(lambda t: hierarchical_forward(layer, t, h))}
+    dump_dir = tempfile.mkdtemp()
+    for name, setting in (("compiled_flat", False), ("compiled_hierarchical", True)):
+        torch._dynamo.reset()
+        options = {"hierarchical_a2a": setting, "target": "eager"} | ({"dump_dir": dump_dir} if setting else {})
+        compiled_layer = torch.compile(layer, backend="moe_ascend", options=options)
+        one_step(compiled_layer)  # compiles forward and backward
+        counts[name] = one_step(compiled_layer)
+    report = [line.strip() for line in format_table(load_summary(dump_dir)).splitlines() if "bytes per run" in line]
+    return {"rank": dist.get_rank(), **counts, "report": report}
 
 
 if __name__ == "__main__":
