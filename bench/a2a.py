@@ -2,8 +2,8 @@
 
 For each layout (2 x 2 and 4 x 2 ranks, 1 Gbit/s between nodes) and each
 top-k (2, 4, 8, 16 of 64 experts), every rank routes its tokens at random and
-runs the dropless exchange both ways, alternating which goes first; the
-experts are the identity (communication only, so more ranks than cores is
+runs the dropless exchange both ways, alternating which goes first (the
+hierarchical one pipelined in ``--chunks`` pieces); the experts are the identity (communication only, so more ranks than cores is
 fine, DESIGN.md). A step's time is the slowest rank's. Bytes are what the
 exchanges hand to the inter-node links (tokens and routes; the counts are a
 few bytes), counted from their split sizes; the node's uplink counter (``tx_bytes``, headers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 import torch.fx
 
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
