@@ -70,9 +70,9 @@ def all_to_all_bytes(group: str, nbytes: int, input_splits: Sequence[int] | None
     return LinkBytes(inter, intra)
 
 
-@functools.lru_cache(maxsize=None)
 def _peers_on_other_nodes(group: str) -> tuple[tuple[bool, ...], int]:
-    """For each rank of ``group`` in order: is it on another node than this rank; and this rank's index in it."""
+    """For each rank of ``group`` in order: is it on another node than this rank; and this rank's index in it.
+    Not cached: group names restart when a process group is destroyed and made again."""
     ranks = dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(group))
     topology = Topology.detect()
     node_of = lambda rank: rank // topology.ranks_per_node  # noqa: E731
