@@ -88,7 +88,7 @@ def worker(args) -> None:
     topology = Topology.detect()
     groups = topology.process_groups()
     world, rank = topology.world_size, topology.rank
-    h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+    h = topology.hierarchy()
     world_group = dist.group.WORLD.group_name
     cluster = cluster_from_environment()  # what the launcher really applied
     link_bits = cluster["bandwidth_bits_per_s"]

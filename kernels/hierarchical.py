@@ -244,8 +244,8 @@ def dropless_combine(expert_out: Tensor, plan: DroplessPlan, hierarchy: Hierarch
     home over the inter-node link as soon as they are added.
     """
     weighted = expert_out * plan.pair_weights.unsqueeze(-1).to(expert_out.dtype)
-    partial = _add_rows(weighted, plan.row_of_pair, sum(sum(chunk.intra_splits[1]) for chunk in plan.chunks))
-    parts = partial.split([sum(chunk.intra_splits[1]) for chunk in plan.chunks])
+    received_rows = [sum(chunk.intra_splits[1]) for chunk in plan.chunks]
+    parts = _add_rows(weighted, plan.row_of_pair, sum(received_rows)).split(received_rows)
     returned = [issue(part, hierarchy.intra_group, chunk.intra_splits[0], chunk.intra_splits[1])
                 for part, chunk in zip(parts, plan.chunks)]
     homes = []

@@ -60,8 +60,7 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             if site:  # an EP layer we cannot rewrite; a single-rank layer needs no note
                 ctx.logger.warning("%s: MoE layer %d keeps the flat all-to-all: %s", ctx.graph_name, layer.index, site)
             continue
-        groups = topology.process_groups()
-        hierarchy = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+        hierarchy = topology.hierarchy()
         if setting == "auto" and not _predicted_faster(site, hierarchy, ctx):
             ctx.logger.info("%s: MoE layer %d keeps the flat all-to-all: the cost model predicts no gain", ctx.graph_name, layer.index)
             continue

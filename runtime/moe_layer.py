@@ -87,9 +87,7 @@ class MoELayer(nn.Module):
                 "hierarchical_a2a=True needs the expert-parallel group to be all ranks in order "
                 f"(the topology's {topology.nodes} x {topology.ranks_per_node}); pass ep_group=dist.group.WORLD"
             )
-        groups = topology.process_groups()
-        return hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name,
-                                      groups.inter.group_name)
+        return topology.hierarchy()
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert per source rank: ``ceil(k·T/E · capacity_factor)``."""

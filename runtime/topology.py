@@ -9,6 +9,7 @@ from typing import Mapping, NamedTuple
 import torch.distributed as dist
 
 from moe_ascend.kernels.errors import TopologyError
+from moe_ascend.kernels.hierarchical import Hierarchy
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,11 @@ class Topology:
             inter = [dist.new_group(self.peer_ranks(l)) for l in range(self.ranks_per_node)]
             _GROUPS[key] = HierarchyGroups(intra=intra[self.node], inter=inter[self.local_rank])
         return _GROUPS[key]
+
+    def hierarchy(self) -> Hierarchy:
+        """The two-step exchange's view of this topology, with this rank's groups by name."""
+        groups = self.process_groups()
+        return Hierarchy(self.nodes, self.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
 
 
 class HierarchyGroups(NamedTuple):

@@ -40,6 +40,10 @@ def gradients(layer, x, out):
     return got
 
 
+def largest_difference(expected: list, got: list) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(expected, got, strict=True))
+
+
 def equal() -> dict:
     """Both checks below; one process start."""
     return {"rank": dist.get_rank(), "eager": eager()["max_abs_diff"], "compiled": compiled()["max_abs_diff"]}
@@ -47,8 +51,7 @@ def equal() -> dict:
 
 def eager() -> dict:
     topology = Topology.detect()
-    groups = topology.process_groups()
-    h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+    h = topology.hierarchy()
     worst = {}
     for mode, policy, capacity_factor, chunks in (("position", "position", 1.0, 1), ("score", "score", 1.0, 1),
                                                    ("dropless", "position", None, 1), ("dropless_3_chunks", "position", None, 3)):
@@ -57,7 +60,7 @@ def eager() -> dict:
         flat_grads = gradients(layer, x, flat)
         hier = hierarchical_forward(layer, x, h, chunks)
         hier_grads = gradients(layer, x, hier)
-        worst[mode] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
+        worst[mode] = largest_difference([flat, *flat_grads], [hier, *hier_grads])
     return {"rank": dist.get_rank(), "max_abs_diff": worst}
 
 
@@ -77,7 +80,7 @@ def compiled() -> dict:
         compiled_layer = torch.compile(layer, backend="moe_ascend", options=options)
         hier = compiled_layer(x)
         hier_grads = gradients(layer, x, hier)
-        worst[policy] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
+        worst[policy] = largest_difference([flat, *flat_grads], [hier, *hier_grads])
     layer, x = layer_and_tokens(capacity_factor=None)
     flat = layer(x)
     flat_grads = gradients(layer, x, flat)
@@ -85,7 +88,7 @@ def compiled() -> dict:
     torch._dynamo.reset()
     hier = torch.compile(two_step, backend="moe_ascend", options={"target": "eager"})(x)
     hier_grads = gradients(two_step, x, hier)
-    worst["dropless"] = max([(flat - hier).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(flat_grads, hier_grads)])
+    worst["dropless"] = largest_difference([flat, *flat_grads], [hier, *hier_grads])
     return {"rank": dist.get_rank(), "max_abs_diff": worst}
 
 
@@ -127,8 +130,7 @@ def traffic() -> dict:
     from moe_ascend.runtime import traffic as counter
 
     topology = Topology.detect()
-    groups = topology.process_groups()
-    h = hierarchical.Hierarchy(topology.nodes, topology.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+    h = topology.hierarchy()
     layer, x = layer_and_tokens()
 
     def one_step(forward) -> dict:
