@@ -33,6 +33,7 @@ class HardwareProfile:
     intra_node_bandwidth: float
     inter_node_bandwidth: float
     collective_latency: float
+    op_overhead: float = 1e-5  # launching one op: what every extra chunk pays per op
 
 
 # Two-core CPU ranks joined by the emulated cluster's 1 Gbit/s inter-node link.
@@ -97,6 +98,30 @@ class CostModel:
                 + inter_node_bytes * ranks_per_node / self.profile.inter_node_bandwidth
                 + intra_node_bytes / self.profile.intra_node_bandwidth)
 
+    def flat_exchange_seconds(self, buffer_bytes: float, ep_size: int, collectives: int = 2) -> float:
+        """A flat capacity exchange of one ``[E, C, d]`` buffer there and back over ``ep_size`` ranks.
+
+        Each rank keeps ``1/W`` of the buffer; of the rest, the share for other nodes crosses the inter-node link.
+        """
+        nodes = self.topology.nodes if self.topology is not None and ep_size == self.topology.world_size else 1
+        inter = 2 * buffer_bytes * (nodes - 1) / nodes
+        intra = 2 * buffer_bytes * (ep_size // nodes - 1) / ep_size
+        return self.exchange_seconds(inter, intra, collectives)
+
+    def overlap_chunks(self, comm_s: float, compute_s: float, ops_per_chunk: int, most: int) -> int:
+        """The chunk count with the shortest predicted pipeline of dispatch → experts → combine.
+
+        With ``n`` chunks each all-to-all moves ``1/(2n)`` of the traffic (plus its latency) and each chunk's
+        experts take ``1/n`` of the compute (plus their ops' launch overhead); the first dispatch and the last
+        combine cannot hide, and the link carries both directions: ``2a + max(2(n-1)a, n·b)``.
+        """
+        def predicted(n: int) -> float:
+            a = comm_s / (2 * n) + self.profile.collective_latency
+            b = compute_s / n + ops_per_chunk * self.profile.op_overhead
+            return 2 * a + max(2 * (n - 1) * a, n * b)
+
+        return min(range(1, most + 1), key=predicted)
+
     def timeline(self, gm: torch.fx.GraphModule) -> Timeline:
         timeline = Timeline()
         now = comm_free = 0.0
@@ -149,7 +174,7 @@ def _matmul_flops(node: torch.fx.Node) -> float:
     out = node.meta.get("val")
     if not isinstance(out, torch.Tensor):
         return 0.0
-    if name in ("mm", "bmm", "matmul", "addmm", "baddbmm"):
+    if name in ("mm", "bmm", "matmul", "addmm", "baddbmm", "grouped_mm_batched", "grouped_mm"):
         left = node.args[1] if name in ("addmm", "baddbmm") else node.args[0]
     elif name == "linear":
         left = node.args[0]

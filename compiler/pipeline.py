@@ -117,10 +117,13 @@ class PostGradStage(CustomInferenceAwareGraphPass):
         self.recorder = recorder
         self.cache_key = cache_key
         self.traffic: dict[str, LinkBytes] = {}  # role → what one run of its graph sends (runtime.traffic.counting)
+        self.then: Any = None  # what the lowering runs on each graph after the stage (Inductor: keep its schedule)
 
     def __call__(self, graph: torch.fx.Graph, is_inference: bool) -> None:
         gm = graph.owning_module
         self.run(gm, "inference" if is_inference else training_role(gm))
+        if self.then is not None:
+            self.then(gm)
 
     def run(self, gm: torch.fx.GraphModule, role: str) -> torch.fx.GraphModule:
         return run_stage(gm, self.make_context("post_grad", role), self.recorder)

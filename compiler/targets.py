@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.fx
 
+from moe_ascend.compiler.keep_schedule import keep_schedule
 from moe_ascend.compiler.pipeline import PostGradStage, training_role
 from moe_ascend.kernels.errors import TargetUnavailableError
 
@@ -53,6 +54,8 @@ def ascend_unavailable_reason() -> str | None:
 def lower_inductor(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
+    if post_grad.make_context("post_grad", "forward").options.overlap is not False:
+        post_grad.then = keep_schedule  # or Inductor's fusion and memory-driven reordering undo it
     def inner_compile(graph: torch.fx.GraphModule, inputs, **kwargs):
         # Here, not in the post_grad stage: Inductor skips that stage on an FX-graph cache hit.
         post_grad.account(graph, "inference" if kwargs.get("is_inference") else training_role(graph))

@@ -36,15 +36,14 @@ After::
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.fx
 
 from moe_ascend.kernels import hierarchical
-from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
-from moe_ascend.passes.infra import PassContext, PassResult, inherit_meta, register_pass
+from moe_ascend.passes.analysis.exchange_sites import NOT_CAPACITY, CapacityExchange, capacity_exchange, exchange_collectives
+from moe_ascend.passes.analysis.ops import collective_group
+from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, inherit_meta, register_pass
 
 
 @register_pass(name="hierarchical_a2a", stage="pre_grad", after=("find_moe", "canonicalise"), roles=("dynamo",))
@@ -69,57 +68,24 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified)
 
 
-@dataclass
-class _Exchange:
-    """The nodes of one flat capacity exchange, and its sizes."""
-
-    dispatch: torch.fx.Node  # capacity_dispatch
-    combine: torch.fx.Node  # capacity_combine
-    expert_in: torch.fx.Node  # the experts' [E_rank, W·C, d] input, after the all-to-all
-    expert_user: torch.fx.Node  # the expert node that reads it
-    expert_out: torch.fx.Node  # the experts' output, before the all-to-all back
-    num_experts: int
-    capacity: int
-
-
-def _capacity_exchange(layer, topology) -> _Exchange | str:
-    """The layer's flat exchange, or why it has none we can rewrite ("" when it exchanges nothing)."""
-    roles = {n: role for role, nodes in layer.nodes.items() for n in nodes}
-    collectives = [n for n in roles if is_collective(n) and op_name(n) == "all_to_all_single"]
-    if not collectives:
-        return ""
+def _capacity_exchange(layer, topology) -> CapacityExchange | str:
+    """The layer's flat exchange over all ranks, or why it has none we can rewrite ("" when nothing to say)."""
     groups = topology.process_groups()
-    if {collective_group(n) for n in collectives} <= {groups.intra.group_name, groups.inter.group_name}:
+    collectives = exchange_collectives(layer)
+    if collectives and {collective_group(n) for n in collectives} <= {groups.intra.group_name, groups.inter.group_name}:
         return ""  # already the two-step exchange (MoELayer(hierarchical_a2a=True))
-    dispatches = [n for n, role in roles.items() if op_name(n) == "capacity_dispatch"]
-    combines = [n for n in roles if op_name(n) == "capacity_combine"]
-    if len(dispatches) != 1 or len(combines) != 1:
-        return ("it is not a capacity_dispatch/capacity_combine layer; for a dropless layer, whose split sizes "
-                "split its exchange across graphs, build MoELayer(..., hierarchical_a2a=True)")
-    dispatch, combine = dispatches[0], combines[0]
-    if len(collectives) != 2 or len({collective_group(n) for n in collectives}) != 1:
-        return f"it has {len(collectives)} all-to-alls; one dispatch and one combine on one group are expected"
-    group = dist.distributed_c10d._resolve_process_group(collective_group(collectives[0]))
+    site = capacity_exchange(layer)
+    if site == NOT_CAPACITY:
+        return site + "; for a dropless layer, build MoELayer(..., hierarchical_a2a=True)"
+    if isinstance(site, str):
+        return site
+    group = dist.distributed_c10d._resolve_process_group(site.group)
     if dist.get_process_group_ranks(group) != list(range(topology.world_size)):
         return "its expert-parallel group is not all ranks in order; the two-step exchange needs the whole topology"
-    experts = set(layer.nodes.get("experts", []))
-    entries = [(a, user) for user in experts for a in user.all_input_nodes if roles.get(a) == "dispatch"]
-    exits = [n for n in experts if any(roles.get(u) == "combine" for u in n.users)]
-    if len(entries) != 1 or len(exits) != 1:
-        return "its experts do not have one input from the dispatch and one output to the combine"
-    (expert_in, expert_user), expert_out = entries[0], exits[0]
-    order = {n: i for i, n in enumerate(dispatch.graph.nodes)}
-    if order[combine.args[2]] > order[expert_user]:
-        return "its combine weights are computed after the experts start; the dispatch needs them"
-    num_experts, capacity = dispatch.args[3], dispatch.args[4]
-    world = topology.world_size
-    want = (num_experts // world, world * capacity)
-    if num_experts % world or tuple(expert_in.meta["val"].shape[:2]) != want or tuple(expert_out.meta["val"].shape[:2]) != want:
-        return f"its experts' input is not the flat exchange's [E/W, W*C, d] = [{want[0]}, {want[1]}, d]"
-    return _Exchange(dispatch, combine, expert_in, expert_user, expert_out, num_experts, capacity)
+    return site
 
 
-def _predicted_faster(site: _Exchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext) -> bool:
+def _predicted_faster(site: CapacityExchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext) -> bool:
     tokens = site.dispatch.args[0].meta["val"]
     flat_s, hier_s = predicted_exchange_seconds(tokens.shape[0], tokens.shape[1], tokens.element_size(), site.num_experts,
                                                 site.capacity, hierarchy, ctx.cost_model)
@@ -138,15 +104,13 @@ def predicted_exchange_seconds(tokens: int, width: int, element: int, num_expert
     node_capacity = min(tokens, per_node * capacity)
     rank_capacity = min(node_capacity, num_experts // world * capacity)
     row = 2 * width * element + 2 * per_node * 4  # a token there and its sum back, plus its route
-    flat_buffer = num_experts * capacity * width * element
-    flat_inter, flat_intra = 2 * (nodes - 1) / nodes * flat_buffer, 2 * (per_node_ranks - 1) / world * flat_buffer
     hier_inter = (nodes - 1) * node_capacity * row
     hier_intra = (per_node_ranks - 1) * nodes * rank_capacity * row
-    return (cost_model.exchange_seconds(flat_inter, flat_intra, collectives=2),
+    return (cost_model.flat_exchange_seconds(num_experts * capacity * width * element, world),
             cost_model.exchange_seconds(hier_inter, hier_intra, collectives=6))
 
 
-def _rewrite(gm: torch.fx.GraphModule, site: _Exchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext, layer) -> None:
+def _rewrite(gm: torch.fx.GraphModule, site: CapacityExchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext, layer) -> None:
     graph = gm.graph
     tokens, expert_ids, scores, num_experts, capacity, drop_policy = site.dispatch.args[:6]
     weights = site.combine.args[2]
@@ -166,16 +130,4 @@ def _rewrite(gm: torch.fx.GraphModule, site: _Exchange, hierarchy: hierarchical.
     graph.erase_node(site.combine)
     layer.replace(site.combine, combine)  # its place in the combine role, and as the layer's output
     layer.nodes["dispatch"] += [dispatch, expert_in, plan]
-    _erase_flat_exchange(graph, layer)
-
-
-def _erase_flat_exchange(graph: torch.fx.Graph, layer) -> None:
-    """The flat dispatch and combine nodes nothing reads any more, the collectives and their waits included.
-
-    Walking the graph backwards reaches a node's users before the node, so one pass frees whole chains.
-    """
-    exchange = set(layer.nodes["dispatch"]) | set(layer.nodes["combine"])
-    for node in reversed(list(graph.nodes)):
-        if node in exchange and node.op in ("call_function", "call_method") and not node.users and node is not layer.output:
-            graph.erase_node(node)
-            layer.replace(node, None)
+    erase_unused(graph, layer, ("dispatch", "combine"))

@@ -223,6 +223,21 @@ def _describe_cycle(edges: dict[str, set[str]], stuck: set[str]) -> str:
         seen.add(nxt)
 
 
+# --- rewriting helpers --------------------------------------------------------------------
+
+
+def erase_unused(graph: torch.fx.Graph, layer, roles: Iterable[str]) -> None:
+    """Erase the layer's nodes of these roles that nothing reads any more (a rewrite's leftovers), collectives too.
+
+    Walking the graph backwards reaches a node's users before the node, so one pass frees whole chains.
+    """
+    candidates = {n for role in roles for n in layer.nodes.get(role, [])}
+    for node in reversed(list(graph.nodes)):
+        if node in candidates and node.op in ("call_function", "call_method") and not node.users and node is not layer.output:
+            graph.erase_node(node)
+            layer.replace(node, None)
+
+
 # --- FakeTensor metadata -----------------------------------------------------------------
 
 

@@ -17,6 +17,11 @@ reading them (``.tolist()``) is a graph break, or, with
 Inductor cannot always lower (DESIGN.md, integration notes). With one rank
 no sizes are exchanged and dropless compiles to one graph too.
 
+``overlap_chunks=n`` (dropless) sends the tokens in ``n`` chunks, so each chunk's
+experts compute while the other chunks' rows are on the wire; with
+``hierarchical_a2a=True`` the chunks pipeline the two steps of the exchange.
+Capacity layers are chunked by the compiler (``options={"overlap": n}``).
+
 ``hierarchical_a2a=True`` runs the two-step exchange of
 ``kernels.hierarchical`` whenever the topology spans nodes: the way to get it
 for dropless layers, whose exchange the compiler pass cannot rewrite (it is
@@ -55,6 +60,7 @@ class MoELayer(nn.Module):
         drop_policy: str = "position",
         renormalize: bool = True,
         hierarchical_a2a: bool = False,
+        overlap_chunks: int = 1,
     ):
         super().__init__()
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -71,6 +77,12 @@ class MoELayer(nn.Module):
         # The group's name, not the object: functional collectives take it, and the module stays deep-copyable.
         self.ep_group_name = ep_group.group_name if self.ep_size > 1 else None
         self.hierarchy = self._hierarchy(ep_group) if hierarchical_a2a else None
+        if overlap_chunks < 1 or (overlap_chunks > 1 and capacity_factor is not None):
+            raise ValueError(
+                f"overlap_chunks={overlap_chunks}: give a chunk count >= 1, for a dropless layer (capacity_factor=None); "
+                "capacity layers are chunked by the compiler: options={'overlap': n}"
+            )
+        self.overlap_chunks = overlap_chunks
 
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.w_gate_up = nn.Parameter(torch.randn(self.num_local_experts, d_model, 2 * d_ff) / math.sqrt(d_model))
@@ -113,14 +125,8 @@ class MoELayer(nn.Module):
         dispatched, slots = ops.capacity_dispatch(tokens, expert_ids, weights, self.num_experts, capacity, self.drop_policy)
         if self.ep_size == 1:
             return ops.capacity_combine(self._experts_batched(dispatched), slots, weights)
-        d, ep, local = tokens.shape[1], self.ep_size, self.num_local_experts
-        # Experts are numbered rank-major, so each rank's block of the buffer is contiguous: equal splits.
-        received = self._exchange(dispatched.reshape(-1, d))
-        per_expert = received.reshape(ep, local, capacity, d).transpose(0, 1).reshape(local, ep * capacity, d)
-        expert_out = self._experts_batched(per_expert)
-        back = expert_out.reshape(local, ep, capacity, d).transpose(0, 1).reshape(-1, d)
-        returned = self._exchange(back).reshape(self.num_experts, capacity, d)
-        return ops.capacity_combine(returned, slots, weights)
+        expert_out = self._experts_batched(ep.to_experts(dispatched, self.ep_group_name, self.ep_size))
+        return ops.capacity_combine(ep.from_experts(expert_out, self.ep_group_name, self.ep_size), slots, weights)
 
     def _dropless_moe(self, tokens, weights, expert_ids):
         if self.ep_size == 1:
@@ -128,13 +134,23 @@ class MoELayer(nn.Module):
             return ops.unpermute(self._experts_grouped(rows, tokens_per_expert), row_map, weights)
         if self.hierarchy is not None:
             rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, self.num_experts,
-                                                                           self.hierarchy)
+                                                                           self.hierarchy, self.overlap_chunks)
             return hierarchical.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, self.hierarchy)
+        if self.overlap_chunks > 1:
+            return self._dropless_pipelined(tokens, weights, expert_ids)
         rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_experts, self.ep_size, self.ep_group_name)
         return ep.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, weights, self.ep_group_name)
 
-    def _exchange(self, tensor):
-        return ep.exchange(tensor, self.ep_group_name)
+    def _dropless_pipelined(self, tokens, weights, expert_ids):
+        """Chunks of tokens, all sent at once; each chunk's experts run while the later chunks' rows arrive and
+        the earlier chunks' results return (in eager; compiled, each chunk's host-read sizes break the graph)."""
+        bounds = ep.even_bounds(tokens.shape[0], self.overlap_chunks)
+        sent = [ep.dropless_send(tokens[a:b], expert_ids[a:b], self.num_experts, self.ep_size, self.ep_group_name)
+                for a, b in bounds]
+        returned = [ep.dropless_return(self._experts_grouped(received[plan.by_expert], tokens_per_expert), plan,
+                                       self.ep_group_name) for received, tokens_per_expert, plan in sent]
+        return torch.cat([ops.unpermute(back, plan.row_map, weights[a:b])
+                          for back, (_, _, plan), (a, b) in zip(returned, sent, bounds)])
 
     def _experts_batched(self, x):
         gate, up = ops.grouped_mm_batched(x, self.w_gate_up).chunk(2, dim=-1)

@@ -48,3 +48,14 @@ def single_rank_group():
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield dist.group.WORLD
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def fake_two_ranks():
+    """A fake two-rank process group in this one process: graphs hold real collectives that move nothing."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield dist.group.WORLD
+    dist.destroy_process_group()

@@ -1,7 +1,9 @@
 """Run a function on N real processes joined by a gloo process group (plain multi-process, loopback)."""
 
 import os
+import queue
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -10,12 +12,12 @@ import torch.multiprocessing as mp
 from moe_ascend.runtime.launcher import free_port
 
 
-def _rank_main(rank, world_size, port, fn, args, results):
+def _rank_main(rank, world_size, port, fn, args, results, collective_timeout):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout))
         results.put((rank, "ok", fn(rank, world_size, *args)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -24,18 +26,27 @@ def _rank_main(rank, world_size, port, fn, args, results):
             dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> list:
-    """``fn(rank, world_size, *args)`` on every rank; returns their results, or raises with the first rank's traceback."""
+def run_ranks(world_size: int, fn, *args, timeout: float = 240.0, collective_timeout: float = 120.0) -> list:
+    """``fn(rank, world_size, *args)`` on every rank; returns their results, or raises with the first rank's traceback.
+
+    A collective that waits longer than ``collective_timeout`` fails on its rank (gloo's timeout); ranks that
+    report nothing within ``timeout`` fail the call, named, as a hang.
+    """
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
-    procs = [context.Process(target=_rank_main, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    procs = [context.Process(target=_rank_main, args=(r, world_size, port, fn, args, results, collective_timeout))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     outcomes = {}
     try:
         for _ in range(world_size):
-            rank, status, value = results.get(timeout=timeout)
+            try:
+                rank, status, value = results.get(timeout=timeout)
+            except queue.Empty:
+                silent = sorted(set(range(world_size)) - set(outcomes))
+                raise AssertionError(f"ranks {silent} did not finish within {timeout:.0f} s: a hang") from None
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             outcomes[rank] = value

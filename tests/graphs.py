@@ -1,6 +1,7 @@
 """Capture the graphs the passes see, and build pass contexts, for specification-style tests."""
 
 import logging
+import re
 
 import torch
 
@@ -35,6 +36,6 @@ def code_lines(gm):
     lines = []
     for line in gm.code.strip().splitlines()[1:]:
         line = line.split(";")[0].strip()
-        if line and not line.startswith("return"):
+        if line and not re.match(r"return\b", line):
             lines.append(line)
     return lines

@@ -47,12 +47,13 @@ def test_user_pass_runs_at_its_declared_point_and_shows_in_the_dump(clone_matmul
     summary = compile_and_step(LoopMoE(), tmp_path)
     for role in ("forward", "backward"):
         passes = graph(summary, role)["passes"]
-        assert [p["name"] for p in passes] == ["t_clone_mm", "verify_collectives"]
-        assert passes[0]["modified"] and passes[0]["nodes_added"] > 0 and passes[0]["nodes_removed"] == 0
+        assert [p["name"] for p in passes] == ["schedule_overlap", "t_clone_mm", "verify_collectives"]
+        assert passes[1]["modified"] and passes[1]["nodes_added"] > 0 and passes[1]["nodes_removed"] == 0
         code_before = (tmp_path / graph(summary, role)["input_file"]).read_text()
-        code_after = (tmp_path / passes[0]["file"]).read_text()
+        code_after = (tmp_path / passes[1]["file"]).read_text()
         assert "aten.clone.default" not in code_before and "aten.clone.default" in code_after
-    assert [p["name"] for p in graph(summary, "dynamo")["passes"]] == ["normalise", "find_moe", "hierarchical_a2a"]
+    assert [p["name"] for p in graph(summary, "dynamo")["passes"]] == ["normalise", "find_moe", "hierarchical_a2a",
+                                                                       "chunk_for_overlap"]
 
 
 def test_user_pass_keeps_numerics(clone_matmul_outputs, tmp_path):
@@ -63,7 +64,7 @@ def test_user_pass_keeps_numerics(clone_matmul_outputs, tmp_path):
 def test_disable_by_name_removes_the_pass(clone_matmul_outputs, tmp_path):
     summary = compile_and_step(LoopMoE(), tmp_path, disable=[clone_matmul_outputs])
     forward = graph(summary, "forward")
-    assert [p["name"] for p in forward["passes"]] == ["verify_collectives"]
+    assert [p["name"] for p in forward["passes"]] == ["schedule_overlap", "verify_collectives"]
     assert "aten.clone.default" not in (tmp_path / forward["passes"][-1]["file"]).read_text()
 
 

@@ -21,16 +21,18 @@ def names(stage, **options):
 
 
 def test_built_in_order_is_declared_not_imported():
-    assert names("pre_grad") == ["normalise", "find_moe", "hierarchical_a2a"]
-    assert names("pre_grad", passes=["canonicalise"]) == ["normalise", "find_moe", "canonicalise", "hierarchical_a2a"]
-    assert names("post_grad") == ["verify_collectives"]
+    assert names("pre_grad") == ["normalise", "find_moe", "hierarchical_a2a", "chunk_for_overlap"]
+    assert names("pre_grad", passes=["canonicalise"]) == ["normalise", "find_moe", "canonicalise", "hierarchical_a2a",
+                                                          "chunk_for_overlap"]
+    assert names("post_grad") == ["schedule_overlap", "verify_collectives"]
 
 
 def test_after_and_before_place_a_pass(temporary_passes):
     temporary_passes(name="t_late", stage="pre_grad", after=("find_moe",))(noop)
     temporary_passes(name="t_early", stage="pre_grad", before=("normalise",))(noop)
     temporary_passes(name="t_middle", stage="pre_grad", after=("normalise",), before=("find_moe",))(noop)
-    assert names("pre_grad") == ["t_early", "normalise", "t_middle", "find_moe", "hierarchical_a2a", "t_late"]  # ties: registration order
+    assert names("pre_grad") == ["t_early", "normalise", "t_middle", "find_moe", "hierarchical_a2a", "chunk_for_overlap",
+                                 "t_late"]  # ties: registration order
 
 
 def test_a_cycle_is_an_error_naming_the_passes(temporary_passes):

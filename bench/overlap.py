@@ -1,0 +1,236 @@
+"""Training step time of a MoE transformer block with the all-to-all hidden under the experts, on the emulated cluster.
+
+The block (attention, then a capacity-mode MoE layer, expert parallel over all
+ranks) is sized so that its all-to-all time is close to its expert compute,
+as DeepSeek-V3 reports for real clusters. Each rank times forward + backward
+of the block compiled six ways, in rounds, the order rotating every round:
+
+    inductor     torch.compile(backend="inductor"): the baseline
+    off          moe_ascend, overlap=False: one all-to-all each way, waited at once (T_serial)
+    n=2, n=4     moe_ascend, the exchange in 2 / 4 chunks, scheduled to overlap
+    auto         moe_ascend, overlap="auto": the cost model's chunk count
+
+and beside each moe_ascend one, the same compiled step with every all-to-all
+replaced by a local copy of the same size (T_compute_only, a post_grad pass
+given through options["passes"]) and the step's all-to-alls alone, replayed in
+their order with the same sizes (T_comm_only). A step's time is the slowest
+rank's; the median over rounds is reported.
+
+    hidden fraction = (T_serial - T_step) / (T_serial - T_compute_only)
+
+hierarchical_a2a is off throughout: this measures overlap alone (the two-step
+exchange has bench/a2a.py). The figure is auto's hidden fraction on 2 nodes x
+1 rank at 1 Gbit/s; 2 x 2 (four ranks on two cores, DESIGN.md) is reported beside it.
+
+    python bench/overlap.py                      # both layouts (launches the cluster itself)
+    python bench/overlap.py --layouts 2x1 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, write_result  # noqa: E402
+
+CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layouts", default="2x1,2x2", help="NODESxRANKS_PER_NODE, comma separated")
+    parser.add_argument("--bandwidth", default="1gbit")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (batch x sequence)")
+    parser.add_argument("--sequence", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256, help="model width")
+    parser.add_argument("--ffn", type=int, default=192, help="hidden size of each expert")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", default=None, help="output path (default bench/results/overlap.json)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    runs = []
+    print(f"{'layout':<7}{'config':<10}{'chunks':>7}{'T_step ms':>11}{'compute ms':>12}{'comm ms':>9}{'hidden':>8}"
+          f"{'/max':>7}", flush=True)
+    for layout in args.layouts.split(","):
+        nodes, per_node = (int(v) for v in layout.lower().split("x"))
+        command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
+                   str(per_node), "--inter-node-bandwidth", args.bandwidth, "--", __file__, "--worker",
+                   *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "json", "layouts", "bandwidth"))]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"the {layout} run failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
+        for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M):
+            run = json.loads(line) | {"layout": layout}
+            runs.append(run)
+            print(f"{layout:<7}{run['config']:<10}{run['chunks'] or '':>7}{run['T_step'] * 1e3:>11.1f}"
+                  + (f"{run['T_compute_only'] * 1e3:>12.1f}{run['T_comm_only'] * 1e3:>9.1f}{run['hidden_fraction']:>8.3f}"
+                     f"{run['step_over_max']:>7.2f}" if "T_compute_only" in run else ""), flush=True)
+    anchor = next((r for r in runs if r["layout"] == "2x1" and r["config"] == "auto"), None)
+    figure = {"name": "hidden_fraction", "value": anchor["hidden_fraction"] if anchor else None, "goal": 0.90,
+              "higher_is_better": True}
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
+    path = write_result("overlap", figure, runs, config, args.json)
+    print(f"hidden_fraction (2x1, auto) = {figure['value']}  (goal >= 0.90, aiming at 0.95)  -> {path}")
+
+
+def worker(args) -> None:
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    import moe_ascend.compiler.backend  # noqa: F401  (registers the backend)
+    from moe_ascend.passes import PassResult, register_pass
+    from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
+    from moe_ascend.runtime.launcher import cluster_from_environment
+
+    torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64  # eleven compiled versions of one forward
+    torch._dynamo.config.accumulated_recompile_limit = 256
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    exchanges: dict[str, list] = {}  # the config being compiled → its all-to-alls, forward then backward
+
+    @register_pass(name="local_copies", stage="post_grad", after=("schedule_overlap",), before=("verify_collectives",),
+                   enabled=False)
+    def local_copies(gm, ctx):
+        """Every all-to-all becomes a copy of its input (equal splits: the same size), its wait the copy."""
+        for node in list(gm.graph.nodes):
+            if is_collective(node) and op_name(node) == "all_to_all_single":
+                with gm.graph.inserting_before(node):
+                    copy = gm.graph.call_function(torch.ops.aten.clone.default, (node.args[0],))
+                copy.meta["val"] = node.meta["val"]
+                for wait in [u for u in node.users if is_wait(u)]:
+                    wait.replace_all_uses_with(copy)
+                    gm.graph.erase_node(wait)
+                gm.graph.erase_node(node)
+        return PassResult(gm, True)
+
+    @register_pass(name="record_exchanges", stage="post_grad", after=("schedule_overlap",))
+    def record_exchanges(gm, ctx):
+        for node in gm.graph.nodes:
+            if is_collective(node) and op_name(node) == "all_to_all_single":
+                val = node.args[0].meta["val"]
+                exchanges.setdefault(compiling, []).append((tuple(val.shape), val.dtype))
+        return PassResult(gm, False)
+
+    chosen = []
+    logging.getLogger("moe_ascend").addHandler(_Chunks(chosen))
+    logging.getLogger("moe_ascend").setLevel(logging.INFO)
+
+    block = Block(args.width, args.ffn, args.experts, args.top_k, heads=max(1, args.width // 64))
+    torch.manual_seed(1 + rank)
+    x = torch.randn(args.tokens // args.sequence, args.sequence, args.width)
+    grad = torch.randn_like(x)
+
+    def step(fn):
+        fn(x).backward(grad)
+        block.zero_grad(set_to_none=True)
+
+    steps, chunks = {}, {}
+    for name, overlap in CONFIGS.items():
+        for variant in ("", " compute") if overlap is not None else ("",):
+            compiling = name + variant
+            if overlap is None:
+                fn = torch.compile(block, backend="inductor")
+            else:
+                options = {"overlap": overlap, "hierarchical_a2a": False, "target": "inductor",
+                           "passes": ["local_copies"] if variant else []}
+                fn = torch.compile(block, backend="moe_ascend", options=options)
+            del chosen[:]
+            step(fn)
+            step(fn)
+            steps[compiling] = fn
+            if not variant:
+                chunks[name] = chosen[0] if chosen else (1 if overlap is not None else None)
+
+    def replay(name):
+        """The step's all-to-alls alone: same sizes, same order, each waited before the next."""
+        for shape, dtype in exchanges.get(name, []):
+            send = torch.empty(shape, dtype=dtype)
+            dist.all_to_all_single(torch.empty_like(send), send)
+
+    timed = {**{n: (lambda f=f: step(f)) for n, f in steps.items()},
+             **{n + " comm": (lambda n=n: replay(n)) for n, o in CONFIGS.items() if o is not None}}
+    times: dict[str, list[float]] = {n: [] for n in timed}
+    names = list(timed)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            dist.barrier()
+            started = time.perf_counter()
+            timed[name]()
+            elapsed = torch.tensor([time.perf_counter() - started])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            times[name].append(elapsed.item())
+
+    if rank == 0:
+        t = {n: median(v) for n, v in times.items()}
+        serial = t["off"]
+        cluster = cluster_from_environment()
+        for name, overlap in CONFIGS.items():
+            run = {"config": name, "chunks": chunks[name], "T_step": t[name], "T_step_all_s": times[name],
+                   "shaped": cluster["shaped"], "ranks": dist.get_world_size()}
+            if overlap is not None:
+                compute, comm = t[name + " compute"], t[name + " comm"]
+                run |= {"T_compute_only": compute, "T_comm_only": comm, "T_serial": serial,
+                        "hidden_fraction": (serial - t[name]) / (serial - compute),
+                        "step_over_max": t[name] / max(compute, comm),
+                        "T_compute_only_all_s": times[name + " compute"], "T_comm_only_all_s": times[name + " comm"]}
+            print("RESULT " + json.dumps(run), flush=True)
+    dist.destroy_process_group()
+
+
+class _Chunks:
+    """Catches the chunk count chunk_for_overlap announces (a logging handler)."""
+
+    level = 0
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def handle(self, record) -> None:
+        found = re.search(r"exchanges its tokens in (\d+) chunks", record.getMessage())
+        if found:
+            self.into.append(int(found.group(1)))
+
+
+def Block(width: int, ffn: int, experts: int, top_k: int, heads: int):
+    """Pre-norm attention, then a capacity MoE layer expert-parallel over every rank; same weights everywhere."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from moe_ascend.runtime import MoELayer
+
+    class MoEBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.qkv, self.proj = nn.Linear(width, 3 * width, bias=False), nn.Linear(width, width, bias=False)
+            self.moe = MoELayer(width, ffn, experts, top_k, capacity_factor=1.0, ep_group=dist.group.WORLD)
+
+        def forward(self, x):
+            batch, sequence, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).view(batch, sequence, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
+            x = x + self.proj(attended)
+            return x + self.moe(self.norm2(x))
+
+    torch.manual_seed(0)
+    return MoEBlock()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""chunk_for_overlap (pre_grad): split each flat capacity exchange into chunks whose all-to-alls can hide.
+
+The ``[E, C, d]`` buffer is cut along its slots into ``n`` chunks; each chunk
+goes to the experts' ranks, through the experts and back on its own, so the
+all-to-all of one chunk can run while the experts compute another (the
+Adaptive Pipe of Pangu Ultra MoE, Tutel's overlap degree). The experts work
+row by row, so every row meets the same weights as before and the outputs and
+gradients equal the unchunked layer's (weight gradients are summed in chunks).
+
+The chunks are emitted in pipeline order, which fixes each process group's
+collective order for every later pass (``schedule_overlap`` may move a
+collective, never past another of its group)::
+
+    dispatch 0, dispatch 1, experts 0, combine 0, dispatch 2, experts 1, combine 1, ...
+
+``n`` is ``options["overlap"]``, or under ``"auto"`` the cost model's choice
+(``CostModel.overlap_chunks``), and at most ``C``. Layers whose experts do more
+than row-wise work (a reduction over slots, a reshape that mixes them) keep
+their exchange, with one warning naming the node.
+
+Before::
+
+    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 4, 6, 'position')
+    dispatched = capacity_dispatch[0];  slots = capacity_dispatch[1]
+    reshape_1 = dispatched.reshape(-1, 8)
+    tensor = torch.ops._c10d_functional.all_to_all_single(reshape_1, [12, 12], [12, 12], '0')
+    ...
+    expert_out = torch.ops.moe_ascend.grouped_mm_batched.default(mul, w_down)
+    ...
+    out = torch.ops.moe_ascend.capacity_combine.default(returned, slots, weights)
+
+After (``n = 2``)::
+
+    slots_0 = torch.narrow(dispatched, 1, 0, 3)
+    expert_in_0 = moe_ascend.kernels.exchange.to_experts(slots_0, '0', 2)
+    slots_1 = torch.narrow(dispatched, 1, 3, 3)
+    expert_in_1 = moe_ascend.kernels.exchange.to_experts(slots_1, '0', 2)
+    grouped_mm_batched_0 = torch.ops.moe_ascend.grouped_mm_batched.default(expert_in_0, w_gate_up)
+    ...
+    returned_0 = moe_ascend.kernels.exchange.from_experts(expert_out_0, '0', 2)
+    ...
+    returned = torch.cat([returned_0, returned_1], 1)
+    out = torch.ops.moe_ascend.capacity_combine.default(returned, slots, weights)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from moe_ascend.kernels import exchange, hierarchical
+from moe_ascend.passes.analysis.exchange_sites import NOT_CAPACITY, CapacityExchange, capacity_exchange
+from moe_ascend.passes.analysis.moe_regions import META_KEY
+from moe_ascend.passes.analysis.ops import op_name
+from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, infer_meta, register_pass
+
+# Ops that compute each slot's row from that row alone (the matmuls take the expert's weight on the right).
+ROW_WISE_OPS = frozenset({
+    "grouped_mm_batched", "bmm", "matmul", "getitem", "silu", "gelu", "relu", "sigmoid", "tanh", "mul", "add",
+    "sub", "div", "neg", "to", "float", "type", "contiguous", "clone", "chunk", "split",
+})
+MOST_CHUNKS = 8
+
+
+@register_pass(name="chunk_for_overlap", stage="pre_grad", after=("find_moe", "canonicalise", "hierarchical_a2a"),
+               roles=("dynamo",))
+def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    if ctx.options.overlap is False:
+        return PassResult(gm, False)
+    modified = False
+    for layer in ctx.analyses.get("moe_layers", []):
+        site = capacity_exchange(layer)
+        if isinstance(site, str):
+            why = _why_not(layer, site)
+            if why:
+                ctx.logger.warning("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index, why)
+            continue
+        experts = [n for n in gm.graph.nodes if n in set(layer.nodes["experts"])]
+        not_row_wise = next((n for n in experts if not _row_wise(n)), None)
+        if not_row_wise is not None:
+            ctx.logger.warning("%s: MoE layer %d is not chunked for overlap: its expert node %s (%s) is not known to "
+                               "work slot by slot", ctx.graph_name, layer.index, not_row_wise.name, op_name(not_row_wise))
+            continue
+        chunks = min(_chunk_count(site, experts, ctx), site.capacity)
+        if chunks < 2:
+            ctx.logger.info("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index,
+                            "the cost model predicts no gain" if site.capacity > 1 else "its capacity is one slot")
+            continue
+        _rewrite(gm.graph, site, experts, layer, chunks, ctx)
+        ctx.logger.info("%s: MoE layer %d exchanges its tokens in %d chunks", ctx.graph_name, layer.index, chunks)
+        modified = True
+    return PassResult(gm, modified)
+
+
+def _why_not(layer, reason: str) -> str:
+    if any(n.target is hierarchical.capacity_dispatch for n in layer.nodes.get("dispatch", [])):
+        return "the two-step hierarchical exchange is not chunked (yet); use hierarchical_a2a=False to chunk the flat one"
+    if reason == NOT_CAPACITY:
+        return reason + "; chunk a dropless layer with MoELayer(..., overlap_chunks=n)"
+    return reason
+
+
+def _row_wise(node: torch.fx.Node) -> bool:
+    name = op_name(node)
+    if name not in ROW_WISE_OPS:
+        return False
+    if name in ("chunk", "split"):  # only across features
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        return dim in (-1, node.args[0].meta["val"].dim() - 1)
+    return True
+
+
+def _chunk_count(site: CapacityExchange, experts: list[torch.fx.Node], ctx: PassContext) -> int:
+    if isinstance(ctx.options.overlap, int):
+        return ctx.options.overlap
+    cost_model = ctx.cost_model
+    buffer = site.dispatched.meta["val"]
+    comm_s = cost_model.flat_exchange_seconds(buffer.numel() * buffer.element_size(), site.ep_size)
+    compute_s = sum(cost_model.compute_seconds(n) for n in experts)
+    return cost_model.overlap_chunks(comm_s, compute_s, ops_per_chunk=len(experts), most=MOST_CHUNKS)
+
+
+def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.fx.Node], layer, chunks: int,
+             ctx: PassContext) -> None:
+    bounds = exchange.even_bounds(site.capacity, chunks)
+    expert_inputs: list[torch.fx.Node] = []
+    returned: list[torch.fx.Node] = []
+
+    def tagged(node: torch.fx.Node, like: torch.fx.Node, role: str, chunk: int | None) -> torch.fx.Node:
+        """``node`` computes ``like``'s values for one chunk (all of them when ``chunk`` is None)."""
+        infer_meta(node, ctx.fake_mode)
+        custom = dict(like.meta.get("custom") or {})
+        custom[META_KEY] = {**custom.get(META_KEY, {}), "role": role, **({} if chunk is None else {"chunk": chunk})}
+        node.meta["custom"] = custom
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+        layer.nodes[role].append(node)
+        return node
+
+    def dispatch(j: int) -> None:
+        start, stop = bounds[j]
+        part = graph.create_node("call_function", torch.narrow, (site.dispatched, 1, start, stop - start), name=f"slots_{j}")
+        tagged(part, site.expert_in, "dispatch", j)
+        expert_in = graph.create_node("call_function", exchange.to_experts, (part, site.group, site.ep_size),
+                                      name=f"expert_in_{j}")
+        expert_inputs.append(tagged(expert_in, site.expert_in, "dispatch", j))
+
+    with graph.inserting_before(site.expert_user):
+        for j in range(min(2, chunks)):
+            dispatch(j)
+        for j in range(chunks):
+            copies = {site.expert_in: expert_inputs[j]}
+            for node in experts:
+                copies[node] = tagged(graph.node_copy(node, lambda a: copies.get(a, a)), node, "experts", j)
+            back = graph.create_node("call_function", exchange.from_experts,
+                                     (copies[site.expert_out], site.group, site.ep_size), name=f"returned_{j}")
+            returned.append(tagged(back, site.combine, "combine", j))
+            if j + 2 < chunks:
+                dispatch(j + 2)
+        joined = tagged(graph.create_node("call_function", torch.cat, (returned, 1), name="returned"), site.combine,
+                        "combine", None)
+    site.combine.replace_input_with(site.combine.args[0], joined)
+    erase_unused(graph, layer, ("dispatch", "experts", "combine"))
