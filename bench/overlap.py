@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (batch x sequence)")
     parser.add_argument("--sequence", type=int, default=256)
     parser.add_argument("--width", type=int, default=256, help="model width")
-    parser.add_argument("--ffn", type=int, default=192, help="hidden size of each expert")
+    parser.add_argument("--ffn", type=int, default=448, help="hidden size of each expert (experts' compute about their all-to-all time)")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
@@ -98,6 +98,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     torch._dynamo.config.recompile_limit = 64  # eleven compiled versions of one forward
     torch._dynamo.config.accumulated_recompile_limit = 256
+    torch._inductor.config.fx_graph_cache = False  # the passes must run: they record each config's exchanges
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     exchanges: dict[str, list] = {}  # the config being compiled → its all-to-alls, forward then backward

@@ -39,7 +39,7 @@ def compiled_graphs(temporary_passes, options, layer=None):
     return seen
 
 
-def test_chunk_for_overlap_splits_the_slots_and_emits_the_chunks_in_pipeline_order(fake_two_ranks, temporary_passes):
+def test_chunk_for_overlap_splits_the_slots_and_sends_every_chunk_before_the_experts(fake_two_ranks, temporary_passes):
     lines = compiled_graphs(temporary_passes, {"overlap": 3})["pre_grad"]
     exchange = [re.sub(r";.*", "", line) for line in lines if re.search(r"slots_\d =|to_experts|from_experts|cat\(", line)]
     assert exchange == [
@@ -47,9 +47,9 @@ def test_chunk_for_overlap_splits_the_slots_and_emits_the_chunks_in_pipeline_ord
         "expert_in_0 = moe_ascend_kernels_exchange_to_experts(slots_0, '0', 2)",
         "slots_1 = torch.narrow(dispatched, 1, 2, 2)",
         "expert_in_1 = moe_ascend_kernels_exchange_to_experts(slots_1, '0', 2)",
-        "returned_0 = moe_ascend_kernels_exchange_from_experts(expert_out_1, '0', 2)",
         "slots_2 = torch.narrow(dispatched, 1, 4, 2)",
         "expert_in_2 = moe_ascend_kernels_exchange_to_experts(slots_2, '0', 2)",
+        "returned_0 = moe_ascend_kernels_exchange_from_experts(expert_out_1, '0', 2)",
         "returned_1 = moe_ascend_kernels_exchange_from_experts(expert_out_2, '0', 2)",
         "returned_2 = moe_ascend_kernels_exchange_from_experts(expert_out_3, '0', 2)",
         "returned = torch.cat([returned_0, returned_1, returned_2], 1)",
@@ -175,3 +175,35 @@ def test_chunked_and_scheduled_equals_the_layer_forward_and_backward():
     for worst in run_ranks(2, chunked_equals_unchunked, runs):
         assert set(worst) == {f"{t}/{n}/{m}" for t, n, m in runs}
         assert max(worst.values()) < 1e-12, worst
+
+
+def random_scheduled_steps(rank, world_size, seed, steps):
+    """Random chunked and scheduled two-layer models, compiled alike on every rank, each rank with its own tokens
+    and its own pace; returns the steps it finished."""
+    import random
+    import time
+
+    shared = random.Random(seed)  # the same models and options on every rank
+    own = random.Random(seed * 100 + rank)  # this rank's tokens and pauses
+    done = 0
+    for target in ("eager", "eager", "eager", "inductor"):
+        top_k, chunks = shared.choice([1, 2, 3]), shared.choice([2, 3, 4])
+        layers = [MoELayer(8, 16, 8, top_k, capacity_factor=shared.choice([0.5, 1.0, 2.0]), ep_group=dist.group.WORLD,
+                           drop_policy=shared.choice(["position", "score"]), num_shared_experts=shared.choice([0, 1]))
+                  for _ in range(2)]
+        model = torch.nn.Sequential(*layers)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="moe_ascend", options={"target": target, "overlap": chunks})
+        tokens = shared.choice([8, 16, 24])
+        for _ in range(steps):
+            time.sleep(own.random() * 0.02)
+            x = torch.randn(tokens, 8, generator=torch.Generator().manual_seed(own.randrange(2**31)))
+            compiled(x).square().sum().backward()
+            done += 1
+    return done
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_scheduled_graphs_never_hang_on_four_ranks(seed):
+    # A collective that waits 60 s fails its rank; ranks silent for 300 s fail the test, named, as a hang.
+    assert run_ranks(4, random_scheduled_steps, seed, 5, timeout=300, collective_timeout=60) == [20] * 4
