@@ -4,10 +4,10 @@ Inductor is free to move a node wherever its data allows: fusing the pointwise
 work of two chunks into one kernel, or sinking a collective and hoisting its
 wait, undoes ``schedule_overlap`` (and a pass that reorders collectives it does
 not see deadlocks, pytorch issue 189454). Explicit control dependencies leave it
-no such freedom: each wait comes after the compute placed before it, and the
-compute placed after a collective comes after that collective, so neither moves
-and no fusion may join work across them. Collectives never depend on each other
-here; their relative order stays the graph's.
+no such freedom: each collective and wait comes after the one before it and
+after the compute placed before it, and the compute placed after it comes after
+it, so none moves, the collectives keep the graph's order, and no fusion may
+join work across them.
 """
 
 from __future__ import annotations
