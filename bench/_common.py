@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -33,3 +36,15 @@ def write_result(name: str, figure: dict, runs: list, config: dict, path: str | 
 
 def median(values) -> float:
     return float(statistics.median(values))
+
+
+def run_on_cluster(script: str, layout: str, bandwidth: str, worker_args: list[str]) -> list[dict]:
+    """``script --worker ARGS`` on the emulated cluster of ``layout`` (``NODESxRANKS_PER_NODE``); rank 0's
+    ``RESULT {json}`` lines, each with its layout. A failed run ends the benchmark with its output."""
+    nodes, per_node = (int(v) for v in layout.lower().split("x"))
+    command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
+               str(per_node), "--inter-node-bandwidth", bandwidth, "--", script, "--worker", *worker_args]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the {layout} run failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
+    return [json.loads(line) | {"layout": layout} for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)]

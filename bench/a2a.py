@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, write_result  # noqa: E402
+from _common import median, run_on_cluster, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -51,16 +49,9 @@ def main() -> None:
     print(f"{'layout':<7}{'top-k':>6}{'flat ms':>10}{'hier ms':>10}{'speedup':>9}{'bytes h/f':>11}{'predicted':>11}"
           f"{'goodput':>9}", flush=True)
     for layout in args.layouts.split(","):
-        nodes, per_node = (int(v) for v in layout.lower().split("x"))
-        command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
-                   str(per_node), "--inter-node-bandwidth", args.bandwidth, "--", __file__, "--worker",
-                   "--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
-                   "--width", str(args.width), "--repeats", str(args.repeats), "--chunks", str(args.chunks)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"the {layout} run failed:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
-        for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M):
-            run = json.loads(line) | {"layout": layout}
+        worker_args = ["--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
+                       "--width", str(args.width), "--repeats", str(args.repeats), "--chunks", str(args.chunks)]
+        for run in run_on_cluster(__file__, layout, args.bandwidth, worker_args):
             runs.append(run)
             print(f"{layout:<7}{run['top_k']:>6}{run['flat_s'] * 1e3:>10.1f}{run['hierarchical_s'] * 1e3:>10.1f}"
                   f"{run['speedup']:>9.2f}{run['inter_bytes_ratio']:>11.3f}{run['predicted_bytes_ratio']:>11.3f}"

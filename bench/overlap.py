@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, write_result  # noqa: E402
+from _common import median, run_on_cluster, write_result  # noqa: E402
 
 CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto"}
 
@@ -63,15 +62,9 @@ def main() -> None:
     print(f"{'layout':<7}{'config':<10}{'chunks':>7}{'T_step ms':>11}{'compute ms':>12}{'comm ms':>9}{'hidden':>8}"
           f"{'/max':>7}", flush=True)
     for layout in args.layouts.split(","):
-        nodes, per_node = (int(v) for v in layout.lower().split("x"))
-        command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
-                   str(per_node), "--inter-node-bandwidth", args.bandwidth, "--", __file__, "--worker",
-                   *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "json", "layouts", "bandwidth"))]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"the {layout} run failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
-        for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M):
-            run = json.loads(line) | {"layout": layout}
+        worker_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                       if k not in ("worker", "json", "layouts", "bandwidth")]
+        for run in run_on_cluster(__file__, layout, args.bandwidth, worker_args):
             runs.append(run)
             print(f"{layout:<7}{run['config']:<10}{run['chunks'] or '':>7}{run['T_step'] * 1e3:>11.1f}"
                   + (f"{run['T_compute_only'] * 1e3:>12.1f}{run['T_comm_only'] * 1e3:>9.1f}{run['hidden_fraction']:>8.3f}"
