@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
@@ -72,8 +73,12 @@ class Topology:
         """This rank's intra-node and inter-node (same local rank) groups, created on first use and reused.
 
         Every rank creates every group in the same order, as ``dist.new_group`` requires.
+        The groups are let go when the default group is destroyed: a gloo group still
+        held at interpreter exit can abort the process (its worker thread frees a
+        finished collective's tensors after Python has shut down).
         """
-        key = (self.nodes, self.ranks_per_node, dist.group.WORLD)
+        world = dist.group.WORLD
+        key = (self.nodes, self.ranks_per_node, id(world))
         if key not in _GROUPS:
             if not dist.is_initialized() or dist.get_world_size() != self.world_size:
                 found = dist.get_world_size() if dist.is_initialized() else "no process group"
@@ -85,6 +90,7 @@ class Topology:
             intra = [dist.new_group(self.node_ranks(n)) for n in range(self.nodes)]
             inter = [dist.new_group(self.peer_ranks(l)) for l in range(self.ranks_per_node)]
             _GROUPS[key] = HierarchyGroups(intra=intra[self.node], inter=inter[self.local_rank])
+            weakref.finalize(world, _GROUPS.pop, key, None)
         return _GROUPS[key]
 
     def hierarchy(self) -> Hierarchy:

@@ -63,3 +63,21 @@ def test_hierarchy_groups_need_a_process_group_of_the_topologys_size():
 def test_ranks_of_a_node_and_peers_across_nodes():
     topo = Topology(nodes=3, ranks_per_node=2, rank=3)
     assert topo.node_ranks(1) == [2, 3] and topo.peer_ranks(1) == [1, 3, 5]
+
+
+def test_hierarchy_groups_are_reused_and_let_go_with_the_default_group():
+    # A gloo group still alive at interpreter exit can abort the process: they must not outlive the world.
+    import weakref
+
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+    topology = Topology(nodes=2, ranks_per_node=2, rank=1)
+    groups = topology.process_groups()
+    assert topology.process_groups() is groups
+    assert dist.get_process_group_ranks(groups.intra) == [0, 1] and dist.get_process_group_ranks(groups.inter) == [1, 3]
+    intra, inter = weakref.ref(groups.intra), weakref.ref(groups.inter)
+    del groups
+    dist.destroy_process_group()
+    assert intra() is None and inter() is None
