@@ -62,6 +62,14 @@ class DumpSession:
         self.graphs.append(record)
         return record
 
+    def add_measured(self, graph_name: str, measured: dict) -> None:
+        """A post_grad graph's measured timeline (options["profile"]), shown beside its estimate."""
+        for record in self.graphs:
+            if record.name == graph_name and record.stage == "post_grad" and record.result:
+                record.result["measured"] = measured
+                record.view = graph_view(self.folder, record.to_json())
+        self.write()
+
     def summary(self) -> dict:
         return {
             "version": SUMMARY_VERSION,

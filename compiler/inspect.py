@@ -25,7 +25,7 @@ def load_summary(folder: str | Path) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    """One block per graph: its passes, then its MoE layers, collectives and estimated exposed communication."""
+    """One block per graph: its passes, then its MoE layers, collectives, estimated and measured exposed communication."""
     out = []
     for graph in summary["graphs"]:
         out.append(f"{graph['name']}  [{graph['stage']}, {graph['role']}]  {graph.get('nodes', '?')} nodes")
@@ -50,11 +50,14 @@ def format_table(summary: dict) -> str:
             out.append(f"  all-to-all bytes per run: inter-node {sent['inter_node']:,}, intra-node {sent['intra_node']:,}")
         elif text and sent:
             out.append(f"  all-to-all bytes per run: {sent} (counted at run time: moe_ascend.runtime.traffic)")
-        estimate = graph.get("estimate")
-        if estimate:
-            out.append(
-                f"  estimate: step {estimate['step_s'] * 1e3:.3f} ms, exposed communication "
-                f"{estimate['exposed_comm_s'] * 1e3:.3f} ms of {estimate['comm_s'] * 1e3:.3f} ms"
-            )
+        for label in ("estimate", "measured"):
+            timeline = graph.get(label)
+            if timeline:
+                hidden = timeline.get("hidden_fraction")
+                out.append(
+                    f"  {label}: step {timeline['step_s'] * 1e3:.3f} ms, exposed communication "
+                    f"{timeline['exposed_comm_s'] * 1e3:.3f} ms of {timeline['comm_s'] * 1e3:.3f} ms"
+                    + (f" (hidden {hidden:.2f})" if hidden is not None else "")
+                )
         out.append("")
     return "\n".join(out)

@@ -25,6 +25,7 @@ class Options:
     passes: tuple[str | Callable, ...] = ()
     disable: tuple[str, ...] = ()
     topology: Mapping[str, int] | None = None
+    profile: bool = False
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None) -> "Options":
@@ -58,6 +59,8 @@ class Options:
             raise OptionError(
                 f"option 'overlap' is {self.overlap!r}; valid values are 'auto', False, or a chunk count >= 2"
             )
+        if not isinstance(self.profile, bool):
+            raise OptionError(f"option 'profile' is {self.profile!r}; valid values are True, False")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise OptionError(f"option 'dump_dir' is {self.dump_dir!r}; give a folder path or None")
         for p in self.passes:

@@ -37,6 +37,7 @@ def graph_view(folder: Path, graph: dict) -> dict:
         steps.append({"label": label, "file": relative, "code": code, "diff": diff})
         previous = code
     estimate = graph.get("estimate") or {}
+    measured = graph.get("measured") or {}
     return {
         "name": graph["name"],
         "stage": graph["stage"],
@@ -49,6 +50,8 @@ def graph_view(folder: Path, graph: dict) -> dict:
         "estimate": {k: v for k, v in estimate.items() if k != "events"},
         "regions": [{"layer": r["layer"], "svg": region_svg(r)} for r in graph.get("regions", [])],
         "timeline": timeline_svg(estimate.get("events", []), estimate.get("step_s", 0.0)),
+        "measured": {k: v for k, v in measured.items() if k != "events"},
+        "measured_timeline": timeline_svg(measured.get("events", []), measured.get("step_s", 0.0)) if measured else "",
     }
 
 
@@ -107,9 +110,9 @@ def _layered_svg(region: dict) -> str:
 
 
 def timeline_svg(events: list[dict], step_s: float, width: int = 1000) -> str:
-    """Compute, communication and wait lanes of the estimated timeline."""
+    """Compute, communication and wait lanes of an estimated or measured timeline."""
     if not events or step_s <= 0:
-        return "<p>no estimate</p>"
+        return "<p>no timeline</p>"
     lanes = {"compute": 20, "comm": 50, "wait": 80}
     scale = (width - 90) / step_s
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="110" font-family="Helvetica" font-size="11">']
@@ -196,10 +199,12 @@ function overview(g) {
   h += kinds.length ? "<table><tr><th>kind</th><th>group</th><th>count</th></tr>" + kinds.map(k => Object.entries(g.collectives[k]).map(([grp, n]) => "<tr><td>" + esc(k) + "</td><td>" + esc(grp) + "</td><td>" + n + "</td></tr>").join("")).join("") + "</table>" : "<p>none</p>";
   const sent = g.exchange_bytes;
   if (kinds.length && sent) h += "<p>all-to-all bytes per run: " + (typeof sent === "object" ? "inter-node " + sent.inter_node.toLocaleString() + " · intra-node " + sent.intra_node.toLocaleString() : esc(sent)) + "</p>";
-  const e = g.estimate;
-  h += "<h3>Estimated timeline</h3>";
-  if (e && e.step_s !== undefined) h += "<p>step " + (e.step_s * 1e3).toFixed(3) + " ms · compute " + (e.compute_s * 1e3).toFixed(3) + " ms · communication " + (e.comm_s * 1e3).toFixed(3) + " ms · <b>exposed communication " + (e.exposed_comm_s * 1e3).toFixed(3) + " ms</b></p>";
-  h += g.timeline;
+  [["Estimated timeline", g.estimate, g.timeline], ["Measured timeline (options['profile'])", g.measured, g.measured_timeline]].forEach(([title, e, svg]) => {
+    if (!svg) return;
+    h += "<h3>" + title + "</h3>";
+    if (e && e.step_s !== undefined) h += "<p>step " + (e.step_s * 1e3).toFixed(3) + " ms · compute " + (e.compute_s * 1e3).toFixed(3) + " ms · communication " + (e.comm_s * 1e3).toFixed(3) + " ms · <b>exposed communication " + (e.exposed_comm_s * 1e3).toFixed(3) + " ms</b></p>";
+    h += svg;
+  });
   h += "<h3>MoE regions</h3><div class='legend'>" + Object.entries(ROLE).map(([r, c]) => '<span style="background:' + c + '">' + r + "</span>").join("") + "</div>";
   g.regions.forEach(r => { h += "<h4>layer " + r.layer + "</h4><div style='overflow:auto;max-height:70vh'>" + r.svg + "</div>"; });
   return h;

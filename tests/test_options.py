@@ -10,7 +10,7 @@ from moe_ascend.runtime.topology import Topology
 def test_defaults():
     opts = Options.from_user(None)
     assert (opts.target, opts.hierarchical_a2a, opts.overlap, opts.routing) == ("auto", "auto", "auto", "keep")
-    assert opts.dump_dir is None and opts.passes == () and opts.disable == ()
+    assert opts.dump_dir is None and opts.passes == () and opts.disable == () and opts.profile is False
 
 
 @pytest.mark.parametrize(
@@ -25,6 +25,7 @@ def test_defaults():
         ({"topology": {"nodes": 2}}, r"\{'ranks_per_node': G\}"),
         ({"disable": [3]}, r"give pass names"),
         ({"dump_dir": 5}, r"give a folder path or None"),
+        ({"profile": "yes"}, r"option 'profile' is 'yes'; valid values are True, False"),
     ],
 )
 def test_bad_options_say_what_is_valid(options, message):

@@ -207,3 +207,33 @@ def random_scheduled_steps(rank, world_size, seed, steps):
 def test_scheduled_graphs_never_hang_on_four_ranks(seed):
     # A collective that waits 60 s fails its rank; ranks silent for 300 s fail the test, named, as a hang.
     assert run_ranks(4, random_scheduled_steps, seed, 5, timeout=300, collective_timeout=60) == [20] * 4
+
+
+def measured_step(rank, world_size, dump_dir):
+    """Three training steps of the small layer, exchanged in 2 chunks, with profile=True: rank 0's summary."""
+    from moe_ascend.compiler.inspect import format_table, load_summary
+
+    options = {"target": "eager", "overlap": 2, "profile": True, "dump_dir": dump_dir}
+    compiled = torch.compile(small_layer(), backend="moe_ascend", options=options)
+    x = torch.randn(12, 8, requires_grad=True)
+    for _ in range(3):
+        compiled(x).sum().backward()
+    summary = load_summary(f"{dump_dir}/rank{rank}")
+    return {g["role"]: {k: g.get(k) for k in ("measured", "collectives")} for g in summary["graphs"]}, format_table(summary)
+
+
+def test_profile_measures_each_graph_with_its_transfers_waits_and_compute(tmp_path):
+    for graphs, table in run_ranks(2, measured_step, str(tmp_path)):
+        assert graphs["dynamo"]["measured"] is None
+        for role in ("forward", "backward"):
+            measured = graphs[role]["measured"]
+            lanes = {lane: [e for e in measured["events"] if e["lane"] == lane] for lane in ("comm", "wait", "compute")}
+            exchanges = sum(graphs[role]["collectives"]["all_to_all_single"].values())
+            assert exchanges == 4  # 2 chunks, dispatch and combine
+            assert [e["node"] for e in lanes["comm"]] == ["gloo:all_to_all"] * exchanges  # each one's transfer
+            assert len(lanes["wait"]) == exchanges
+            assert all(0 <= e["start"] <= e["end"] <= measured["step_s"] for e in measured["events"])
+            assert measured["exposed_comm_s"] == pytest.approx(sum(e["end"] - e["start"] for e in lanes["wait"]))
+            assert 0 < measured["compute_s"] < measured["step_s"] - measured["exposed_comm_s"] + 1e-9
+            assert measured["hidden_fraction"] == pytest.approx(max(0.0, 1 - measured["exposed_comm_s"] / measured["comm_s"]))
+        assert len(re.findall(r"  measured: step [\d.]+ ms, exposed communication [\d.]+ ms of [\d.]+ ms \(hidden", table)) == 2

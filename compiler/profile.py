@@ -1,0 +1,157 @@
+"""Measured timelines: one run of each compiled graph under the profiler, with its exposed communication.
+
+With ``options["profile"]=True`` every compiled region's second call (the first
+compiles the backward) runs under ``torch.profiler``; its forward and, when it
+has one, its backward are marked by ``moe_ascend:<graph>#<n>`` windows. In a
+window, the timeline has three lanes, as the estimate has:
+
+    comm     the process group's own events ("gloo:all_to_all" on its worker threads): the transfer
+    wait     the graph blocked in ``wait_tensor``: communication not hidden (exposed)
+    compute  the rest of the window, minus the calls that issue collectives
+
+``exposed_comm_s`` is the time in waits; ``hidden_fraction`` is ``1 - exposed / comm``.
+Regions measured together share one profiler, stopped when the last window closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moe_ascend.compiler.cost_model import Timeline, TimelineEvent
+
+WINDOW = "moe_ascend:"
+COLLECTIVE_CALL = "_c10d_functional::"
+WAIT = "_c10d_functional::wait_tensor"
+TRANSFER = ("gloo:", "nccl:", "hccl:")  # what the backends call their collectives' work in the profiler
+MEASURED_CALL = 2
+
+
+def measuring(compiled: Callable, graph_name: str, on_measured: Callable[[str, Timeline], None]) -> Callable:
+    """``compiled`` whose ``MEASURED_CALL``-th call is measured; ``on_measured(role, timeline)`` gets each graph's."""
+    calls = 0
+    backward: _Window | None = None
+
+    @functools.wraps(compiled)
+    def run(*args):
+        nonlocal calls, backward
+        calls += 1
+        if backward is not None and not backward.opened:
+            backward.abandon()  # that call's backward never ran
+        backward = None
+        if calls != MEASURED_CALL:
+            return compiled(*args)
+        forward = _Window(graph_name, "forward", on_measured)
+        forward.open()
+        outputs = compiled(*args)
+        tensors = [t for t in (outputs if isinstance(outputs, (list, tuple)) else [outputs]) if isinstance(t, torch.Tensor)]
+        grad_fn = next((t.grad_fn for t in tensors if t.grad_fn is not None), None)
+        if grad_fn is None:
+            forward.role = "inference"
+        else:
+            window = backward = _Window(graph_name, "backward", on_measured)  # made before the forward closes: one session
+            grad_fn.register_prehook(lambda *_: window.open())
+            grad_fn.register_hook(lambda *_: window.close())
+        forward.close()
+        return outputs
+
+    return run
+
+
+class _Window:
+    """A named span in the one profiler session shared by every window outstanding; the session stops, and its
+    events are read, when the last of them closes."""
+
+    session: profile | None = None
+    outstanding = 0
+    closed: list["_Window"] = []
+    serial = itertools.count()
+
+    def __init__(self, graph_name: str, role: str, on_measured: Callable[[str, Timeline], None]):
+        self.label = f"{WINDOW}{graph_name}#{next(_Window.serial)}"  # graph names repeat across dump folders
+        self.role = role
+        self.on_measured = on_measured
+        self.opened = self.abandoned = False
+        self.handle = None
+        _Window.outstanding += 1
+
+    def open(self) -> None:
+        if self.abandoned:
+            return
+        if _Window.session is None:
+            _Window.session = profile(activities=[ProfilerActivity.CPU])
+            _Window.session.__enter__()
+        self.opened = True
+        self.handle = torch.ops.profiler._record_function_enter_new(self.label, None)
+
+    def close(self) -> None:
+        if self.abandoned:
+            return
+        torch.ops.profiler._record_function_exit._RecordFunction(self.handle)
+        _Window.closed.append(self)
+        self._release()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self._release()
+
+    def _release(self) -> None:
+        _Window.outstanding -= 1
+        if _Window.outstanding or _Window.session is None:
+            return
+        session, windows = _Window.session, _Window.closed
+        _Window.session, _Window.closed = None, []
+        session.__exit__(None, None, None)
+        events = list(session.events())
+        for window in windows:
+            found = timeline_of(events, window.label)
+            if found is not None:
+                window.on_measured(window.role, found)
+
+
+def timeline_of(events, label: str) -> Timeline | None:
+    """The timeline of the profiler window ``label`` (None when the events have no such window)."""
+    window = next((e for e in events if e.name == label), None)
+    if window is None:
+        return None
+    start, end = window.time_range.start, window.time_range.end
+    seconds = lambda t: (t - start) / 1e6  # noqa: E731  (the profiler's times are microseconds)
+    inside = [e for e in events if e is not window and e.time_range.start < end and e.time_range.end > start]
+    timeline = Timeline(step_s=seconds(end))
+    calls = _outermost(e for e in inside if e.thread == window.thread and e.name.startswith(COLLECTIVE_CALL))
+    now = start
+    for call in calls + [None]:
+        a, b = (call.time_range.start, call.time_range.end) if call is not None else (end, end)
+        if a > now:
+            timeline.events.append(TimelineEvent("compute", "compute", seconds(now), seconds(a)))
+            timeline.compute_s += seconds(a) - seconds(now)
+        if call is not None and call.name == WAIT:
+            timeline.events.append(TimelineEvent("wait_tensor", "wait", seconds(a), seconds(b)))
+            timeline.exposed_comm_s += seconds(b) - seconds(a)
+        now = max(now, b)
+    transfers = sorted((max(e.time_range.start, start), min(e.time_range.end, end), e.name) for e in inside
+                       if e.thread != window.thread and e.name.startswith(TRANSFER))
+    covered = start
+    for a, b, name in transfers:
+        timeline.events.append(TimelineEvent(name, "comm", seconds(a), seconds(b)))
+        timeline.comm_s += max(0.0, seconds(b) - seconds(max(a, covered)))  # overlapping transfers count once
+        covered = max(covered, b)
+    return timeline
+
+
+def hidden_fraction(timeline: Timeline) -> float | None:
+    """The share of the communication that compute hid (None without communication)."""
+    return max(0.0, 1.0 - timeline.exposed_comm_s / timeline.comm_s) if timeline.comm_s > 0 else None
+
+
+def _outermost(events) -> list:
+    """The events not nested in an earlier one, in start order."""
+    out = []
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        if not out or e.time_range.start >= out[-1].time_range.end:
+            out.append(e)
+    return out
