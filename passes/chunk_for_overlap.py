@@ -85,7 +85,7 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             if why:
                 say("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index, why)
             continue
-        experts = [n for n in gm.graph.nodes if n in set(layer.nodes["experts"])]
+        experts = list(site.experts)
         not_row_wise = next((n for n in experts if not _row_wise(n)), None)
         if not_row_wise is not None:
             say("%s: MoE layer %d is not chunked for overlap: its expert node %s (%s) is not known to work slot by "
@@ -158,7 +158,7 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.
                                       name=f"expert_in_{j}")
         expert_inputs.append(tagged(expert_in, site.expert_in, "dispatch", j))
 
-    with graph.inserting_before(site.expert_user):
+    with graph.inserting_before(experts[0]):
         for j in range(chunks):
             dispatch(j)
         for j in range(chunks):

@@ -114,7 +114,7 @@ def _rewrite(gm: torch.fx.GraphModule, site: CapacityExchange, hierarchy: hierar
     graph = gm.graph
     tokens, expert_ids, scores, num_experts, capacity, drop_policy = site.dispatch.args[:6]
     weights = site.combine.args[2]
-    with graph.inserting_before(site.expert_user):
+    with graph.inserting_before(site.experts[0]):
         dispatch = graph.create_node("call_function", hierarchical.capacity_dispatch,
                                      (tokens, expert_ids, weights, scores, num_experts, capacity, drop_policy, hierarchy),
                                      name="hierarchical_dispatch")
@@ -125,7 +125,8 @@ def _rewrite(gm: torch.fx.GraphModule, site: CapacityExchange, hierarchy: hierar
                                     name="hierarchical_combine")
     for node, like in ((dispatch, site.dispatch), (expert_in, site.dispatch), (plan, site.dispatch), (combine, site.combine)):
         inherit_meta(node, like, ctx.fake_mode)
-    site.expert_user.replace_input_with(site.expert_in, expert_in)
+    for node in site.experts:
+        node.replace_input_with(site.expert_in, expert_in)
     site.combine.replace_all_uses_with(combine)
     graph.erase_node(site.combine)
     layer.replace(site.combine, combine)  # its place in the combine role, and as the layer's output

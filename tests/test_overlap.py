@@ -106,6 +106,33 @@ def test_without_overlap_each_all_to_all_is_waited_for_at_once(fake_two_ranks, t
         assert all(nodes[nodes.index(n) + 1] is next(iter(n.users)) for n in issued), role
 
 
+class ScaledExperts(MoELayer):
+    """Row-wise work on either side of the experts, which the recogniser gives to the dispatch and the combine."""
+
+    def _experts_batched(self, x):
+        return super()._experts_batched(x * 2.0) * 0.5
+
+
+class SlotCentredExperts(MoELayer):
+    """Experts that subtract the mean over their slots: a chunk of slots would see another mean."""
+
+    def _experts_batched(self, x):
+        return super()._experts_batched(x - x.mean(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("overlap, level", [(2, "WARNING"), ("auto", "INFO")])
+def test_experts_that_mix_slots_keep_one_exchange_and_say_which_node(fake_two_ranks, temporary_passes, caplog, overlap, level):
+    torch.manual_seed(0)
+    layer = SlotCentredExperts(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD)
+    with caplog.at_level("INFO", logger="moe_ascend"):
+        graphs = compiled_graphs(temporary_passes, {"overlap": overlap}, layer)
+    said = [r for r in caplog.records if "not chunked for overlap" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == level
+    assert re.search(r"MoE layer 0 is not chunked for overlap: its expert node \w+ \(mean\) is not known to work slot by slot",
+                     said[0].getMessage())
+    assert sum(is_collective(n) for n in graphs["forward"]) == 2
+
+
 def overlapped_pairs(code: str) -> int:
     """How many all-to-alls of Inductor's generated code have an expert matmul between their issue and wait."""
     lines = code.splitlines()
@@ -144,8 +171,10 @@ def chunked_equals_unchunked(rank, world_size, runs):
     for target, chunks, mode in runs:
         def build(**kwargs):
             torch.manual_seed(0)
-            capacity = {"capacity_factor": None} if mode == "dropless" else {"capacity_factor": 1.5, "drop_policy": mode}
-            return MoELayer(8, 16, 8, 3, ep_group=dist.group.WORLD, **capacity, **kwargs).double()
+            capacity = {"capacity_factor": None} if mode == "dropless" else {
+                "capacity_factor": 1.5, "drop_policy": "position" if mode == "scaled" else mode}
+            kind = ScaledExperts if mode == "scaled" else MoELayer
+            return kind(8, 16, 8, 3, ep_group=dist.group.WORLD, **capacity, **kwargs).double()
 
         torch.manual_seed(1 + rank)
         x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
@@ -171,6 +200,7 @@ def chunked_equals_unchunked(rank, world_size, runs):
 
 def test_chunked_and_scheduled_equals_the_layer_forward_and_backward():
     runs = [("eager", 2, "position"), ("eager", 3, "score"), ("eager", 4, "position"), ("inductor", 3, "position"),
+            ("eager", 2, "scaled"),
             (None, 2, "dropless"), (None, 3, "dropless"), (None, 4, "dropless"), ("eager", 3, "dropless")]
     for worst in run_ranks(2, chunked_equals_unchunked, runs):
         assert set(worst) == {f"{t}/{n}/{m}" for t, n, m in runs}

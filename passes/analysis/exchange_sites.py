@@ -9,6 +9,9 @@ start from the same few nodes of a capacity-mode layer::
     out        = capacity_combine(<[E/W, W·C, d] → all-to-all → [E, C, d]>(expert_out), slots, weights)
 
 ``capacity_exchange`` finds them, or says in one sentence why a layer has none.
+The experts are every node between the exchange's own reshapes on either side,
+whatever role the recogniser gave them: a rewrite that rebuilds the exchange
+must carry them all.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch.fx
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
 
 
+# What the exchange itself does to the buffer on either side of its all-to-all.
+LAYOUT_OPS = frozenset({"wait_tensor", "reshape", "view", "transpose", "permute", "contiguous", "flatten", "unflatten"})
 NOT_CAPACITY = ("it is not a capacity_dispatch/capacity_combine layer (a dropless layer's split sizes split its "
                 "exchange across graphs)")
 
@@ -31,9 +36,9 @@ class CapacityExchange:
 
     dispatch: torch.fx.Node  # capacity_dispatch
     combine: torch.fx.Node  # capacity_combine
-    expert_in: torch.fx.Node  # the experts' [E/W, W·C, d] input, after the all-to-all
-    expert_user: torch.fx.Node  # the expert node that reads it
-    expert_out: torch.fx.Node  # the experts' output, before the all-to-all back
+    expert_in: torch.fx.Node  # the experts' [E/W, W·C, d] input: the all-to-all's output, reshaped
+    experts: tuple[torch.fx.Node, ...]  # what computes expert_out from expert_in, in graph order
+    expert_out: torch.fx.Node  # the experts' output, before the reshapes and the all-to-all back
     group: str  # the expert-parallel process group's name
     ep_size: int
     num_experts: int
@@ -65,14 +70,12 @@ def capacity_exchange(layer) -> CapacityExchange | str:
     groups = {collective_group(n) for n in collectives}
     if len(collectives) != 2 or len(groups) != 1:
         return f"it has {len(collectives)} all-to-alls; one dispatch and one combine on one group are expected"
-    experts = set(layer.nodes.get("experts", []))
-    entries = [(a, user) for user in experts for a in user.all_input_nodes if roles.get(a) == "dispatch"]
-    exits = [n for n in experts if any(roles.get(u) == "combine" for u in n.users)]
-    if len(entries) != 1 or len(exits) != 1:
-        return "its experts do not have one input from the dispatch and one output to the combine"
-    (expert_in, expert_user), expert_out = entries[0], exits[0]
+    expert_in, expert_out = _received(collectives[0]), _sent(collectives[1])
+    experts = _between(expert_in, expert_out)
+    if not experts or any(roles.get(n) not in ("dispatch", "experts", "combine") for n in experts):
+        return "its experts do not lie between its dispatch's all-to-all and its combine's"
     order = {n: i for i, n in enumerate(dispatch.graph.nodes)}
-    if order[combine.args[2]] > order[expert_user]:
+    if order[combine.args[2]] > order[experts[0]]:
         return "its combine weights are computed after the experts start; the dispatch needs them"
     group = groups.pop()
     ep_size = dist.get_world_size(dist.distributed_c10d._resolve_process_group(group))
@@ -80,4 +83,37 @@ def capacity_exchange(layer) -> CapacityExchange | str:
     want = (num_experts // ep_size, ep_size * capacity)
     if num_experts % ep_size or tuple(expert_in.meta["val"].shape[:2]) != want or tuple(expert_out.meta["val"].shape[:2]) != want:
         return f"its experts' input is not the flat exchange's [E/W, W*C, d] = [{want[0]}, {want[1]}, d]"
-    return CapacityExchange(dispatch, combine, expert_in, expert_user, expert_out, group, ep_size, num_experts, capacity)
+    return CapacityExchange(dispatch, combine, expert_in, experts, expert_out, group, ep_size, num_experts, capacity)
+
+
+def _received(all_to_all: torch.fx.Node) -> torch.fx.Node:
+    """The dispatch's all-to-all output after the exchange's own reshapes (they have one user each)."""
+    node = all_to_all
+    while len(node.users) == 1 and op_name(next(iter(node.users))) in LAYOUT_OPS:
+        node = next(iter(node.users))
+    return node
+
+
+def _sent(all_to_all: torch.fx.Node) -> torch.fx.Node:
+    """What the combine's all-to-all sends, before the exchange's own reshapes."""
+    node = all_to_all.args[0]
+    while isinstance(node, torch.fx.Node) and op_name(node) in LAYOUT_OPS and len(node.users) == 1:
+        node = node.args[0]
+    return node
+
+
+def _between(start: torch.fx.Node, end: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
+    """The nodes that depend on ``start`` and that ``end`` depends on (``end`` included), in graph order."""
+    after, stack = set(), [start]
+    while stack:
+        for user in stack.pop().users:
+            if user not in after:
+                after.add(user)
+                stack.append(user)
+    before, stack = {end}, [end]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in before and arg in after:
+                before.add(arg)
+                stack.append(arg)
+    return tuple(n for n in start.graph.nodes if n in before and n in after)
