@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moe_ascend.compiler.cost_model import Timeline, TimelineEvent
+from moe_ascend.runtime.traffic import backward_of
 
 WINDOW = "moe_ascend:"
 COLLECTIVE_CALL = "_c10d_functional::"
@@ -48,8 +49,7 @@ def measuring(compiled: Callable, graph_name: str, on_measured: Callable[[str, T
         forward = _Window(graph_name, "forward", on_measured)
         forward.open()
         outputs = compiled(*args)
-        tensors = [t for t in (outputs if isinstance(outputs, (list, tuple)) else [outputs]) if isinstance(t, torch.Tensor)]
-        grad_fn = next((t.grad_fn for t in tensors if t.grad_fn is not None), None)
+        grad_fn = backward_of(outputs)
         if grad_fn is None:
             forward.role = "inference"
         else:

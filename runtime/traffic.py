@@ -86,8 +86,7 @@ def counting(compiled: Callable, per_call: dict[str, LinkBytes]) -> Callable:
     @functools.wraps(compiled)
     def run(*args):
         outputs = compiled(*args)
-        tensors = [t for t in (outputs if isinstance(outputs, (list, tuple)) else [outputs]) if isinstance(t, torch.Tensor)]
-        grad_fn = next((t.grad_fn for t in tensors if t.grad_fn is not None), None)
+        grad_fn = backward_of(outputs)
         if grad_fn is None:
             record(per_call.get("inference") or per_call.get("forward", LinkBytes()))
         else:
@@ -96,3 +95,9 @@ def counting(compiled: Callable, per_call: dict[str, LinkBytes]) -> Callable:
         return outputs
 
     return run
+
+
+def backward_of(outputs) -> "torch.autograd.graph.Node | None":
+    """The autograd node a compiled region's outputs lead back to (None when they need no gradient)."""
+    tensors = [t for t in (outputs if isinstance(outputs, (list, tuple)) else [outputs]) if isinstance(t, torch.Tensor)]
+    return next((t.grad_fn for t in tensors if t.grad_fn is not None), None)
