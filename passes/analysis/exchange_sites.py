@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import torch.fx
 
+from moe_ascend.passes.analysis.moe_regions import ancestors, descendants
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
 
 
@@ -104,16 +105,5 @@ def _sent(all_to_all: torch.fx.Node) -> torch.fx.Node:
 
 def _between(start: torch.fx.Node, end: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
     """The nodes that depend on ``start`` and that ``end`` depends on (``end`` included), in graph order."""
-    after, stack = set(), [start]
-    while stack:
-        for user in stack.pop().users:
-            if user not in after:
-                after.add(user)
-                stack.append(user)
-    before, stack = {end}, [end]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in before and arg in after:
-                before.add(arg)
-                stack.append(arg)
-    return tuple(n for n in start.graph.nodes if n in before and n in after)
+    inside = descendants([start]) & (ancestors(end) | {end})
+    return tuple(n for n in start.graph.nodes if n in inside)

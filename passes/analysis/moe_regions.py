@@ -124,16 +124,16 @@ def _layer_from_router(
 ) -> tuple[MoELayer | None, str]:
     tokens = gate.args[0]
     root = _shape_root(tokens)
-    token_side = _descendants([root], skip={gate})
-    gate_side = _descendants([gate]) | {gate}
+    token_side = descendants([root], skip={gate})
+    gate_side = descendants([gate]) | {gate}
     output, missing = _layer_output(gate, topk, tokens, token_side, gate_side)
     if output is None:
         return None, missing
 
-    upstream = _ancestors(root) | {root}
-    region = (_ancestors(output) | {output}) - upstream
+    upstream = ancestors(root) | {root}
+    region = (ancestors(output) | {output}) - upstream
     region = {n for n in region if n.op not in ("placeholder", "get_attr", "output")}
-    expert_weights = _expert_weight_values(region, upstream | _ancestors(gate), token_side)
+    expert_weights = _expert_weight_values(region, upstream | ancestors(gate), token_side)
     data_nodes = region & token_side
     router_nodes = (region & gate_side) - data_nodes - expert_weights
     matmuls = {n for n in data_nodes if is_matmul(n) and any(i in expert_weights for i in n.all_input_nodes)}
@@ -147,7 +147,7 @@ def _layer_from_router(
 
 def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.Node | None, str]:
     """Where every path that carries per-token routing into the tokens meets again, or why there is no such node."""
-    data = _descendants([topk]) & token_side
+    data = descendants([topk]) & token_side
     routing_only = gate_side - token_side
     scores = _numel(gate)
     tokens_routed = scores // int(gate.meta["val"].shape[-1]) if scores else None
@@ -170,8 +170,8 @@ def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.N
 
 def _roles(region, data_nodes, router_nodes, matmuls, order) -> dict[torch.fx.Node, str]:
     """Data before the expert matmuls is dispatch, between them experts, after them combine; weights follow their users."""
-    after_matmul = _descendants(matmuls) & data_nodes
-    before_matmul = _ancestors_of_set(matmuls) & data_nodes
+    after_matmul = descendants(matmuls) & data_nodes
+    before_matmul = ancestors_of_set(matmuls) & data_nodes
     roles: dict[torch.fx.Node, str] = {n: "router" for n in router_nodes}
     for n in data_nodes:
         if n in matmuls or (n in after_matmul and n in before_matmul):
@@ -223,7 +223,7 @@ def _shape_root(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _descendants(starts: Iterable[torch.fx.Node], skip: set[torch.fx.Node] = frozenset()) -> set[torch.fx.Node]:
+def descendants(starts: Iterable[torch.fx.Node], skip: set[torch.fx.Node] = frozenset()) -> set[torch.fx.Node]:
     seen: set[torch.fx.Node] = set()
     stack = [u for s in starts for u in s.users if u not in skip]
     while stack:
@@ -235,11 +235,11 @@ def _descendants(starts: Iterable[torch.fx.Node], skip: set[torch.fx.Node] = fro
     return seen
 
 
-def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    return _ancestors_of_set([node])
+def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    return ancestors_of_set([node])
 
 
-def _ancestors_of_set(nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
+def ancestors_of_set(nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
     seen: set[torch.fx.Node] = set()
     stack = [i for n in nodes for i in n.all_input_nodes]
     while stack:
@@ -280,4 +280,4 @@ def _expert_weight_values(
         i for n in region for i in n.all_input_nodes
         if i.op in ("placeholder", "get_attr") and i not in before_layer
     }
-    return (sources | _descendants(sources)) - token_side
+    return (sources | descendants(sources)) - token_side
