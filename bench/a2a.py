@@ -72,6 +72,7 @@ def worker(args) -> None:
     from moe_ascend.kernels import exchange as flat
     from moe_ascend.kernels import hierarchical
     from moe_ascend.runtime import Topology
+    from moe_ascend.runtime.exchange_group import exchange_group
     from moe_ascend.runtime.launcher import cluster_from_environment
 
     torch.set_num_threads(1)
@@ -80,7 +81,7 @@ def worker(args) -> None:
     groups = topology.process_groups()
     world, rank = topology.world_size, topology.rank
     h = topology.hierarchy()
-    world_group = dist.group.WORLD.group_name
+    world_group = exchange_group(dist.group.WORLD).group_name
     cluster = cluster_from_environment()  # what the launcher really applied
     link_bits = cluster["bandwidth_bits_per_s"]
 

@@ -82,10 +82,11 @@ def worker(args) -> None:
 
     import torch
     import torch.distributed as dist
+    import torch.distributed._functional_collectives as fc
 
     import moe_ascend.compiler.backend  # noqa: F401  (registers the backend)
     from moe_ascend.passes import PassResult, register_pass
-    from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
+    from moe_ascend.passes.analysis.ops import collective_group, is_collective, is_wait, op_name
     from moe_ascend.runtime.launcher import cluster_from_environment
 
     torch.set_num_threads(1)
@@ -116,7 +117,7 @@ def worker(args) -> None:
         for node in gm.graph.nodes:
             if is_collective(node) and op_name(node) == "all_to_all_single":
                 val = node.args[0].meta["val"]
-                exchanges.setdefault(compiling, []).append((tuple(val.shape), val.dtype))
+                exchanges.setdefault(compiling, []).append((tuple(val.shape), val.dtype, collective_group(node)))
         return PassResult(gm, False)
 
     chosen = []
@@ -150,10 +151,9 @@ def worker(args) -> None:
                 chunks[name] = chosen[0] if chosen else (1 if overlap is not None else None)
 
     def replay(name):
-        """The step's all-to-alls alone: same sizes, same order, each waited before the next."""
-        for shape, dtype in exchanges.get(name, []):
-            send = torch.empty(shape, dtype=dtype)
-            dist.all_to_all_single(torch.empty_like(send), send)
+        """The step's all-to-alls alone: same sizes, same groups, same order, each waited before the next."""
+        for shape, dtype, group in exchanges.get(name, []):
+            fc.wait_tensor(fc.all_to_all_single(torch.empty(shape, dtype=dtype), None, None, group))
 
     timed = {**{n: (lambda f=f: step(f)) for n, f in steps.items()},
              **{n + " comm": (lambda n=n: replay(n)) for n, o in CONFIGS.items() if o is not None}}

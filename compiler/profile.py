@@ -5,7 +5,8 @@ compiles the backward) runs under ``torch.profiler``; its forward and, when it
 has one, its backward are marked by ``moe_ascend:<graph>#<n>`` windows. In a
 window, the timeline has three lanes, as the estimate has:
 
-    comm     the process group's own events ("gloo:all_to_all" on its worker threads): the transfer
+    comm     the process group's own events ("gloo:all_to_all" on its worker threads), or the issue and
+             arrival an exchange on a receive-first group records (``runtime.exchange_group``): the transfer
     wait     the graph blocked in ``wait_tensor``: communication not hidden (exposed)
     compute  the rest of the window, minus the calls that issue collectives
 
@@ -23,12 +24,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moe_ascend.compiler.cost_model import Timeline, TimelineEvent
+from moe_ascend.runtime import exchange_group
 from moe_ascend.runtime.traffic import backward_of
 
 WINDOW = "moe_ascend:"
 COLLECTIVE_CALL = "_c10d_functional::"
 WAIT = "_c10d_functional::wait_tensor"
 TRANSFER = ("gloo:", "nccl:", "hccl:")  # what the backends call their collectives' work in the profiler
+RECEIVE_FIRST = exchange_group.TRANSFER_EVENT
 MEASURED_CALL = 2
 
 
@@ -133,8 +136,13 @@ def timeline_of(events, label: str) -> Timeline | None:
             timeline.events.append(TimelineEvent("wait_tensor", "wait", seconds(a), seconds(b)))
             timeline.exposed_comm_s += seconds(b) - seconds(a)
         now = max(now, b)
-    transfers = sorted((max(e.time_range.start, start), min(e.time_range.end, end), e.name) for e in inside
-                       if e.thread != window.thread and e.name.startswith(TRANSFER))
+    transfers = [(max(e.time_range.start, start), min(e.time_range.end, end), e.name) for e in inside
+                 if e.thread != window.thread and e.name.startswith(TRANSFER)]
+    for e in inside:  # exchanges on a receive-first group: their issue marks, and how long they took
+        took = exchange_group.transfer_seconds.pop(e.name, None) if e.name.startswith(RECEIVE_FIRST) else None
+        if took is not None:
+            transfers.append((e.time_range.start, min(e.time_range.start + 1e6 * took, end), RECEIVE_FIRST))
+    transfers.sort()
     covered = start
     for a, b, name in transfers:
         timeline.events.append(TimelineEvent(name, "comm", seconds(a), seconds(b)))

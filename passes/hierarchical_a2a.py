@@ -70,9 +70,9 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _capacity_exchange(layer, topology) -> CapacityExchange | str:
     """The layer's flat exchange over all ranks, or why it has none we can rewrite ("" when nothing to say)."""
-    groups = topology.process_groups()
+    hierarchy = topology.hierarchy()
     collectives = exchange_collectives(layer)
-    if collectives and {collective_group(n) for n in collectives} <= {groups.intra.group_name, groups.inter.group_name}:
+    if collectives and {collective_group(n) for n in collectives} <= {hierarchy.intra_group, hierarchy.inter_group}:
         return ""  # already the two-step exchange (MoELayer(hierarchical_a2a=True))
     site = capacity_exchange(layer)
     if site == NOT_CAPACITY:

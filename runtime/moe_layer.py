@@ -42,6 +42,7 @@ import moe_ascend.kernels as ops
 import moe_ascend.kernels.exchange as ep
 from moe_ascend.kernels import hierarchical
 from moe_ascend.kernels.errors import TopologyError
+from moe_ascend.runtime.exchange_group import exchange_group
 from moe_ascend.runtime.topology import Topology
 
 
@@ -75,7 +76,7 @@ class MoELayer(nn.Module):
         self.num_local_experts = num_experts // self.ep_size
         self.capacity_factor, self.drop_policy, self.renormalize = capacity_factor, drop_policy, renormalize
         # The group's name, not the object: functional collectives take it, and the module stays deep-copyable.
-        self.ep_group_name = ep_group.group_name if self.ep_size > 1 else None
+        self.ep_group_name = exchange_group(ep_group).group_name if self.ep_size > 1 else None
         self.hierarchy = self._hierarchy(ep_group) if hierarchical_a2a else None
         if overlap_chunks < 1 or (overlap_chunks > 1 and capacity_factor is not None):
             raise ValueError(

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from moe_ascend.kernels.errors import TopologyError
 from moe_ascend.kernels.hierarchical import Hierarchy
+from moe_ascend.runtime.exchange_group import exchange_group
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,10 @@ class Topology:
         return _GROUPS[key]
 
     def hierarchy(self) -> Hierarchy:
-        """The two-step exchange's view of this topology, with this rank's groups by name."""
+        """The two-step exchange's view of this topology: this rank's groups, by the names its all-to-alls run on."""
         groups = self.process_groups()
-        return Hierarchy(self.nodes, self.ranks_per_node, groups.intra.group_name, groups.inter.group_name)
+        return Hierarchy(self.nodes, self.ranks_per_node, exchange_group(groups.intra).group_name,
+                         exchange_group(groups.inter).group_name)
 
 
 class HierarchyGroups(NamedTuple):

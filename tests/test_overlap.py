@@ -260,7 +260,7 @@ def test_profile_measures_each_graph_with_its_transfers_waits_and_compute(tmp_pa
             lanes = {lane: [e for e in measured["events"] if e["lane"] == lane] for lane in ("comm", "wait", "compute")}
             exchanges = sum(graphs[role]["collectives"]["all_to_all_single"].values())
             assert exchanges == 4  # 2 chunks, dispatch and combine
-            assert [e["node"] for e in lanes["comm"]] == ["gloo:all_to_all"] * exchanges  # each one's transfer
+            assert [e["node"] for e in lanes["comm"]] == ["moe_ascend_gloo:all_to_all"] * exchanges  # each one's transfer (MoELayer exchanges on the receive-first group)
             assert len(lanes["wait"]) == exchanges
             assert all(0 <= e["start"] <= e["end"] <= measured["step_s"] for e in measured["events"])
             assert measured["exposed_comm_s"] == pytest.approx(sum(e["end"] - e["start"] for e in lanes["wait"]))

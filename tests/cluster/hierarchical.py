@@ -97,8 +97,8 @@ def golden() -> dict:
     from moe_ascend.passes import PassResult, register_pass, unregister_pass
     from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
 
-    groups = Topology.detect().process_groups()
-    names = {groups.intra.group_name: "intra", groups.inter.group_name: "inter", dist.group.WORLD.group_name: "world"}
+    hierarchy = Topology.detect().hierarchy()
+    names = {hierarchy.intra_group: "intra", hierarchy.inter_group: "inter", dist.group.WORLD.group_name: "world"}
     seen = {}
 
     @register_pass(name="record_collectives", stage="post_grad", after=("verify_collectives",))
