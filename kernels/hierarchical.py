@@ -185,6 +185,7 @@ class DroplessPlan(NamedTuple):
     row_of_pair: Tensor  # [P]: the received step-2 row (all chunks in order) each expert row carries
     pair_weights: Tensor  # [P]: its routing weight
     num_tokens: int
+    pairs_of_chunk: tuple[Tensor, ...]  # the expert rows whose step-2 row is in each chunk
 
 
 def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, hierarchy: Hierarchy,
@@ -234,20 +235,28 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
     row_of_pair, local_expert = (route[:, :per_rank] > 0).t().nonzero(as_tuple=True)[::-1]
     pair_weights = route[:, per_rank:][row_of_pair, local_expert]
     tokens_per_expert = (route[:, :per_rank] > 0).sum(dim=0)
-    return payload[row_of_pair], tokens_per_expert, DroplessPlan(tuple(plans), row_of_pair, pair_weights, num_tokens)
+    # The combine returns chunk by chunk, each as soon as its rows are summed: it needs each chunk's expert rows.
+    chunk_ends = torch.tensor(list(itertools.accumulate(len(p) for p in payloads)), device=row_of_pair.device)
+    chunk_of_pair = torch.searchsorted(chunk_ends, row_of_pair, right=True)
+    pairs_of_chunk = torch.argsort(chunk_of_pair, stable=True).split(torch.bincount(chunk_of_pair, minlength=chunks).tolist())
+    plan = DroplessPlan(tuple(plans), row_of_pair, pair_weights, num_tokens, pairs_of_chunk)
+    return payload[row_of_pair], tokens_per_expert, plan
 
 
 def dropless_combine(expert_out: Tensor, plan: DroplessPlan, hierarchy: Hierarchy) -> Tensor:
     """Expert rows → ``[T, d]``: summed per step-2 row on the expert's rank, per node on the forwarding rank, then home.
 
-    Pipelined as the dispatch: every chunk's intra-node return is issued at once, and each chunk's node sums go
-    home over the inter-node link as soon as they are added.
+    Pipelined as the dispatch: each chunk's intra-node return is issued as soon as its rows are summed (the
+    next chunk's are summed while it travels), and each chunk's node sums go home over the inter-node link as
+    soon as they are added.
     """
-    weighted = expert_out * plan.pair_weights.unsqueeze(-1).to(expert_out.dtype)
-    received_rows = [sum(chunk.intra_splits[1]) for chunk in plan.chunks]
-    parts = _add_rows(weighted, plan.row_of_pair, sum(received_rows)).split(received_rows)
-    returned = [issue(part, hierarchy.intra_group, chunk.intra_splits[0], chunk.intra_splits[1])
-                for part, chunk in zip(parts, plan.chunks)]
+    returned, first_row = [], 0
+    for chunk, pairs in zip(plan.chunks, plan.pairs_of_chunk):
+        rows = sum(chunk.intra_splits[1])
+        weighted = expert_out[pairs] * plan.pair_weights[pairs].unsqueeze(-1).to(expert_out.dtype)
+        part = _add_rows(weighted, plan.row_of_pair[pairs] - first_row, rows)
+        returned.append(issue(part, hierarchy.intra_group, chunk.intra_splits[0], chunk.intra_splits[1]))
+        first_row += rows
     homes = []
     for part, chunk in zip(returned, plan.chunks):
         node_sum = _add_rows(part, chunk.row_of_forward, sum(chunk.inter_splits[1]))
