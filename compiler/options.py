@@ -48,6 +48,11 @@ class Options:
     def _validate(self) -> None:
         _one_of("target", self.target, TARGETS)
         _one_of("routing", self.routing, ROUTINGS)
+        if self.routing != "keep":  # the contract names them; their passes are not here yet, and a no-op would mislead
+            raise OptionError(
+                f"option 'routing'={self.routing!r} is not available in this version (its pass is not implemented "
+                "yet); use 'keep', or route with moe_ascend.kernels.affinity in the model"
+            )
         if self.hierarchical_a2a not in ("auto", True, False):
             raise OptionError(
                 f"option 'hierarchical_a2a' is {self.hierarchical_a2a!r}; valid values are 'auto', True, False"

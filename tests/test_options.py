@@ -19,6 +19,7 @@ def test_defaults():
         ({"targt": "eager"}, r"unknown moe_ascend option\(s\) \['targt'\]; valid options are \['target'"),
         ({"target": "tpu"}, r"option 'target' is 'tpu'; valid values are \['auto', 'inductor', 'eager', 'ascend'\]"),
         ({"routing": "random"}, r"valid values are \['keep', 'affinity', 'node_limited'\]"),
+        ({"routing": "affinity"}, r"'affinity' is not available in this version .* use 'keep'"),
         ({"overlap": 1}, r"a chunk count >= 2"),
         ({"overlap": True}, r"a chunk count >= 2"),
         ({"hierarchical_a2a": "yes"}, r"'auto', True, False"),
