@@ -147,8 +147,6 @@ def _companion(group: dist.ProcessGroup) -> ReceiveFirstGroup:
     timeout = group._get_backend(torch.device("cpu")).options._timeout
     companion = ReceiveFirstGroup(dist.ProcessGroupGloo(store, group.rank(), group.size(), timeout), name)
     ranks = dist.get_process_group_ranks(group)
-    if BACKEND.upper() not in dist.Backend._plugins:  # new_group's bookkeeping wants the backend's name known
-        dist.Backend.register_backend(BACKEND, lambda *_: None, devices=["cpu"])
     c10d._register_pg_in_world(companion, backend_name=BACKEND, store=store, group_name=name,
                                backend_config=f"cpu:{BACKEND}",
                                rank_mapping={rank: index for index, rank in enumerate(ranks)})
