@@ -135,7 +135,10 @@ class WatchedExchange(ExchangeInFlight):
             self.failure = failure
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
-        self.watcher.join(timeout.total_seconds() or None if timeout is not None else None)  # zero: no timeout
+        limit = timeout.total_seconds() or None if timeout is not None else None  # zero: no timeout
+        self.watcher.join(limit)
+        if self.watcher.is_alive():
+            raise TimeoutError(f"an all-to-all on a receive-first group did not finish within {limit} s")
         if self.failure is not None:
             raise self.failure
         return True
