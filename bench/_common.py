@@ -34,6 +34,13 @@ def write_result(name: str, figure: dict, runs: list, config: dict, path: str | 
     return out
 
 
+def write_cluster_result(name: str, figure: dict, runs: list, args) -> Path:
+    """``write_result`` for a ``run_on_cluster`` benchmark: its config is its arguments, less the worker flag and
+    the output path."""
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
+    return write_result(name, figure, runs, config, args.json)
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, run_on_cluster, write_result  # noqa: E402
+from _common import median, run_on_cluster, write_cluster_result  # noqa: E402
 
 
 def main() -> None:
@@ -59,8 +59,7 @@ def main() -> None:
     anchor = next((r for r in runs if r["layout"] == "4x2" and r["top_k"] == 8 and r["num_experts"] == 64), None)
     figure = {"name": "speedup_top8_e64_4x2", "value": anchor["speedup"] if anchor else None, "goal": 2.0,
               "higher_is_better": True}
-    config = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
-    path = write_result("a2a", figure, runs, config, args.json)
+    path = write_cluster_result("a2a", figure, runs, args)
     print(f"speedup_top8_e64_4x2 = {figure['value']}  (goal >= 2.0)  -> {path}")
 
 

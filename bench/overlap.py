@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, run_on_cluster, write_result  # noqa: E402
+from _common import median, run_on_cluster, write_cluster_result  # noqa: E402
 
 CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto"}
 
@@ -72,8 +72,7 @@ def main() -> None:
     anchor = next((r for r in runs if r["layout"] == "2x1" and r["config"] == "auto"), None)
     figure = {"name": "hidden_fraction", "value": anchor["hidden_fraction"] if anchor else None, "goal": 0.90,
               "higher_is_better": True}
-    config = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
-    path = write_result("overlap", figure, runs, config, args.json)
+    path = write_cluster_result("overlap", figure, runs, args)
     print(f"hidden_fraction (2x1, auto) = {figure['value']}  (goal >= 0.90, aiming at 0.95)  -> {path}")
 
 

@@ -236,7 +236,7 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
     pair_weights = route[:, per_rank:][row_of_pair, local_expert]
     tokens_per_expert = (route[:, :per_rank] > 0).sum(dim=0)
     # The combine returns chunk by chunk, each as soon as its rows are summed: it needs each chunk's expert rows.
-    chunk_ends = torch.tensor(list(itertools.accumulate(len(p) for p in payloads)), device=row_of_pair.device)
+    chunk_ends = torch.tensor(list(itertools.accumulate(sum(c.intra_splits[1]) for c in plans)), device=row_of_pair.device)
     chunk_of_pair = torch.searchsorted(chunk_ends, row_of_pair, right=True)
     pairs_of_chunk = torch.argsort(chunk_of_pair, stable=True).split(torch.bincount(chunk_of_pair, minlength=chunks).tolist())
     plan = DroplessPlan(tuple(plans), row_of_pair, pair_weights, num_tokens, pairs_of_chunk)

@@ -39,7 +39,7 @@ transfer_seconds: dict[str, float] = {}
 _MARKERS = itertools.count()
 _TAGS = 1 << 24  # gloo's point-to-point tag space is ample; wrap well inside it
 
-_COMPANIONS: dict[str, "ReceiveFirstGroup"] = {}  # by the group's name; dropped as destroy_process_group shuts them
+_COMPANIONS: dict[str, "ReceiveFirstGroup"] = {}  # by their own names; dropped as destroy_process_group shuts them
 
 
 def exchange_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
@@ -50,9 +50,10 @@ def exchange_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     """
     if dist.get_backend(group) != "gloo":
         return group
-    if group.group_name not in _COMPANIONS:
-        _COMPANIONS[group.group_name] = _companion(group)
-    return _COMPANIONS[group.group_name]
+    name = f"{group.group_name}:receive_first"
+    if name not in _COMPANIONS:
+        _COMPANIONS[name] = _companion(group, name)
+    return _COMPANIONS[name]
 
 
 class ReceiveFirstGroup(dist.ProcessGroup):
@@ -77,9 +78,7 @@ class ReceiveFirstGroup(dist.ProcessGroup):
     def shutdown(self) -> None:
         """``destroy_process_group`` calls this: let the transport go now, not at interpreter exit (where a live
         gloo group can abort the process)."""
-        for name, companion in list(_COMPANIONS.items()):
-            if companion is self:
-                del _COMPANIONS[name]
+        _COMPANIONS.pop(self.group_name, None)
         self.transport.shutdown()
 
     def alltoall_base(self, output: Tensor, input: Tensor, output_split_sizes: list[int],
@@ -144,8 +143,7 @@ class WatchedExchange(ExchangeInFlight):
         return True
 
 
-def _companion(group: dist.ProcessGroup) -> ReceiveFirstGroup:
-    name = f"{group.group_name}:receive_first"
+def _companion(group: dist.ProcessGroup, name: str) -> ReceiveFirstGroup:
     store = dist.PrefixStore(f"moe_ascend/{name}/", c10d._get_default_store())
     timeout = group._get_backend(torch.device("cpu")).options._timeout
     companion = ReceiveFirstGroup(dist.ProcessGroupGloo(store, group.rank(), group.size(), timeout), name)
