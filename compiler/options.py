@@ -10,6 +10,16 @@ from moe_ascend.kernels.errors import OptionError
 
 TARGETS = ("auto", "inductor", "eager", "ascend")
 ROUTINGS = ("keep", "affinity", "node_limited")
+# What each routing takes in options["routing_options"]: key -> (valid values or a check, default).
+ROUTING_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "keep": {},
+    "affinity": {
+        "gate": (("learned", "grap"), "learned"),  # δ against the gate's rows, or LocMoE's fixed GrAP blocks
+        "phase": (("auto", "token_choice", "expert_choice"), "auto"),  # "auto": switch when the statistic says so
+        "bound": (("exact", "exp"), "exact"),  # the form of LocMoE's capacity bound
+    },
+    "node_limited": {"max_nodes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, None)},
+}
 DUMP_DIR_ENV = "MOE_ASCEND_DUMP_DIR"
 
 
@@ -21,6 +31,7 @@ class Options:
     hierarchical_a2a: str | bool = "auto"
     overlap: str | bool | int = "auto"
     routing: str = "keep"
+    routing_options: Mapping[str, Any] | None = None
     dump_dir: str | None = None
     passes: tuple[str | Callable, ...] = ()
     disable: tuple[str, ...] = ()
@@ -48,10 +59,11 @@ class Options:
     def _validate(self) -> None:
         _one_of("target", self.target, TARGETS)
         _one_of("routing", self.routing, ROUTINGS)
-        if self.routing != "keep":  # the contract names them; their passes are not here yet, and a no-op would mislead
+        self._validate_routing_options()
+        if self.routing == "affinity":  # the contract names it; its pass is not here yet, and a no-op would mislead
             raise OptionError(
-                f"option 'routing'={self.routing!r} is not available in this version (its pass is not implemented "
-                "yet); use 'keep', or route with moe_ascend.kernels.affinity in the model"
+                "option 'routing'='affinity' is not available in this version (its pass is not implemented yet); "
+                "use 'keep', or route with moe_ascend.kernels.affinity in the model"
             )
         if self.hierarchical_a2a not in ("auto", True, False):
             raise OptionError(
@@ -82,10 +94,33 @@ class Options:
                     "or {'ranks_per_node': G} with G an int"
                 )
 
+    def _validate_routing_options(self) -> None:
+        given = dict(self.routing_options or {})
+        valid = ROUTING_OPTIONS[self.routing]
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise OptionError(
+                f"option 'routing_options' has {unknown}, which routing={self.routing!r} does not take; "
+                f"it takes {sorted(valid) or 'nothing'}"
+            )
+        for key, (check, default) in valid.items():
+            if key not in given and default is None:
+                raise OptionError(f"routing={self.routing!r} needs options['routing_options'][{key!r}]")
+            value = given.get(key, default)
+            ok = check(value) if callable(check) else value in check
+            if not ok:
+                want = f"one of {list(check)}" if not callable(check) else "an int >= 1"
+                raise OptionError(f"option 'routing_options'[{key!r}] is {value!r}; give {want}")
+
+    def routing_option(self, key: str) -> Any:
+        """A ``routing_options`` value of the chosen routing, its default where not given."""
+        return dict(self.routing_options or {}).get(key, ROUTING_OPTIONS[self.routing][key][1])
+
     def fingerprint(self) -> str:
         """A stable text of everything that shapes the passes (part of Inductor's cache key)."""
         fields = asdict(self)
         fields["passes"] = [p if isinstance(p, str) else _callable_id(p) for p in self.passes]
+        fields["routing_options"] = sorted((self.routing_options or {}).items())
         return repr(sorted(fields.items()))
 
 

@@ -7,8 +7,8 @@ Two rewrites, each exactly the same math:
     experts  torch.bmm(x, w)              # w: the layer's expert weights, [E, d, f]
           →  torch.ops.moe_ascend.grouped_mm_batched(x, w)
 
-Opt-in for now (``options={"passes": ["canonicalise"]}``): the passes that
-consume the one IR switch it on. Under Inductor the opaque ops cut fusions:
+Opt-in (``options={"passes": ["canonicalise"]}``), and on whenever a pass that
+consumes the one IR is (``routing`` other than ``"keep"``). Under Inductor the opaque ops cut fusions:
 on the quickstart model 31 kernels to compile instead of 27 (≈ +7 % compile
 time) for the same step time, a price worth paying only once a later pass
 uses the result.
@@ -42,13 +42,15 @@ import torch.fx
 
 import moe_ascend.kernels  # noqa: F401  (registers torch.ops.moe_ascend)
 from moe_ascend.passes.analysis.ops import op_name
-from moe_ascend.passes.infra import PassContext, PassResult, inherit_meta, register_pass
+from moe_ascend.passes.analysis.routers import routed_layers
+from moe_ascend.passes.infra import PassContext, PassResult, register_pass, replace_node
 
 
-@register_pass(name="canonicalise", stage="pre_grad", after=("find_moe",), roles=("dynamo",), enabled=False)
+@register_pass(name="canonicalise", stage="pre_grad", after=("find_moe",), roles=("dynamo",),
+               enabled=lambda options: options.routing != "keep")
 def canonicalise(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     modified = False
-    for layer in ctx.analyses.get("moe_layers", []):
+    for layer in routed_layers(ctx):  # a layer cut by a graph break has its router here and its experts elsewhere
         for node in list(layer.nodes["router"]):
             modified |= _fuse_router(gm, node, ctx, layer)
         for node in list(layer.nodes["experts"]):
@@ -71,7 +73,7 @@ def _fuse_router(gm: torch.fx.GraphModule, topk: torch.fx.Node, ctx: PassContext
         return False
     with gm.graph.inserting_before(topk):
         fused = gm.graph.call_function(torch.ops.moe_ascend.topk_softmax.default, (logits, k, False))
-    _replace(gm, topk, fused, ctx, layer)
+    replace_node(gm, topk, fused, ctx, layer)
     if not scores.users:  # the softmax fed only the top-k
         gm.graph.erase_node(scores)
         layer.replace(scores, None)
@@ -87,7 +89,7 @@ def _grouped_expert_matmul(gm: torch.fx.GraphModule, bmm: torch.fx.Node, ctx: Pa
         return False  # e.g. weights gathered per token (w[expert_ids]): not the [E, d, f] layout
     with gm.graph.inserting_before(bmm):
         grouped = gm.graph.call_function(torch.ops.moe_ascend.grouped_mm_batched.default, (x, w))
-    _replace(gm, bmm, grouped, ctx, layer)
+    replace_node(gm, bmm, grouped, ctx, layer)
     return True
 
 
@@ -111,11 +113,3 @@ def _topk_over_last_dim(topk: torch.fx.Node) -> bool:
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
     largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
     return dim in (-1, rank - 1) and largest is True
-
-
-def _replace(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, ctx: PassContext, layer) -> None:
-    """``new`` takes ``old``'s users, MoE role and source location (its ``val`` is derived afresh) and its place in the layer."""
-    inherit_meta(new, old, ctx.fake_mode)
-    old.replace_all_uses_with(new)
-    gm.graph.erase_node(old)
-    layer.replace(old, new)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from moe_ascend.passes.analysis.moe_regions import annotate, find_moe_layers
+from moe_ascend.passes.analysis.moe_regions import annotate, cut_routers, find_moe_layers
 from moe_ascend.passes.infra import PassContext, PassResult, register_pass
 
 
@@ -36,6 +36,7 @@ def find_moe(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for layer in layers:
         annotate(layer)
     ctx.analyses["moe_layers"] = layers
+    ctx.analyses["cut_routers"] = cut_routers(gm, layers)  # for the routing rewrites
     if not layers:
         ctx.logger.info("%s: no MoE layer found; the graph is compiled unchanged", ctx.graph_name)
     return PassResult(gm, modified=False)

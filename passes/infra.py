@@ -238,6 +238,14 @@ def erase_unused(graph: torch.fx.Graph, layer, roles: Iterable[str]) -> None:
             layer.replace(node, None)
 
 
+def replace_node(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, ctx: PassContext, layer) -> None:
+    """``new`` takes ``old``'s users, MoE role and source location (its ``val`` is derived afresh) and its place in the layer."""
+    inherit_meta(new, old, ctx.fake_mode)
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+    layer.replace(old, new)
+
+
 # --- FakeTensor metadata -----------------------------------------------------------------
 
 

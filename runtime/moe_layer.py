@@ -108,7 +108,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        weights, expert_ids = ops.topk_softmax(self.gate(tokens), self.top_k, self.renormalize)
+        weights, expert_ids = self.route(tokens)
         if self.capacity_factor is not None:
             out = self._capacity_moe(tokens, weights, expert_ids)
         else:
@@ -116,6 +116,10 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             out = out + self.shared(tokens)
         return out.reshape(x.shape)
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights [T, k], expert_ids [T, k])``: the gate's softmax, top k."""
+        return ops.topk_softmax(self.gate(tokens), self.top_k, self.renormalize)
 
     def _capacity_moe(self, tokens, weights, expert_ids):
         capacity = self.capacity(tokens.shape[0])

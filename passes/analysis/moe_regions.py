@@ -87,6 +87,24 @@ def find_moe_layers(
     return layers
 
 
+def cut_routers(gm: torch.fx.GraphModule, layers: list[MoELayer]) -> list[MoELayer]:
+    """Routers (a top-k over a gate) of layers this graph holds only the start of, as a graph break cuts a
+    dropless layer at its host-read split sizes: no output, the router, and everything after it as dispatch.
+
+    The routing rewrites need only the router; the rest of such a layer is in later graphs.
+    """
+    whole = {layer.topk for layer in layers}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    cut = []
+    for node in gm.graph.nodes:
+        gate = _gate_of(node) if op_name(node) in TOP_K and node not in whole else None
+        if gate is not None:
+            after = sorted(descendants([node]), key=order.__getitem__)
+            cut.append(MoELayer(len(layers) + len(cut), gate, node, gate.args[0], None,
+                                {"router": [gate, node], "dispatch": after, "experts": [], "combine": []}))
+    return cut
+
+
 def annotate(layer: MoELayer) -> None:
     """Write ``{"layer": i, "role": r}`` into ``node.meta["custom"]["moe"]``, the key AOTAutograd keeps."""
     for role, nodes in layer.nodes.items():

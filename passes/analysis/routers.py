@@ -1,0 +1,51 @@
+"""A recognised layer's router in the canonical form the routing rewrites start from.
+
+    logits = linear(tokens, gate_weight)                      # no bias
+    weights, expert_ids = topk_softmax(logits, k, renormalize)
+
+``canonicalise`` puts ``topk(softmax(logits))`` routers in this form;
+``canonical_router`` finds it, or says in one sentence why a layer's router is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx
+
+from moe_ascend.passes.analysis.ops import op_name
+
+
+@dataclass
+class Router:
+    """The nodes and settings of one canonical router."""
+
+    topk_softmax: torch.fx.Node
+    logits: torch.fx.Node  # the gate's output [T, E]
+    tokens: torch.fx.Node  # what the gate reads [T, d]
+    gate_weight: torch.fx.Node  # [E, d]
+    k: int
+    renormalize: bool
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits.meta["val"].shape[-1]
+
+
+def routed_layers(ctx) -> list:
+    """The layers whose router a routing rewrite may change: whole layers, and layers a graph break cut after the router."""
+    return ctx.analyses.get("moe_layers", []) + ctx.analyses.get("cut_routers", [])
+
+
+def canonical_router(layer) -> Router | str:
+    """The layer's router, or why it is not ``topk_softmax(linear(tokens, gate_weight), k, renormalize)``."""
+    topk = layer.topk
+    if op_name(topk) != "topk_softmax":
+        return "its router is not softmax then top-k over fp32 logits (the form canonicalise rewrites)"
+    logits, k, renormalize = topk.args
+    if op_name(logits) != "linear" or logits.kwargs or len(logits.args) > 3 or (len(logits.args) == 3 and logits.args[2] is not None):
+        return "its gate is not a linear layer without bias (the affinity is a cosine with the gate's rows)"
+    tokens, gate_weight = logits.args[:2]
+    if tokens.meta["val"].dim() != 2:
+        return "its gate does not read a [tokens, d] matrix"
+    return Router(topk, logits, tokens, gate_weight, k, renormalize)
