@@ -28,6 +28,7 @@ from moe_ascend.compiler.cost_model import CostModel
 from moe_ascend.compiler.dump import session_for
 from moe_ascend.compiler.options import Options
 from moe_ascend.compiler.pipeline import PostGradStage, run_stage
+from moe_ascend.compiler.routing_phases import PhaseFollowing
 from moe_ascend.compiler.targets import LOWERINGS, resolve_target
 from moe_ascend.passes.infra import PassContext, registered_passes
 from moe_ascend.runtime import traffic
@@ -47,6 +48,15 @@ def moe_ascend(
     opts = Options.from_user(options)
     if mode is not None:
         log.warning("moe_ascend: torch.compile(mode=%r) is ignored; pass settings through options", mode)
+    compile_graph = functools.partial(_compile, example_inputs=example_inputs, opts=opts)
+    if opts.routing == "affinity":  # its layers switch phase while training: a graph per phase
+        following = PhaseFollowing(gm, compile_graph)
+        return following if following.layers else following.compiled
+    return compile_graph(gm)[0]
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Options) -> tuple[Callable, list]:
+    """Both stages and the lowering: the compiled graph, and the layers affinity routing follows."""
     topology = Topology.detect(ranks_per_node=(opts.topology or {}).get("ranks_per_node"))
     target = resolve_target(opts.target)
     recorder = session_for(opts.dump_dir)
@@ -61,13 +71,14 @@ def moe_ascend(
             cost_model=cost_model, logger=log, fake_mode=fake_mode if role == "dynamo" else None,
         )
 
-    gm = run_stage(gm, make_context("pre_grad", "dynamo"), recorder)
+    pre_grad = make_context("pre_grad", "dynamo")
+    gm = run_stage(gm, pre_grad, recorder)
     cache_key = None if recorder is not None else _cache_key(opts, target)
     post_grad = PostGradStage(make_context, recorder, cache_key)
     compiled = traffic.counting(LOWERINGS[target](gm, example_inputs, post_grad), post_grad.traffic)
     if opts.profile:
         compiled = profile.measuring(compiled, graph_name, functools.partial(_measured, graph_name, recorder))
-    return compiled
+    return compiled, pre_grad.analyses.get("affinity_layers", [])
 
 
 def _measured(graph_name: str, recorder, role: str, timeline) -> None:

@@ -60,11 +60,6 @@ class Options:
         _one_of("target", self.target, TARGETS)
         _one_of("routing", self.routing, ROUTINGS)
         self._validate_routing_options()
-        if self.routing == "affinity":  # the contract names it; its pass is not here yet, and a no-op would mislead
-            raise OptionError(
-                "option 'routing'='affinity' is not available in this version (its pass is not implemented yet); "
-                "use 'keep', or route with moe_ascend.kernels.affinity in the model"
-            )
         if self.hierarchical_a2a not in ("auto", True, False):
             raise OptionError(
                 f"option 'hierarchical_a2a' is {self.hierarchical_a2a!r}; valid values are 'auto', True, False"

@@ -18,9 +18,14 @@ residual carries it), as a capacity drop does.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
+
+from moe_ascend.kernels.routing import _probs
 
 
 def affinity(tokens: Tensor, gate_weight: Tensor) -> Tensor:
@@ -31,7 +36,72 @@ def affinity(tokens: Tensor, gate_weight: Tensor) -> Tensor:
 def token_choice(logits: Tensor, delta: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """``(weights [T, k], expert_ids [T, k])``: the ``k`` experts of highest affinity, weighted by the gate's softmax."""
     expert_ids = delta.topk(k, dim=-1).indices
-    weights = torch.softmax(logits.float(), dim=-1).gather(1, expert_ids)
+    weights = _probs(logits).gather(1, expert_ids)  # at least fp32, as topk_softmax
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(logits.dtype), expert_ids
+
+
+def grap_gate(d_model: int, num_experts: int, like: Tensor) -> Tensor:
+    """LocMoE's GrAP gate as rows ``[E, d]``: expert ``i`` averages the ``i``-th block of ``d / E`` features."""
+    torch._check(d_model % num_experts == 0, lambda: f"GrAP needs d ({d_model}) divisible by the experts ({num_experts})")
+    block = d_model // num_experts
+    return torch.eye(num_experts, dtype=like.dtype, device=like.device).repeat_interleave(block, dim=1) / block
+
+
+def affinity_top_k(tokens: Tensor, gate_rows: Tensor, logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Token choice by affinity: ``(weights [T, k], expert_ids [T, k], delta [T, E])``."""
+    delta = affinity(tokens, gate_rows).detach()  # the choice carries no gradient; the weights do, through the logits
+    weights, expert_ids = token_choice(logits, delta, k, renormalize)
+    return weights, expert_ids, delta
+
+
+# The routing state of one layer, a float64 buffer: phase (0 token choice, 1 expert choice), observed steps, and
+# running means (bias not corrected) of the chosen pairs' mean affinity and of their smallest affinity.
+PHASE, STEPS, MEAN_AFFINITY, LEAST_AFFINITY = range(4)
+STATE_SIZE = 4
+TOKEN_CHOICE, EXPERT_CHOICE = 0.0, 1.0
+SMOOTHING = 0.9  # each step's weight in the running means is 1 - SMOOTHING: about ten steps' memory
+
+
+STATE = "affinity_routing"  # the state's buffer name on the module that owns the gate weight
+_owners: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
+def owner_key(owner: torch.nn.Module) -> int:
+    """The key a graph's ``observe_affinity`` calls find ``owner``'s state by (graphs hold no module)."""
+    _owners[id(owner)] = owner
+    return id(owner)
+
+
+@torch.library.custom_op("moe_ascend::observe_affinity", mutates_args=())
+def observe_affinity(delta: Tensor, expert_ids: Tensor, owner: int) -> None:
+    """Fold one step's affinity of the chosen (token, expert) pairs into the owner's state: its mean and its least.
+
+    The state is the owner's buffer, read at each call (a checkpoint loaded with ``assign=True`` replaces it).
+    """
+    module = _owners.get(owner)
+    if module is None:  # the model is gone; nothing to keep
+        return
+    state = getattr(module, STATE)
+    chosen = delta.detach().gather(1, expert_ids).to(state.dtype)
+    with torch.no_grad():
+        state[STEPS] += 1
+        state[MEAN_AFFINITY:] = SMOOTHING * state[MEAN_AFFINITY:] + (1 - SMOOTHING) * torch.stack([chosen.mean(), chosen.min()])
+
+
+@observe_affinity.register_fake
+def _(delta, expert_ids, owner):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.moe_ascend.observe_affinity.default)  # its work is the state, not a value
+
+
+def running_affinity(state: Tensor) -> tuple[float, float]:
+    """(mean, least) affinity of the chosen pairs over the recent steps, bias-corrected; NaN before any step."""
+    steps = float(state[STEPS])
+    if steps == 0:
+        return float("nan"), float("nan")
+    correction = 1 - SMOOTHING ** steps
+    return float(state[MEAN_AFFINITY]) / correction, float(state[LEAST_AFFINITY]) / correction

@@ -1,4 +1,55 @@
-"""Affinity routing (LocMoE+): the capacity an expert needs when it chooses its tokens by affinity.
+"""affinity_routing (pre_grad, changes numerics): experts and tokens meet by affinity (LocMoE+), token choice first,
+expert choice with a small capacity once the affinity has settled.
+
+On with ``options={"routing": "affinity"}``. A token's affinity to an expert is
+δ = cos(token, the gate's row), or against LocMoE's fixed GrAP blocks with
+``routing_options={"gate": "grap"}`` (``moe_ascend.kernels.affinity``).
+
+- Token choice (TCR, the first phase): each token takes its k most affine
+  experts; its weights are the gate's softmax there, renormalised as the layer
+  asked, so the gate keeps learning through its logits. Every capacity and
+  exchange of the layer stays as it was.
+- Expert choice (ECR): of the tokens that chose it, each expert keeps its best
+  ``C`` by δ (the capacity dispatch's ``"score"`` policy with δ as the score),
+  ``C`` from LocMoE's lower bound at the least affinity of a chosen pair, at
+  least ``ceil(T / E)`` (fewer slots than tokens leaves tokens with no expert
+  for certain) and at most the layer's own capacity. Shapes stay static
+  (``[E, C, d]``); a pair that is dropped adds nothing (the residual carries it).
+  Capacity layers only: a dropless layer stays in token choice.
+
+The switch: unrelated tokens' cosines with a gate row are those of random
+directions, so one outranks a relevant token of affinity δ with probability
+``q(δ) = ½·(1 − I_{δ²}(½, (d−1)/2))``. LocMoE+ (Corollary 6) shows expert
+choice with C slots succeeds once ``C ≥ 2·T·q`` (T tokens a step), while token
+choice is better as long as q is of order one. While training, each
+token-choice step folds its chosen pairs' mean and least affinity into the
+layer's state; once ``2·T·q(mean affinity) ≤ C`` for the expert-choice
+capacity C (after ten steps of warm-up), the layer switches to expert choice. The state is a buffer ``affinity_routing`` of the
+gate module, so checkpoints carry it (``add_routing_state`` makes it before a
+checkpoint is loaded into a fresh model); the switch, and a checkpoint that
+brings a switched state, recompile the graph once (``compiler.routing_phases``).
+``routing_options={"phase": "token_choice" | "expert_choice"}`` fixes the phase.
+
+Before::
+
+    linear = torch._C._nn.linear(tokens, gate_weight)
+    topk_softmax = torch.ops.moe_ascend.topk_softmax.default(linear, 2, True)
+    weights = topk_softmax[0];  expert_ids = topk_softmax[1]
+    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 4, 6, 'position')
+
+After, token choice::
+
+    affinity_routing = moe_ascend.kernels.affinity.affinity_top_k(tokens, gate_weight, linear, 2, True)
+    weights = affinity_routing[0];  expert_ids = affinity_routing[1];  delta = affinity_routing[2]
+    observe_affinity = torch.ops.moe_ascend.observe_affinity.default(affinity_routing_state_0, delta, expert_ids)
+    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 4, 6, 'position')
+
+After, expert choice (C = 3)::
+
+    affinity_routing = moe_ascend.kernels.affinity.affinity_top_k(tokens, gate_weight, linear, 2, True)
+    weights = affinity_routing[0];  expert_ids = affinity_routing[1];  delta = affinity_routing[2]
+    chosen_affinity = delta.gather(1, expert_ids)
+    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, chosen_affinity, 4, 3, 'score')
 
 LocMoE (arXiv 2401.13920) bounds the capacity from below: when a token's
 affinity to its relevant expert exceeds δ, and an unrelated token's cosine with
@@ -8,19 +59,265 @@ distributed), an expert among ``n`` needs at least
     exact:  1 / (n · (1 − I_{δ²}(½, (d−1)/2)))     (I: the regularised incomplete beta)
     exp:    (1/n) · exp(d·δ² / (2 − δ²))           (the paper's closed-form estimate)
 
-slots. ``capacity_lower_bound`` gives both; the routing itself is in
-``moe_ascend.kernels.affinity``. The pass that rewrites a recognised router
-onto them (``options["routing"] = "affinity"``) is not in this version yet, and
-the option says so.
+slots: ``capacity_lower_bound``.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+import weakref
+from dataclasses import dataclass
 
 import mpmath
+import torch
+import torch.fx
+import torch.nn as nn
+
+from moe_ascend.kernels import affinity as kernels
+from moe_ascend.kernels import exchange, hierarchical
+from moe_ascend.kernels.errors import PassError
+from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
+from moe_ascend.passes.analysis.moe_regions import descendants
+from moe_ascend.passes.analysis.ops import op_name
+from moe_ascend.passes.analysis.routers import Router, canonical_router, routed_layers
+from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, infer_meta, register_pass, replace_node
 
 FORMS = ("exact", "exp")
+STATE = kernels.STATE
+WARM_UP_STEPS = round(1 / (1 - kernels.SMOOTHING))
+
+
+@dataclass
+class RoutedLayer:
+    """What the phase switch needs of one layer routed by affinity: its state's owner and its sizes."""
+
+    owner: nn.Module  # holds the state buffer
+    tokens: int
+    width: int
+    num_experts: int
+    capacity: int  # the layer's own slots per expert
+    phase: float  # the phase this graph was compiled for
+    form: str = "exact"  # of the capacity bound
+
+    @property
+    def state(self) -> torch.Tensor:
+        return getattr(self.owner, STATE)
+
+
+@register_pass(name="affinity_routing", stage="pre_grad", after=("find_moe", "canonicalise", "hierarchical_a2a"),
+               before=("chunk_for_overlap",), roles=("dynamo",), changes_numerics=True,
+               enabled=lambda options: options.routing == "affinity")
+def affinity_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    fixed_phase = ctx.options.routing_option("phase")
+    modified = False
+    for layer in routed_layers(ctx):
+        router = canonical_router(layer)
+        if isinstance(router, str):
+            ctx.logger.warning("%s: MoE layer %d keeps its router (routing='affinity'): %s", ctx.graph_name,
+                               layer.index, router)
+            continue
+        owner = state_owner(router.gate_weight)
+        if owner is None and fixed_phase == "auto":
+            ctx.logger.warning("%s: MoE layer %d stays in token choice: its gate module is not found, so it has no "
+                               "state to switch by; fix the phase with routing_options={'phase': ...}",
+                               ctx.graph_name, layer.index)
+        phase = _phase(fixed_phase, owner)
+        routed = _route_by_affinity(gm, layer, router, ctx)
+        expert_ids, delta = _output(gm, routed, 1, "expert_ids"), _output(gm, routed, 2, "delta")
+        dispatch = _capacity_dispatch(layer)
+        if dispatch is None:
+            ctx.logger.info("%s: MoE layer %d stays in token choice: expert choice needs a capacity dispatch",
+                            ctx.graph_name, layer.index)
+        elif phase == kernels.TOKEN_CHOICE and fixed_phase == "auto" and owner is not None:
+            _observe(gm, layer, owner, delta, expert_ids, ctx)
+            ctx.analyses.setdefault("affinity_layers", []).append(
+                RoutedLayer(owner, *router.tokens.meta["val"].shape, router.num_experts, _capacity_at(dispatch)[1], phase,
+                            ctx.options.routing_option("bound")))
+        elif phase == kernels.EXPERT_CHOICE:
+            _expert_choice(gm, layer, router, dispatch, owner, delta, expert_ids, ctx)
+        modified = True
+    return PassResult(gm, modified)
+
+
+def _phase(fixed_phase: str, owner: nn.Module | None) -> float:
+    if fixed_phase != "auto":
+        return kernels.EXPERT_CHOICE if fixed_phase == "expert_choice" else kernels.TOKEN_CHOICE
+    return float(getattr(owner, STATE)[kernels.PHASE]) if owner is not None else kernels.TOKEN_CHOICE
+
+
+def _route_by_affinity(gm: torch.fx.GraphModule, layer, router: Router, ctx: PassContext) -> torch.fx.Node:
+    """``topk_softmax(logits, k, r)`` → ``affinity_top_k(tokens, gate rows, logits, k, r)``."""
+    graph = gm.graph
+    with graph.inserting_before(router.topk_softmax):
+        rows = router.gate_weight
+        if ctx.options.routing_option("gate") == "grap":
+            rows = graph.create_node("call_function", kernels.grap_gate,
+                                     (router.tokens.meta["val"].shape[1], router.num_experts, router.tokens), name="grap_gate")
+            infer_meta(rows, ctx.fake_mode)
+            layer.nodes["router"].append(rows)
+        routed = graph.create_node("call_function", kernels.affinity_top_k,
+                                   (router.tokens, rows, router.logits, router.k, router.renormalize), name="affinity_routing")
+    replace_node(gm, router.topk_softmax, routed, ctx, layer)
+    return routed
+
+
+def _output(gm: torch.fx.GraphModule, routed: torch.fx.Node, index: int, name: str) -> torch.fx.Node:
+    """``routed[index]``: the existing getitem, or a new one."""
+    for user in routed.users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user
+    with gm.graph.inserting_after(routed):
+        node = gm.graph.create_node("call_function", operator.getitem, (routed, index), name=name)
+    infer_meta(node)
+    return node
+
+
+def _observe(gm: torch.fx.GraphModule, layer, owner: nn.Module, delta: torch.fx.Node, expert_ids: torch.fx.Node,
+             ctx: PassContext) -> None:
+    """Each step folds its chosen pairs' affinity into the owner's state."""
+    last = max(delta, expert_ids, key=lambda n: list(gm.graph.nodes).index(n))
+    with gm.graph.inserting_after(last):
+        observe = gm.graph.call_function(torch.ops.moe_ascend.observe_affinity.default,
+                                         (delta, expert_ids, kernels.owner_key(owner)))
+    infer_meta(observe)
+    layer.nodes["router"].append(observe)
+
+
+def _capacity_dispatch(layer) -> torch.fx.Node | None:
+    return next((n for n in layer.nodes.get("dispatch", []) if op_name(n) == "capacity_dispatch"
+                 or n.target is hierarchical.capacity_dispatch), None)
+
+
+def _capacity_at(dispatch: torch.fx.Node) -> tuple[int, int]:
+    """Where the capacity is among the dispatch's arguments ``(…, scores, E, C, policy[, hierarchy])``, and its value."""
+    at = 5 if dispatch.target is hierarchical.capacity_dispatch else 4
+    return at, dispatch.args[at]
+
+
+def _expert_choice(gm, layer, router: Router, dispatch, owner, delta, expert_ids, ctx: PassContext) -> None:
+    """The layer's capacity dispatch keeps each expert's best C choosers by δ; the shapes after it follow C."""
+    site = capacity_exchange(layer)  # before the capacity changes: its shapes are checked against it
+    at, layer_capacity = _capacity_at(dispatch)
+    tokens, width = router.tokens.meta["val"].shape
+    state = getattr(owner, STATE) if owner is not None else None
+    capacity = expert_choice_capacity(tokens, width, router.num_experts, layer_capacity, state,
+                                      ctx.options.routing_option("bound"))
+    with gm.graph.inserting_after(max(delta, expert_ids, key=lambda n: list(gm.graph.nodes).index(n))):
+        scores = gm.graph.call_method("gather", (delta, 1, expert_ids))
+        scores.name = "chosen_affinity"
+    infer_meta(scores)
+    layer.nodes["router"].append(scores)
+    args = list(dispatch.args)
+    args[at - 2], args[at], args[at + 1] = scores, capacity, "score"
+    dispatch.args = tuple(args)
+    if isinstance(site, CapacityExchange):
+        _rebuild_exchange(gm.graph, site, layer)
+    _shapes_follow(gm, dispatch, layer, ctx)
+    ctx.logger.info("%s: MoE layer %d routes by expert choice, %d slots per expert", ctx.graph_name, layer.index, capacity)
+
+
+def expert_choice_capacity(tokens: int, width: int, num_experts: int, layer_capacity: int, state, form: str = "exact") -> int:
+    """C for expert choice: LocMoE's bound at the least chosen affinity, at least ceil(T / E), at most the layer's."""
+    floor = math.ceil(tokens / num_experts)
+    least = kernels.running_affinity(state)[1] if state is not None else float("nan")
+    bound = math.ceil(capacity_lower_bound(least, width, num_experts, form)) if 0 < least < 1 else 0
+    return min(layer_capacity, max(floor, bound))
+
+
+def _rebuild_exchange(graph: torch.fx.Graph, site: CapacityExchange, layer) -> None:
+    """The flat exchange's reshapes hold C as constants: exchange the buffer anew, whatever its capacity."""
+    with graph.inserting_before(site.experts[0]):
+        expert_in = graph.create_node("call_function", exchange.to_experts, (site.dispatched, site.group, site.ep_size),
+                                      name="expert_in")
+    for node in site.experts:
+        node.replace_input_with(site.expert_in, expert_in)
+    with graph.inserting_after(site.expert_out):
+        returned = graph.create_node("call_function", exchange.from_experts, (site.expert_out, site.group, site.ep_size),
+                                     name="returned")
+    site.combine.replace_input_with(site.combine.args[0], returned)
+    layer.nodes["dispatch"].append(expert_in)
+    layer.nodes["combine"].append(returned)
+    erase_unused(graph, layer, ("dispatch", "combine"))
+
+
+def _shapes_follow(gm: torch.fx.GraphModule, dispatch: torch.fx.Node, layer, ctx: PassContext) -> None:
+    """Work out again every value downstream of the dispatch; one that cannot follow the new capacity is an error."""
+    downstream = descendants([dispatch]) | {dispatch}
+    for node in gm.graph.nodes:
+        if node in downstream and node.op in ("call_function", "call_method"):
+            try:
+                infer_meta(node, ctx.fake_mode)
+            except Exception as exc:
+                raise PassError(
+                    f"MoE layer {layer.index}: {node.name} cannot follow the expert-choice capacity ({exc}); "
+                    "keep token choice with routing_options={'phase': 'token_choice'}",
+                    pass_name="affinity_routing", stage=ctx.stage, graph=ctx.graph_name) from exc
+
+
+# --- the routing state --------------------------------------------------------------------------
+
+_owners: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()  # id(gate weight) → gate
+
+
+def add_routing_state(gate: nn.Module) -> torch.Tensor:
+    """The gate module's ``affinity_routing`` buffer, made (token choice, nothing observed) if it has none.
+
+    Call it on each gate before loading a checkpoint of an affinity-routed model into a fresh one.
+    """
+    if not hasattr(gate, STATE):
+        weight = next(gate.parameters())
+        gate.register_buffer(STATE, torch.zeros(kernels.STATE_SIZE, dtype=torch.float64, device=weight.device))
+    return getattr(gate, STATE)
+
+
+def state_owner(gate_weight: torch.fx.Node) -> nn.Module | None:
+    """The module whose parameter the gate weight is (its state lives there), found from Dynamo's record of it."""
+    grapharg = gate_weight.meta.get("grapharg")
+    if grapharg is None or not isinstance(grapharg.example, nn.Parameter):
+        return None
+    parameter = grapharg.example
+    owner = _owners.get(id(parameter))
+    if owner is None or not any(p is parameter for p in owner.parameters(recurse=False)):
+        owner = _module_of(grapharg.source)  # while Dynamo traces; a later recompile finds it here
+        if owner is None:
+            return None
+        _owners[id(parameter)] = owner
+    add_routing_state(owner)
+    return owner
+
+
+def _module_of(source) -> nn.Module | None:
+    """``L['self']._modules['moe']._modules['gate']._parameters['weight']`` → that gate module, while Dynamo traces."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    parameters = getattr(source, "base", None)
+    if getattr(parameters, "member", None) != "_parameters":
+        return None
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return None
+    try:
+        module = eval(parameters.base.name, {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307 (Dynamo's own source text)
+    except Exception:
+        return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def outrank_probability(delta: float, d: int) -> float:
+    """P(an unrelated token's cosine with a gate row exceeds ``delta``): a random direction in ``d`` dimensions."""
+    if delta <= 0:
+        return 0.5
+    return float(mpmath.betainc(0.5, (d - 1) / 2, delta**2, 1, regularized=True)) / 2
+
+
+def settled(layer: RoutedLayer, state: torch.Tensor) -> bool:
+    """Expert choice is due (``state``: the layer's, on the host): warmed up, and its capacity C holds twice the
+    tokens expected to outrank a typical chosen pair, ``2·T·p(mean affinity) <= C`` (LocMoE+, Corollary 6)."""
+    mean, _ = kernels.running_affinity(state)
+    capacity = expert_choice_capacity(layer.tokens, layer.width, layer.num_experts, layer.capacity, state, layer.form)
+    return (float(state[kernels.STEPS]) >= WARM_UP_STEPS
+            and 2 * layer.tokens * outrank_probability(mean, layer.width) <= capacity)
 
 
 def capacity_lower_bound(delta: float, d: int, n: int, form: str = "exact") -> float:

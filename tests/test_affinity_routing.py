@@ -1,12 +1,20 @@
 """Affinity routing: the affinity, token choice and expert choice by it, and LocMoE's capacity lower bound."""
 
+import logging
+import re
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from graphs import code_lines
 
 import moe_ascend.kernels as ops
-from moe_ascend.kernels.affinity import affinity, token_choice
-from moe_ascend.passes.affinity_routing import capacity_lower_bound
+from moe_ascend.kernels import affinity as kernels
+from moe_ascend.kernels.affinity import affinity, affinity_top_k, token_choice
+from moe_ascend.passes import PassResult
+from moe_ascend.passes.affinity_routing import add_routing_state, capacity_lower_bound
+from moe_ascend.runtime import MoELayer
 
 
 @pytest.fixture
@@ -61,3 +69,114 @@ def test_capacity_lower_bound_rejects_what_it_cannot_bound():
         capacity_lower_bound(0.03, 4096, 16, form="approx")
     with pytest.raises(ValueError, match="0 < delta < 1"):
         capacity_lower_bound(1.5, 4096, 16)
+
+
+# --- the pass ------------------------------------------------------------------------------------------------
+
+def routed(temporary_passes, layer, x, phase, steps=1, **options):
+    """Compile ``layer`` with affinity routing in ``phase``; run ``steps`` training steps; the code after the pass."""
+    seen = {}
+
+    @temporary_passes(name="probe", stage="pre_grad", after=("affinity_routing", "chunk_for_overlap"), roles=("dynamo",))
+    def probe(gm, ctx):
+        seen.setdefault("lines", [re.sub(r"observe_affinity\.default\((.*), \d+\)", r"observe_affinity.default(\1, OWNER)", line)
+                                  for line in code_lines(gm) if not line.startswith("l_")])
+        return PassResult(gm, False)
+
+    compiled = torch.compile(layer, backend="moe_ascend",
+                             options={"target": "eager", "routing": "affinity", "routing_options": {"phase": phase}, **options})
+    for _ in range(steps):
+        out = compiled(x)
+        out.backward(torch.ones_like(out))
+    return seen["lines"], compiled
+
+
+def small_layer(**kwargs):
+    torch.manual_seed(0)
+    return MoELayer(8, 16, 4, 2, capacity_factor=1.0, **kwargs).double()
+
+
+def test_token_choice_routes_by_affinity_and_observes_it(temporary_passes):
+    lines, _ = routed(temporary_passes, small_layer(), torch.randn(12, 8, dtype=torch.float64), "auto")
+    router = lines[:lines.index("dispatched = capacity_dispatch_default[0]")]
+    assert router == [
+        "tokens = l_x_.reshape(-1, 8)",
+        "linear = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
+        "affinity_routing = moe_ascend_kernels_affinity_affinity_top_k(tokens, l_self_modules_gate_parameters_weight_, linear, 2, True)",
+        "delta = affinity_routing[2]",
+        "weights = affinity_routing[0]",
+        "expert_ids = affinity_routing[1]",
+        "observe_affinity_default = torch.ops.moe_ascend.observe_affinity.default(delta, expert_ids, OWNER)",
+        "capacity_dispatch_default = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 4, 6, 'position')",
+    ]
+
+
+def test_expert_choice_keeps_each_experts_best_tokens_in_a_smaller_buffer(temporary_passes, fake_two_ranks):
+    layer = small_layer(ep_group=dist.group.WORLD)
+    lines, _ = routed(temporary_passes, layer, torch.randn(12, 8, dtype=torch.float64), "expert_choice")
+    assert "chosen_affinity = delta.gather(1, expert_ids)" in lines
+    # 12 tokens, 4 experts: C = max(ceil(12 / 4), bound) = 3 slots instead of the layer's 6; the flat exchange is
+    # built anew for the smaller buffer
+    assert ("capacity_dispatch_default = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, "
+            "chosen_affinity, 4, 3, 'score')") in lines
+    assert "expert_in = moe_ascend_kernels_exchange_to_experts(dispatched, '0', 2)" in lines
+    assert "returned = moe_ascend_kernels_exchange_from_experts(expert_out, '0', 2)" in lines
+    assert not any("all_to_all_single" in line for line in lines)
+
+
+def eager_affinity(layer, x, capacity=None):
+    """The same routing written out in eager: token choice by δ, and expert choice in ``capacity`` slots if given."""
+    weights, ids, delta = affinity_top_k(x, layer.gate.weight, layer.gate(x), layer.top_k, layer.renormalize)
+    if capacity is None:
+        dispatched, slots = ops.capacity_dispatch(x, ids, weights, layer.num_experts, layer.capacity(x.shape[0]), "position")
+    else:
+        dispatched, slots = ops.capacity_dispatch(x, ids, delta.gather(1, ids), layer.num_experts, capacity, "score")
+    return ops.capacity_combine(layer._experts_batched(dispatched), slots, weights)
+
+
+def gradients(layer, forward, x):
+    x = x.detach().requires_grad_()
+    out = forward(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+    grads = [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("phase, capacity", [("token_choice", None), ("expert_choice", 3)])
+def test_compiled_equals_the_routing_written_in_eager_forward_and_backward(temporary_passes, phase, capacity):
+    layer, x = small_layer(), torch.randn(12, 8, dtype=torch.float64)
+    expected = gradients(layer, lambda t: eager_affinity(layer, t, capacity), x)
+    _, compiled = routed(temporary_passes, layer, x, phase)
+    layer.zero_grad(set_to_none=True)
+    got = gradients(layer, compiled, x)
+    for name, a, b in zip(["out", "x"] + [n for n, _ in layer.named_parameters()], expected, got, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_the_switch_comes_from_the_observed_affinity_and_recompiles_once(temporary_passes, caplog):
+    caplog.set_level(logging.INFO, logger="moe_ascend")
+    layer, x = small_layer(), torch.randn(12, 8, dtype=torch.float64)
+    _, compiled = routed(temporary_passes, layer, x, "auto", steps=3)
+    state = layer.gate.affinity_routing
+    assert state[kernels.STEPS] == 3 and state[kernels.PHASE] == kernels.TOKEN_CHOICE  # a random gate: not settled
+    # What training would bring: 20 steps whose chosen pairs have affinity 0.9, which an unrelated token of 8
+    # dimensions outranks with probability q ~ 1e-4: 2·T·q = 2·12·q is well within expert choice's C = 3 slots.
+    state.copy_(torch.tensor([0, 20, 0.9 * (1 - 0.9**20), 0.5 * (1 - 0.9**20)], dtype=torch.float64))
+    for _ in range(4):
+        compiled(x).sum().backward()
+    assert state[kernels.PHASE] == kernels.EXPERT_CHOICE
+    assert "affinity routing switches to expert choice after 21 steps" in caplog.text
+    assert caplog.text.count("routes by expert choice") == 1  # one recompile
+    assert layer.state_dict()["gate.affinity_routing"][kernels.PHASE] == kernels.EXPERT_CHOICE  # checkpointed
+
+
+def test_a_checkpoint_in_expert_choice_compiles_straight_to_it(temporary_passes, caplog):
+    caplog.set_level(logging.INFO, logger="moe_ascend")
+    trained = small_layer()
+    add_routing_state(trained.gate)[kernels.PHASE] = kernels.EXPERT_CHOICE
+    fresh = small_layer()
+    add_routing_state(fresh.gate)  # before loading: the fresh model has no state buffer yet
+    fresh.load_state_dict(trained.state_dict())
+    routed(temporary_passes, fresh, torch.randn(12, 8, dtype=torch.float64), "auto", steps=2)
+    assert caplog.text.count("routes by expert choice") == 1

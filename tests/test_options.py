@@ -19,7 +19,6 @@ def test_defaults():
         ({"targt": "eager"}, r"unknown moe_ascend option\(s\) \['targt'\]; valid options are \['target'"),
         ({"target": "tpu"}, r"option 'target' is 'tpu'; valid values are \['auto', 'inductor', 'eager', 'ascend'\]"),
         ({"routing": "random"}, r"valid values are \['keep', 'affinity', 'node_limited'\]"),
-        ({"routing": "affinity"}, r"'affinity' is not available in this version .* use 'keep'"),
         ({"routing": "node_limited"}, r"routing='node_limited' needs options\['routing_options'\]\['max_nodes'\]"),
         ({"routing": "node_limited", "routing_options": {"max_nodes": 0}}, r"\['max_nodes'\] is 0; give an int >= 1"),
         ({"routing": "affinity", "routing_options": {"gate": "fixed"}}, r"\['gate'\] is 'fixed'; give one of \['learned', 'grap'\]"),
