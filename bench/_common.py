@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -55,3 +56,20 @@ def run_on_cluster(script: str, layout: str, bandwidth: str, worker_args: list[s
     if done.returncode != 0:
         sys.exit(f"the {layout} run failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
     return [json.loads(line) | {"layout": layout} for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)]
+
+
+def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict], None]) -> list[dict]:
+    """``run_on_cluster`` on each of ``args.layouts`` (comma-separated) at ``args.bandwidth``; each run is shown
+    with ``show(run)`` as it comes in."""
+    runs = []
+    for layout in args.layouts.split(","):
+        for run in run_on_cluster(script, layout, args.bandwidth, worker_args):
+            runs.append(run)
+            show(run)
+    return runs
+
+
+def anchored_figure(runs: list[dict], name: str, key: str, goal: float, is_anchor: Callable[[dict], bool]) -> dict:
+    """The headline figure: ``key`` of the first run ``is_anchor`` picks (None when no run is one)."""
+    anchor = next((r for r in runs if is_anchor(r)), None)
+    return {"name": name, "value": anchor[key] if anchor else None, "goal": goal, "higher_is_better": True}

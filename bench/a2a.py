@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, run_on_cluster, write_cluster_result  # noqa: E402
+from _common import anchored_figure, median, run_layouts, write_cluster_result  # noqa: E402
 
 
 def main() -> None:
@@ -45,20 +45,19 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    runs = []
     print(f"{'layout':<7}{'top-k':>6}{'flat ms':>10}{'hier ms':>10}{'speedup':>9}{'bytes h/f':>11}{'predicted':>11}"
           f"{'goodput':>9}", flush=True)
-    for layout in args.layouts.split(","):
-        worker_args = ["--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
-                       "--width", str(args.width), "--repeats", str(args.repeats), "--chunks", str(args.chunks)]
-        for run in run_on_cluster(__file__, layout, args.bandwidth, worker_args):
-            runs.append(run)
-            print(f"{layout:<7}{run['top_k']:>6}{run['flat_s'] * 1e3:>10.1f}{run['hierarchical_s'] * 1e3:>10.1f}"
-                  f"{run['speedup']:>9.2f}{run['inter_bytes_ratio']:>11.3f}{run['predicted_bytes_ratio']:>11.3f}"
-                  f"{run['hierarchical_goodput']:>9.2f}", flush=True)
-    anchor = next((r for r in runs if r["layout"] == "4x2" and r["top_k"] == 8 and r["num_experts"] == 64), None)
-    figure = {"name": "speedup_top8_e64_4x2", "value": anchor["speedup"] if anchor else None, "goal": 2.0,
-              "higher_is_better": True}
+    worker_args = ["--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
+                   "--width", str(args.width), "--repeats", str(args.repeats), "--chunks", str(args.chunks)]
+
+    def show(run: dict) -> None:
+        print(f"{run['layout']:<7}{run['top_k']:>6}{run['flat_s'] * 1e3:>10.1f}{run['hierarchical_s'] * 1e3:>10.1f}"
+              f"{run['speedup']:>9.2f}{run['inter_bytes_ratio']:>11.3f}{run['predicted_bytes_ratio']:>11.3f}"
+              f"{run['hierarchical_goodput']:>9.2f}", flush=True)
+
+    runs = run_layouts(__file__, args, worker_args, show)
+    figure = anchored_figure(runs, "speedup_top8_e64_4x2", "speedup", 2.0,
+                             lambda r: r["layout"] == "4x2" and r["top_k"] == 8 and r["num_experts"] == 64)
     path = write_cluster_result("a2a", figure, runs, args)
     print(f"speedup_top8_e64_4x2 = {figure['value']}  (goal >= 2.0)  -> {path}")
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, run_on_cluster, write_cluster_result  # noqa: E402
+from _common import anchored_figure, median, run_layouts, write_cluster_result  # noqa: E402
 
 CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto"}
 
@@ -58,20 +58,19 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    runs = []
     print(f"{'layout':<7}{'config':<10}{'chunks':>7}{'T_step ms':>11}{'compute ms':>12}{'comm ms':>9}{'hidden':>8}"
           f"{'/max':>7}", flush=True)
-    for layout in args.layouts.split(","):
-        worker_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                       if k not in ("worker", "json", "layouts", "bandwidth")]
-        for run in run_on_cluster(__file__, layout, args.bandwidth, worker_args):
-            runs.append(run)
-            print(f"{layout:<7}{run['config']:<10}{run['chunks'] or '':>7}{run['T_step'] * 1e3:>11.1f}"
-                  + (f"{run['T_compute_only'] * 1e3:>12.1f}{run['T_comm_only'] * 1e3:>9.1f}{run['hidden_fraction']:>8.3f}"
-                     f"{run['step_over_max']:>7.2f}" if "T_compute_only" in run else ""), flush=True)
-    anchor = next((r for r in runs if r["layout"] == "2x1" and r["config"] == "auto"), None)
-    figure = {"name": "hidden_fraction", "value": anchor["hidden_fraction"] if anchor else None, "goal": 0.90,
-              "higher_is_better": True}
+    worker_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("worker", "json", "layouts", "bandwidth")]
+
+    def show(run: dict) -> None:
+        print(f"{run['layout']:<7}{run['config']:<10}{run['chunks'] or '':>7}{run['T_step'] * 1e3:>11.1f}"
+              + (f"{run['T_compute_only'] * 1e3:>12.1f}{run['T_comm_only'] * 1e3:>9.1f}{run['hidden_fraction']:>8.3f}"
+                 f"{run['step_over_max']:>7.2f}" if "T_compute_only" in run else ""), flush=True)
+
+    runs = run_layouts(__file__, args, worker_args, show)
+    figure = anchored_figure(runs, "hidden_fraction", "hidden_fraction", 0.90,
+                             lambda r: r["layout"] == "2x1" and r["config"] == "auto")
     path = write_cluster_result("overlap", figure, runs, args)
     print(f"hidden_fraction (2x1, auto) = {figure['value']}  (goal >= 0.90, aiming at 0.95)  -> {path}")
 

@@ -80,7 +80,7 @@ from moe_ascend.kernels.errors import PassError
 from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
 from moe_ascend.passes.analysis.moe_regions import descendants
 from moe_ascend.passes.analysis.ops import op_name
-from moe_ascend.passes.analysis.routers import Router, canonical_router, routed_layers
+from moe_ascend.passes.analysis.routers import Router, rewritable_routers
 from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, infer_meta, register_pass, replace_node
 
 FORMS = ("exact", "exp")
@@ -111,12 +111,7 @@ class RoutedLayer:
 def affinity_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     fixed_phase = ctx.options.routing_option("phase")
     modified = False
-    for layer in routed_layers(ctx):
-        router = canonical_router(layer)
-        if isinstance(router, str):
-            ctx.logger.warning("%s: MoE layer %d keeps its router (routing='affinity'): %s", ctx.graph_name,
-                               layer.index, router)
-            continue
+    for layer, router in rewritable_routers(ctx):
         owner = state_owner(router.gate_weight)
         if owner is None and fixed_phase == "auto":
             ctx.logger.warning("%s: MoE layer %d stays in token choice: its gate module is not found, so it has no "
@@ -173,11 +168,16 @@ def _output(gm: torch.fx.GraphModule, routed: torch.fx.Node, index: int, name: s
     return node
 
 
+def _later(gm: torch.fx.GraphModule, *nodes: torch.fx.Node) -> torch.fx.Node:
+    """The one of ``nodes`` the graph computes last: what reads them all goes after it."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return max(nodes, key=order.__getitem__)
+
+
 def _observe(gm: torch.fx.GraphModule, layer, owner: nn.Module, delta: torch.fx.Node, expert_ids: torch.fx.Node,
              ctx: PassContext) -> None:
     """Each step folds its chosen pairs' affinity into the owner's state."""
-    last = max(delta, expert_ids, key=lambda n: list(gm.graph.nodes).index(n))
-    with gm.graph.inserting_after(last):
+    with gm.graph.inserting_after(_later(gm, delta, expert_ids)):
         observe = gm.graph.call_function(torch.ops.moe_ascend.observe_affinity.default,
                                          (delta, expert_ids, kernels.owner_key(owner)))
     infer_meta(observe)
@@ -203,7 +203,7 @@ def _expert_choice(gm, layer, router: Router, dispatch, owner, delta, expert_ids
     state = getattr(owner, STATE) if owner is not None else None
     capacity = expert_choice_capacity(tokens, width, router.num_experts, layer_capacity, state,
                                       ctx.options.routing_option("bound"))
-    with gm.graph.inserting_after(max(delta, expert_ids, key=lambda n: list(gm.graph.nodes).index(n))):
+    with gm.graph.inserting_after(_later(gm, delta, expert_ids)):
         scores = gm.graph.call_method("gather", (delta, 1, expert_ids))
         scores.name = "chosen_affinity"
     infer_meta(scores)

@@ -32,7 +32,7 @@ import torch.fx
 from moe_ascend.kernels.node_limited import node_limited_topk_softmax
 from moe_ascend.passes.analysis.exchange_sites import exchange_collectives
 from moe_ascend.passes.analysis.ops import collective_group
-from moe_ascend.passes.analysis.routers import canonical_router, routed_layers
+from moe_ascend.passes.analysis.routers import rewritable_routers
 from moe_ascend.passes.infra import PassContext, PassResult, register_pass, replace_node
 
 
@@ -42,13 +42,8 @@ from moe_ascend.passes.infra import PassContext, PassResult, register_pass, repl
 def node_limited_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     max_nodes = ctx.options.routing_option("max_nodes")
     modified = False
-    for layer in routed_layers(ctx):
-        router = canonical_router(layer)
-        why = router if isinstance(router, str) else _not_spread_over_nodes(layer, ctx.topology, router.num_experts)
-        if why:
-            ctx.logger.warning("%s: MoE layer %d keeps its router (routing='node_limited'): %s", ctx.graph_name,
-                               layer.index, why)
-            continue
+    not_spread = lambda layer, router: _not_spread_over_nodes(layer, ctx.topology, router.num_experts)  # noqa: E731
+    for layer, router in rewritable_routers(ctx, not_spread):
         if max_nodes >= ctx.topology.nodes:
             ctx.logger.info("%s: MoE layer %d keeps its router: max_nodes=%d is every node", ctx.graph_name,
                             layer.index, max_nodes)

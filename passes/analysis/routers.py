@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.fx
 
@@ -35,6 +36,19 @@ class Router:
 def routed_layers(ctx) -> list:
     """The layers whose router a routing rewrite may change: whole layers, and layers a graph break cut after the router."""
     return ctx.analyses.get("moe_layers", []) + ctx.analyses.get("cut_routers", [])
+
+
+def rewritable_routers(ctx, why_not: Callable[[object, Router], str] = lambda layer, router: ""):
+    """``(layer, router)`` for each routed layer whose router is canonical and ``why_not`` has nothing against;
+    each other layer gets one warning that it keeps its router, and why."""
+    for layer in routed_layers(ctx):
+        router = canonical_router(layer)
+        why = router if isinstance(router, str) else why_not(layer, router)
+        if why:
+            ctx.logger.warning("%s: MoE layer %d keeps its router (routing=%r): %s", ctx.graph_name, layer.index,
+                               ctx.options.routing, why)
+            continue
+        yield layer, router
 
 
 def canonical_router(layer) -> Router | str:
