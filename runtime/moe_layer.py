@@ -42,6 +42,7 @@ import moe_ascend.kernels as ops
 import moe_ascend.kernels.exchange as ep
 from moe_ascend.kernels import hierarchical
 from moe_ascend.kernels.errors import TopologyError
+from moe_ascend.runtime.balance.placement import Placement, physical_slots
 from moe_ascend.runtime.exchange_group import exchange_group
 from moe_ascend.runtime.topology import Topology
 
@@ -62,6 +63,8 @@ class MoELayer(nn.Module):
         renormalize: bool = True,
         hierarchical_a2a: bool = False,
         overlap_chunks: int = 1,
+        balance: bool = False,
+        redundant_experts: int = 0,
     ):
         super().__init__()
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -73,7 +76,12 @@ class MoELayer(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_experts, self.top_k = num_experts, top_k
-        self.num_local_experts = num_experts // self.ep_size
+        if redundant_experts and not balance:
+            raise ValueError(f"redundant_experts={redundant_experts} needs balance=True (replicas are placed by the balancer)")
+        # Physical expert slots: the logical experts, plus replicas of hot ones when balancing (runtime.balance).
+        placement = Placement.initial(num_experts, self.ep_size, redundant_experts) if balance else None
+        self.num_slots = num_experts + redundant_experts
+        self.num_local_experts = self.num_slots // self.ep_size
         self.capacity_factor, self.drop_policy, self.renormalize = capacity_factor, drop_policy, renormalize
         # The group's name, not the object: functional collectives take it, and the module stays deep-copyable.
         self.ep_group_name = exchange_group(ep_group).group_name if self.ep_size > 1 else None
@@ -89,6 +97,24 @@ class MoELayer(nn.Module):
         self.w_gate_up = nn.Parameter(torch.randn(self.num_local_experts, d_model, 2 * d_ff) / math.sqrt(d_model))
         self.w_down = nn.Parameter(torch.randn(self.num_local_experts, d_ff, d_model) / math.sqrt(d_ff))
         self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
+        self.balance = balance
+        if balance:
+            self._place(placement, dist.get_rank(ep_group) if self.ep_size > 1 else 0)
+
+    def _place(self, placement: Placement, rank: int) -> None:
+        """Buffers for the balancer: tokens per logical expert (summed on device) and the logical → physical map;
+        the initial replicas copy their rank's own experts."""
+        replica_slots, replica_count = placement.tables()
+        self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.int64))
+        self.register_buffer("replica_slots", replica_slots)
+        self.register_buffer("replica_count", replica_count)
+        first = rank * placement.slots_per_rank
+        with torch.no_grad():
+            for local in range(placement.slots_per_rank):
+                source = placement.replicas(placement.slot_experts[first + local])[0] - first
+                if source != local:
+                    self.w_gate_up[local] = self.w_gate_up[source]
+                    self.w_down[local] = self.w_down[source]
 
     def _hierarchy(self, ep_group) -> hierarchical.Hierarchy | None:
         """The two-step exchange's groups, or None where one node holds every rank (nothing to save)."""
@@ -102,6 +128,16 @@ class MoELayer(nn.Module):
             )
         return topology.hierarchy()
 
+    @property
+    def placement(self) -> Placement:
+        """Which logical expert each physical slot holds, read from the buffers (a migration or a loaded checkpoint
+        rewrites them in place; the host copy is redone only then)."""
+        key = (self.replica_slots._version, self.replica_count._version)
+        if getattr(self, "_placement_key", None) != key:
+            self._placement = Placement.from_tables(self.replica_slots.cpu(), self.replica_count.cpu(), self.ep_size)
+            self._placement_key = key
+        return self._placement
+
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert per source rank: ``ceil(k·T/E · capacity_factor)``."""
         return max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
@@ -109,6 +145,10 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         weights, expert_ids = self.route(tokens)
+        if self.balance:
+            # Counted on device, read by the balancer every few steps: no host sync on the hot path.
+            self.expert_load.index_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
+            expert_ids = physical_slots(expert_ids, self.replica_slots, self.replica_count)
         if self.capacity_factor is not None:
             out = self._capacity_moe(tokens, weights, expert_ids)
         else:
@@ -124,10 +164,10 @@ class MoELayer(nn.Module):
     def _capacity_moe(self, tokens, weights, expert_ids):
         capacity = self.capacity(tokens.shape[0])
         if self.hierarchy is not None:
-            expert_in, plan = hierarchical.capacity_dispatch(tokens, expert_ids, weights, weights, self.num_experts,
+            expert_in, plan = hierarchical.capacity_dispatch(tokens, expert_ids, weights, weights, self.num_slots,
                                                              capacity, self.drop_policy, self.hierarchy)
             return hierarchical.capacity_combine(self._experts_batched(expert_in), plan, self.hierarchy)
-        dispatched, slots = ops.capacity_dispatch(tokens, expert_ids, weights, self.num_experts, capacity, self.drop_policy)
+        dispatched, slots = ops.capacity_dispatch(tokens, expert_ids, weights, self.num_slots, capacity, self.drop_policy)
         if self.ep_size == 1:
             return ops.capacity_combine(self._experts_batched(dispatched), slots, weights)
         expert_out = self._experts_batched(ep.to_experts(dispatched, self.ep_group_name, self.ep_size))
@@ -135,22 +175,22 @@ class MoELayer(nn.Module):
 
     def _dropless_moe(self, tokens, weights, expert_ids):
         if self.ep_size == 1:
-            rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts)
+            rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_slots)
             return ops.unpermute(self._experts_grouped(rows, tokens_per_expert), row_map, weights)
         if self.hierarchy is not None:
-            rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, self.num_experts,
+            rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, self.num_slots,
                                                                            self.hierarchy, self.overlap_chunks)
             return hierarchical.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, self.hierarchy)
         if self.overlap_chunks > 1:
             return self._dropless_pipelined(tokens, weights, expert_ids)
-        rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_experts, self.ep_size, self.ep_group_name)
+        rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_slots, self.ep_size, self.ep_group_name)
         return ep.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, weights, self.ep_group_name)
 
     def _dropless_pipelined(self, tokens, weights, expert_ids):
         """Chunks of tokens, all sent at once; each chunk's experts run while the later chunks' rows arrive and
         the earlier chunks' results return (in eager; compiled, each chunk's host-read sizes break the graph)."""
         bounds = ep.even_bounds(tokens.shape[0], self.overlap_chunks)
-        sent = [ep.dropless_send(tokens[a:b], expert_ids[a:b], self.num_experts, self.ep_size, self.ep_group_name)
+        sent = [ep.dropless_send(tokens[a:b], expert_ids[a:b], self.num_slots, self.ep_size, self.ep_group_name)
                 for a, b in bounds]
         returned = [ep.dropless_return(self._experts_grouped(received[plan.by_expert], tokens_per_expert), plan,
                                        self.ep_group_name) for received, tokens_per_expert, plan in sent]

@@ -1,0 +1,187 @@
+"""Training throughput under skewed, drifting expert load: no balancing, a static EPLB-style placement, and ours.
+
+A stack of dropless MoE layers, expert parallel over every rank of the emulated
+cluster (2 nodes x 1 rank: one compute-bound rank per core, DESIGN.md), trains
+on random tokens whose routing is skewed on purpose: each step adds to the
+gate's logits the log of a Zipf distribution (exponent ``--zipf``) over the
+experts whose hottest expert drifts smoothly around the ring, one expert every
+``--drift-steps`` steps, plus Gumbel noise (so the top-k samples it). Every
+rank and every policy sees the same schedule.
+
+    off      the plain placement, no redundant slots (tokens per expert are only observed)
+    static   EPLB-style: one greedy placement (with replicas) from the first window's load, never changed
+    ours     ExpertBalancer: EMA + trend prediction, planning with replicas, migrating when the predicted
+             gain over the horizon beats the measured migration cost
+
+Tokens/s is measured on rank 0 over every step after the first (migrations
+included). The figure is ``throughput_gain`` = ours / off − 1. Writes
+bench/results/balance.json and a PNG of the imbalance (max / mean rank load)
+over time.
+
+    python bench/balance.py                  # launches the cluster itself
+    python bench/balance.py --steps 160 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, run_layouts, write_cluster_result  # noqa: E402
+
+import moe_ascend.kernels as ops  # noqa: E402
+from moe_ascend.runtime import MoELayer  # noqa: E402
+from moe_ascend.runtime.balance import ExpertBalancer, prediction_error  # noqa: E402
+
+POLICIES = ("off", "static", "ours")
+
+
+class SkewedRouting(MoELayer):
+    """A balanced MoE layer whose gate logits get the step's skew (a buffer: no recompile as it moves)."""
+
+    def __init__(self, args, redundant: int):
+        super().__init__(args.width, args.ffn, args.experts, args.top_k, ep_group=dist.group.WORLD, balance=True,
+                         redundant_experts=redundant)
+        self.register_buffer("skew", torch.zeros(args.tokens, args.experts))
+
+    def route(self, tokens):
+        return ops.topk_softmax(self.gate(tokens) + self.skew, self.top_k, self.renormalize)
+
+
+class Block(nn.Module):
+    def __init__(self, args, redundant: int):
+        super().__init__()
+        self.norm, self.moe = nn.LayerNorm(args.width), SkewedRouting(args, redundant)
+
+    def forward(self, x):
+        return x + self.moe(self.norm(x))
+
+
+def skew(step: int, rank: int, args) -> torch.Tensor:
+    """log Zipf over the ring of experts, hottest at a position that drifts one expert per ``drift_steps``, plus
+    Gumbel noise of this (step, rank)."""
+    hottest = step / args.drift_steps
+    distance = (torch.arange(args.experts) - hottest) % args.experts
+    log_p = -args.zipf * torch.log1p(distance)
+    uniform = torch.rand(args.tokens, args.experts, generator=torch.Generator().manual_seed(step * 1000 + rank))
+    return log_p - torch.log(-torch.log(uniform.clamp_min(1e-9)))
+
+
+def train(policy: str, args) -> dict:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    layers = nn.ModuleList(Block(args, 0 if policy == "off" else args.redundant) for _ in range(args.layers))
+    model = nn.Sequential(*layers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    balancer = ExpertBalancer(model, optimizer, interval=args.interval, horizon=args.horizon,
+                              min_interval=args.min_interval,
+                              policy={"off": "observe", "static": "static", "ours": "dynamic"}[policy])
+    step_fn = torch.compile(model, backend="moe_ascend", options={"target": "eager"}) if args.compile else model
+    x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(rank))
+    started = None
+    for step in range(args.steps + 1):
+        if step == 1:
+            dist.barrier()
+            started = time.perf_counter()
+        for layer in layers:
+            layer.moe.skew.copy_(skew(step, rank, args))
+        loss = (step_fn(x) - x).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    dist.barrier()
+    seconds = time.perf_counter() - started
+    tokens = args.steps * args.tokens * dist.get_world_size()
+    return {"policy": policy, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "imbalance": [(w["step"], w["imbalance"]) for w in balancer.windows],
+            "migrations": [{"moved_slots": m.moved_slots, "seconds": m.seconds, "committed": m.committed}
+                           for m in balancer.migrations],
+            "trace": [w["load"] for w in balancer.windows]}
+
+
+def worker(args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    for round_ in range(args.rounds):
+        order = POLICIES[round_ % 3:] + POLICIES[:round_ % 3]  # rotate so no policy always runs first
+        for policy in order:
+            run = train(policy, args) | {"round": round_}
+            if dist.get_rank() == 0:
+                print("RESULT " + json.dumps(run), flush=True)
+    dist.destroy_process_group()
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for run in (r for r in runs if r["round"] == 0):
+        steps, ratio = zip(*run["imbalance"]) if run["imbalance"] else ((), ())
+        axis.plot(steps, ratio, label=f"{run['policy']} ({run['tokens_per_s']:.0f} tokens/s)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("imbalance (max / mean rank load)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layouts", default="2x1", help="NODESxRANKS_PER_NODE")
+    parser.add_argument("--bandwidth", default="10gbit")
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank and step")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--redundant", type=int, default=2, help="redundant expert slots per layer (static, ours)")
+    parser.add_argument("--zipf", type=float, default=1.2)
+    parser.add_argument("--drift-steps", type=int, default=40, help="steps for the hottest expert to move by one")
+    parser.add_argument("--interval", type=int, default=5, help="steps between load reads")
+    parser.add_argument("--horizon", type=int, default=8, help="windows a new placement is expected to serve")
+    parser.add_argument("--min-interval", type=int, default=20, help="steps between migrations, at least")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (moe_ascend, eager target)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    worker_args = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    runs = run_layouts(os.path.abspath(__file__), args, worker_args, lambda run: print(
+        f"{run['layout']} round {run['round']} {run['policy']:>6}: {run['tokens_per_s']:8.0f} tokens/s "
+        f"({run['seconds']:.1f} s), mean imbalance "
+        f"{sum(i for _, i in run['imbalance']) / max(1, len(run['imbalance'])):.3f}, "
+        f"{sum(m['committed'] for m in run['migrations'])} migrations", flush=True))
+    per_policy = {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p]) for p in POLICIES}
+    trace = torch.tensor(next(r for r in runs if r["policy"] == "off")["trace"])
+    errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend")}
+    gain = per_policy["ours"] / per_policy["off"] - 1
+    figure = {"name": "throughput_gain", "value": gain, "goal": 0.25, "higher_is_better": True}
+    out = write_cluster_result("balance", figure, runs, args)
+    data = json.loads(out.read_text())
+    data.update(throughput_gain=gain, static_gain=per_policy["static"] / per_policy["off"] - 1,
+                tokens_per_s=per_policy, prediction_error=errors)
+    out.write_text(json.dumps(data, indent=1))
+    plot(runs, out.with_suffix(".png"))
+    print(f"tokens/s {per_policy}; throughput_gain {gain:+.3f}, static {data['static_gain']:+.3f}; "
+          f"prediction error (horizon {args.horizon} windows) ema {errors['ema']:.3f}, trend {errors['trend']:.3f}; "
+          f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""``ExpertBalancer``: EDPB for the balanced ``MoELayer``s of a model, driven by the optimizer's steps.
+
+    model = Model(...)                     # MoELayer(..., balance=True, redundant_experts=R)
+    optimizer = torch.optim.AdamW(model.parameters())
+    balancer = ExpertBalancer(model, optimizer)
+    step = torch.compile(model, backend="moe_ascend")   # train as usual: the balancer hooks optimizer.step()
+
+Before each optimizer step it sums the gradients of replicated experts over
+their replicas (so replicas stay equal and the update is that of one expert).
+After every ``interval`` steps it reads the tokens per expert the layers
+counted on device (one all_reduce: the only host sync), updates the load
+prediction, plans a placement for the predicted load and migrates when
+
+    horizon · (step time now − predicted step time after) > migration cost
+
+and at least ``min_interval`` steps have passed since the last migration.
+Step time is modelled as ``a + b · Σ_layers (busiest rank's tokens)``, ``b``
+fitted on the windows measured so far (until two windows differ in load,
+``b`` assumes half of the step is expert compute). The migration cost is
+measured on the previous migration (seconds per byte moved), and before the
+first from ``bandwidth``.
+
+``policy``: ``"dynamic"`` (the above), ``"static"`` (the EPLB-style baseline:
+one greedy placement planned from the first window's load, never changed) or
+``"observe"`` (measure and predict only: ``windows`` records the imbalance).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from moe_ascend.runtime.balance.migrate import MigrationReport, migrate, slot_bytes, slot_tensors, transfers
+from moe_ascend.runtime.balance.placement import Placement
+from moe_ascend.runtime.balance.planner import greedy_placement, plan_placement
+from moe_ascend.runtime.balance.predict import PREDICTORS
+
+log = logging.getLogger("moe_ascend")
+POLICIES = ("dynamic", "static", "observe")
+
+
+def balanced_layers(model: torch.nn.Module) -> list:
+    from moe_ascend.runtime.moe_layer import MoELayer
+
+    return [m for m in model.modules() if isinstance(m, MoELayer) and m.balance]
+
+
+def read_loads(layers, group=None) -> torch.Tensor:
+    """``[layers, experts]`` tokens per expert since the last read, summed over the group's ranks; the counters restart."""
+    loads = torch.stack([layer.expert_load for layer in layers]).clone()
+    for layer in layers:
+        layer.expert_load.zero_()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(loads, group=group)
+    return loads
+
+
+def sync_replica_grads(layers, group=None) -> None:
+    """Each replica's gradient becomes the sum over the expert's replicas: the gradient one copy would have had."""
+    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
+    rank = dist.get_rank(group) if distributed else 0
+    for layer in layers:
+        placement = layer.placement
+        replicated = sorted({e for e in placement.slot_experts if len(placement.replicas(e)) > 1})
+        if not replicated:
+            continue
+        index = {e: i for i, e in enumerate(replicated)}
+        mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
+        local = [(slot, index[e]) for slot, e in enumerate(mine) if e in index]
+        for weight in (layer.w_gate_up, layer.w_down):
+            if weight.grad is None:
+                continue
+            total = weight.grad.new_zeros(len(replicated), *weight.shape[1:])
+            for slot, i in local:
+                total[i] += weight.grad[slot]
+            if distributed:
+                dist.all_reduce(total, group=group)
+            for slot, i in local:
+                weight.grad[slot] = total[i]
+
+
+class ExpertBalancer:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group=None, interval: int = 10,
+                 horizon: int = 10, min_interval: int = 50, predictor: str = "trend", policy: str = "dynamic",
+                 ranks_per_node: int | None = None, bandwidth: float = 125e6,
+                 fault: Callable[[str], None] | None = None):
+        self.layers = balanced_layers(model)
+        if not self.layers:
+            raise ValueError("no MoELayer with balance=True in the model: build its MoE layers with "
+                             "MoELayer(..., balance=True, redundant_experts=R)")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {sorted(PREDICTORS)}, got {predictor!r}")
+        self.optimizer, self.group = optimizer, group
+        self.ranks = dist.get_world_size(group) if dist.is_initialized() else 1
+        if any(layer.ep_size != self.ranks for layer in self.layers):
+            raise ValueError(f"the balancer's group has {self.ranks} ranks but a layer's expert-parallel group has "
+                             f"{[layer.ep_size for layer in self.layers]}; pass the layers' ep_group as group=")
+        self.interval, self.horizon, self.min_interval = interval, horizon, min_interval
+        self.policy, self.ranks_per_node, self.fault = policy, ranks_per_node, fault
+        self.predictor = PREDICTORS[predictor]()
+        self.seconds_per_byte = 1 / bandwidth
+        self.steps, self.last_migration, self.window_started = 0, -min_interval, None
+        self.windows: list[dict] = []  # one per interval: what was measured, predicted and decided
+        self.migrations: list[MigrationReport] = []
+        self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.before_step()),
+                       optimizer.register_step_post_hook(lambda *_: self.after_step())]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def before_step(self) -> None:
+        sync_replica_grads(self.layers, self.group)
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.window_started is None:
+            self.window_started = time.perf_counter()
+            for layer in self.layers:  # the first step also compiled: it starts the clock and is not counted
+                layer.expert_load.zero_()
+            self.steps = 0
+            return
+        if self.steps % self.interval:
+            return
+        now = time.perf_counter()
+        loads = read_loads(self.layers, self.group) / self.interval  # tokens per expert per step
+        window = {"step": self.steps, "step_time_s": (now - self.window_started) / self.interval,
+                  "busiest": self._busiest(self.placements, loads), "imbalance": self._imbalance(self.placements, loads),
+                  "load": loads.tolist()}
+        self.predictor.update(loads)
+        self.windows.append(window)
+        self._decide(window)
+        self.window_started = time.perf_counter()  # a migration's time is its own, not the next window's
+
+    # --- the decision --------------------------------------------------------------------------
+
+    def _decide(self, window: dict) -> None:
+        if self.policy == "observe":
+            return
+        if self.policy == "static":
+            if len(self.windows) == 1:
+                loads = torch.tensor(window["load"])
+                new = [greedy_placement(load, p.num_slots, p.ranks, self.ranks_per_node)
+                       for load, p in zip(loads, self.placements)]
+                self._migrate(new, window)
+            return
+        if self.steps - self.last_migration < self.min_interval:
+            return
+        predicted = self.predictor.predict(self.horizon)
+        new = [plan_placement(load, p, self.ranks_per_node) for load, p in zip(predicted, self.placements)]
+        if all(a == b for a, b in zip(new, self.placements)):
+            return
+        saved = self._seconds_per_token() * (self._busiest(self.placements, predicted) - self._busiest(new, predicted))
+        gain, cost = self.horizon * self.interval * saved, self._migration_cost(new)
+        window.update(predicted_gain_s=gain, predicted_cost_s=cost)
+        if gain > cost:
+            self._migrate(new, window)
+
+    def _migrate(self, new: list[Placement], window: dict) -> None:
+        report = migrate(self.layers, new, self.optimizer, self.group, self.fault)
+        self.migrations.append(report)
+        window["migrated"] = report.committed
+        if not report.committed:
+            log.warning("expert migration abandoned, every rank keeps its placement: %s", report.error)
+            return
+        self.last_migration = self.steps
+        moved_bytes = self._bytes_to_move(new) or 1
+        self.seconds_per_byte = report.seconds / moved_bytes
+
+    @property
+    def placements(self) -> list[Placement]:
+        return [layer.placement for layer in self.layers]
+
+    # --- the models ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _busiest(placements, loads) -> float:
+        return sum(max(p.rank_loads(load)) for p, load in zip(placements, loads))
+
+    @staticmethod
+    def _imbalance(placements, loads) -> float:
+        ratios = []
+        for p, load in zip(placements, loads):
+            ranks = p.rank_loads(load)
+            ratios.append(max(ranks) * len(ranks) / sum(ranks) if sum(ranks) else 1.0)
+        return sum(ratios) / len(ratios)
+
+    def _seconds_per_token(self) -> float:
+        """``b`` of ``step time = a + b · busiest``: least squares over the windows, or half the step per token."""
+        recent = self.windows[-20:]
+        xs, ys = [w["busiest"] for w in recent], [w["step_time_s"] for w in recent]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        spread = sum((x - mean_x) ** 2 for x in xs)
+        if len(xs) >= 3 and spread > 1e-6 * mean_x**2:
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread
+            if slope > 0:
+                return slope
+        return 0.5 * mean_y / mean_x if mean_x else 0.0
+
+    def _bytes_to_move(self, new: list[Placement]) -> int:
+        return sum(slot_bytes(slot_tensors(layer, self.optimizer)) * len(transfers(old, placement))
+                   for layer, old, placement in zip(self.layers, self.placements, new))
+
+    def _migration_cost(self, new: list[Placement]) -> float:
+        return self._bytes_to_move(new) * self.seconds_per_byte

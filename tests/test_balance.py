@@ -1,0 +1,214 @@
+"""Expert load balancing (runtime.balance): placement, planning, prediction, the balanced layer, and migration
+on real ranks: lossless, all or nothing, no recompile."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_ranks
+from torch._dynamo.utils import counters
+
+from moe_ascend.runtime import MoELayer
+from moe_ascend.runtime.balance import (ExpertBalancer, Placement, PlacementError, greedy_placement, imbalance, migrate,
+                                        plan_placement, prediction_error)
+from moe_ascend.runtime.balance.placement import physical_slots
+from moe_ascend.runtime.balance.planner import moved_experts
+
+D, F, E, K = 8, 16, 4, 2
+
+
+def zipf_load(experts, seed, s=1.2):
+    ranks = torch.randperm(experts, generator=torch.Generator().manual_seed(seed)) + 1
+    return (1e4 / ranks.double() ** s).round()
+
+
+# --- placement ---------------------------------------------------------------------------------
+
+def test_initial_placement_puts_each_ranks_replicas_on_its_own_experts():
+    placement = Placement.initial(8, 2, redundant=2)
+    assert placement.slot_experts == (0, 1, 2, 3, 0, 4, 5, 6, 7, 4)
+    slots, count = placement.tables()
+    assert slots[0].tolist() == [0, 4, 0] and count.tolist() == [2, 1, 1, 1, 2, 1, 1, 1]
+    assert Placement.from_tables(slots, count, 2) == placement
+
+
+def test_placements_that_cannot_hold_the_experts_say_what_to_change():
+    with pytest.raises(PlacementError, match="split evenly"):
+        Placement.initial(8, 2, redundant=1)
+    with pytest.raises(PlacementError, match="experts without a slot: \\[3\\]"):
+        Placement((0, 1, 2, 2), 4, 2)
+
+
+def test_pairs_are_spread_over_an_experts_replicas_in_turn():
+    slots, count = Placement((0, 1, 0, 2, 3, 0), 4, 2).tables()
+    expert_ids = torch.tensor([[0, 1], [0, 2], [0, 3]])
+    assert physical_slots(expert_ids, slots, count).tolist() == [[0, 1], [5, 3], [2, 4]]
+
+
+# --- planning and prediction -------------------------------------------------------------------
+
+@pytest.mark.parametrize("experts, ranks, per_node, redundant", [(8, 2, 1, 2), (64, 16, 8, 16), (256, 32, 8, 32)])
+def test_our_plan_is_at_least_as_balanced_as_eplb_greedy_and_moves_fewer_experts(experts, ranks, per_node, redundant):
+    for seed in range(3):
+        load, current = zipf_load(experts, seed), Placement.initial(experts, ranks, redundant)
+        eplb, ours = greedy_placement(load, experts + redundant, ranks, per_node), plan_placement(load, current, per_node)
+        for placement in (eplb, ours):
+            for rank in range(ranks):  # two replicas of one expert on one rank would balance nothing
+                held = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
+                assert len(set(held)) == len(held)
+        assert imbalance(ours, load) <= imbalance(eplb, load) + 1e-9
+        assert imbalance(ours, load) < imbalance(current, load)
+        assert moved_experts(current, ours) <= moved_experts(current, eplb)
+
+
+def test_the_trend_model_follows_a_drifting_load_better_than_the_ema():
+    steps = torch.arange(40, dtype=torch.float64)[:, None]
+    drifting = torch.cat([100 + 5 * steps, 300 - 5 * steps], dim=1)
+    assert prediction_error(drifting, "trend") < 0.5 * prediction_error(drifting, "ema")
+    constant = torch.full((40, 2), 50.0)
+    assert prediction_error(constant, "ema") == prediction_error(constant, "trend") == 0
+
+
+# --- the balanced layer ------------------------------------------------------------------------
+
+def logical_weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(D, E, generator=g).t().contiguous(), torch.randn(E, D, 2 * F, generator=g) / D**0.5,
+            torch.randn(E, F, D, generator=g) / F**0.5)
+
+
+def load_placement(layer, placement: Placement, rank: int, weights) -> None:
+    """Give ``layer`` the logical experts ``weights`` laid out by ``placement`` (this rank's slots)."""
+    gate, gate_up, down = weights
+    mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
+    slots, count = placement.tables()
+    with torch.no_grad():
+        layer.gate.weight.copy_(gate)
+        layer.w_gate_up.copy_(gate_up[list(mine)])
+        layer.w_down.copy_(down[list(mine)])
+        layer.replica_slots.copy_(slots)
+        layer.replica_count.copy_(count)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 4.0])
+def test_a_balanced_layer_with_replicas_computes_what_the_plain_layer_does(capacity_factor):
+    weights = logical_weights()
+    plain = MoELayer(D, F, E, K, capacity_factor=capacity_factor)
+    balanced = MoELayer(D, F, E, K, capacity_factor=capacity_factor, balance=True, redundant_experts=2)
+    with torch.no_grad():
+        plain.gate.weight.copy_(weights[0]), plain.w_gate_up.copy_(weights[1]), plain.w_down.copy_(weights[2])
+    load_placement(balanced, Placement((3, 0, 1, 2, 3, 0), E, 1), 0, weights)
+    x = torch.randn(12, D)
+    torch.testing.assert_close(balanced(x), plain(x))
+    assert balanced.expert_load.sum() == 12 * K
+    plain(x).square().sum().backward()
+    balanced(x).square().sum().backward()
+    from moe_ascend.runtime.balance import sync_replica_grads
+
+    sync_replica_grads([balanced])
+    torch.testing.assert_close(balanced.w_down.grad, plain.w_down.grad[[3, 0, 1, 2, 3, 0]])
+    torch.testing.assert_close(balanced.w_gate_up.grad, plain.w_gate_up.grad[[3, 0, 1, 2, 3, 0]])
+
+
+def test_a_new_placement_reaches_the_compiled_graph_without_a_recompile():
+    counters.clear()
+    weights = logical_weights()
+    layer = MoELayer(D, F, E, K, capacity_factor=4.0, balance=True, redundant_experts=2)
+    compiled = torch.compile(layer, backend="moe_ascend", options={"target": "eager"})
+    x = torch.randn(12, D)
+    outputs = []
+    for placement in [Placement((0, 1, 2, 3, 0, 1), E, 1), Placement((3, 3, 2, 1, 0, 2), E, 1)]:
+        load_placement(layer, placement, 0, weights)
+        outputs.append(compiled(x))
+        torch.testing.assert_close(outputs[-1], layer(x))
+    torch.testing.assert_close(outputs[0], outputs[1])  # the same experts, wherever they live
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# --- migration on two real ranks ---------------------------------------------------------------
+
+START, MOVED = Placement((0, 1, 0, 2, 3, 2), E, 2), Placement((3, 0, 1, 2, 1, 0), E, 2)
+
+
+def _train(layer, optimizer, rank, steps, on_step=None):
+    losses = []
+    for step in range(steps):
+        x = torch.randn(16, D, generator=torch.Generator().manual_seed(100 * step + rank))
+        loss = layer(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step)
+    return losses
+
+
+def _state(layer, optimizer):
+    tensors = {"w_gate_up": layer.w_gate_up, "w_down": layer.w_down, "slots": layer.replica_slots}
+    for name in ("w_gate_up", "w_down"):
+        for key, value in optimizer.state[getattr(layer, name)].items():
+            tensors[f"{name}.{key}"] = value
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def _bitwise_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k].view(-1).view(torch.uint8) if a[k].is_floating_point()
+                                                    else a[k], b[k].view(-1).view(torch.uint8) if b[k].is_floating_point()
+                                                    else b[k]) for k in a)
+
+
+def _migration_scenarios(rank, world_size):
+    def fresh(placement):
+        torch.manual_seed(0)
+        layer = MoELayer(D, F, E, K, ep_group=dist.group.WORLD, balance=True, redundant_experts=2)
+        load_placement(layer, placement, rank, logical_weights())
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+        return layer, optimizer
+
+    results = {}
+    # 1. A round trip loses nothing: parameters, gradients and Adam's moments come back bitwise.
+    layer, optimizer = fresh(START)
+    balancer = ExpertBalancer(layer, optimizer, interval=10**9)  # replicas' gradients summed; never plans itself
+    _train(layer, optimizer, rank, 2)
+    before = _state(layer, optimizer)
+    there = migrate([layer], [MOVED], optimizer)
+    back = migrate([layer], [START], optimizer)
+    results["round_trip"] = there.committed and back.committed and there.moved_slots > 0 and \
+        _bitwise_equal(before, _state(layer, optimizer))
+
+    # 2. Training after a migration matches training that used the new placement from the start.
+    def move_after_second(step):
+        if step == 1:
+            assert migrate([layer], [MOVED], optimizer).committed
+    layer, optimizer = fresh(START)
+    balancer = ExpertBalancer(layer, optimizer, interval=10**9)
+    results["migrated_losses"] = _train(layer, optimizer, rank, 5, move_after_second)
+    balancer.remove()
+    layer, optimizer = fresh(MOVED)
+    balancer = ExpertBalancer(layer, optimizer, interval=10**9)
+    results["placed_losses"] = _train(layer, optimizer, rank, 5)
+    balancer.remove()
+
+    # 3. A failure on one rank in the middle: every rank keeps the old placement, and training goes on.
+    def fail_on_rank_1(stage):
+        if rank == 1 and stage == "exchanged":
+            raise RuntimeError("injected")
+    layer, optimizer = fresh(START)
+    balancer = ExpertBalancer(layer, optimizer, interval=10**9)
+    _train(layer, optimizer, rank, 2)
+    before = _state(layer, optimizer)
+    failed = migrate([layer], [MOVED], optimizer, fault=fail_on_rank_1)
+    results["failed"] = (failed.committed, failed.error)
+    results["kept"] = _bitwise_equal(before, _state(layer, optimizer))
+    results["goes_on"] = _train(layer, optimizer, rank, 1)[0]
+    return results
+
+
+def test_migration_is_lossless_all_or_nothing_and_training_continues_as_if_placed_so():
+    for rank, result in enumerate(run_ranks(2, _migration_scenarios)):
+        assert result["round_trip"], f"rank {rank}: state changed on a round trip"
+        torch.testing.assert_close(result["migrated_losses"], result["placed_losses"], rtol=1e-5, atol=1e-6)
+        assert result["failed"][0] is False
+        assert "rank 1, exchanged: RuntimeError: injected" in result["failed"][1] or rank == 0
+        assert result["kept"], f"rank {rank}: a failed migration changed state"
+        assert result["goes_on"] == result["goes_on"]  # a number, not NaN
