@@ -105,6 +105,9 @@ def train(policy: str, args) -> dict:
             "imbalance": [(w["step"], w["imbalance"]) for w in balancer.windows],
             "migrations": [{"moved_slots": m.moved_slots, "seconds": m.seconds, "committed": m.committed}
                            for m in balancer.migrations],
+            "decisions": [(w["step"], w["predicted_gain_s"], w["predicted_cost_s"], w.get("migrated", False))
+                          for w in balancer.windows if "predicted_gain_s" in w],
+            "step_times": [(w["step"], w["step_time_s"]) for w in balancer.windows],
             "trace": [w["load"] for w in balancer.windows]}
 
 

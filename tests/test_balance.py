@@ -122,11 +122,17 @@ def test_a_new_placement_reaches_the_compiled_graph_without_a_recompile():
         torch.testing.assert_close(outputs[-1], layer(x))
     torch.testing.assert_close(outputs[0], outputs[1])  # the same experts, wherever they live
     assert counters["stats"]["unique_graphs"] == 1
+    layer.expert_load.zero_()
+    expert_ids = layer.route(x)[1]
+    compiled(x)  # the compiled graph counts tokens per logical expert, on device
+    assert layer.expert_load.tolist() == torch.bincount(expert_ids.flatten(), minlength=E).tolist()
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 # --- migration on two real ranks ---------------------------------------------------------------
 
 START, MOVED = Placement((0, 1, 0, 2, 3, 2), E, 2), Placement((3, 0, 1, 2, 1, 0), E, 2)
+WITHIN_RANKS = Placement((1, 0, 0, 2, 2, 3), E, 2)
 
 
 def _train(layer, optimizer, rank, steps, on_step=None):
@@ -174,6 +180,10 @@ def _migration_scenarios(rank, world_size):
     there = migrate([layer], [MOVED], optimizer)
     back = migrate([layer], [START], optimizer)
     results["round_trip"] = there.committed and back.committed and there.moved_slots > 0 and \
+        _bitwise_equal(before, _state(layer, optimizer))
+    shuffled = migrate([layer], [WITHIN_RANKS], optimizer)  # nothing crosses ranks: empty exchanges
+    unshuffled = migrate([layer], [START], optimizer)
+    results["round_trip"] &= shuffled.committed and unshuffled.committed and shuffled.bytes_received == 0 and \
         _bitwise_equal(before, _state(layer, optimizer))
 
     # 2. Training after a migration matches training that used the new placement from the start.

@@ -165,6 +165,7 @@ class ExpertBalancer:
             self._migrate(new, window)
 
     def _migrate(self, new: list[Placement], window: dict) -> None:
+        moving = self._bytes_to_move(new)
         report = migrate(self.layers, new, self.optimizer, self.group, self.fault)
         self.migrations.append(report)
         window["migrated"] = report.committed
@@ -172,8 +173,8 @@ class ExpertBalancer:
             log.warning("expert migration abandoned, every rank keeps its placement: %s", report.error)
             return
         self.last_migration = self.steps
-        moved_bytes = self._bytes_to_move(new) or 1
-        self.seconds_per_byte = report.seconds / moved_bytes
+        if moving:
+            self.seconds_per_byte = report.seconds / moving
 
     @property
     def placements(self) -> list[Placement]:

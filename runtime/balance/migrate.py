@@ -75,9 +75,13 @@ def _write_rows(tensors: list[torch.Tensor], rows: torch.Tensor) -> None:
 
 
 def checksum(rows: torch.Tensor) -> torch.Tensor:
-    """Position-sensitive sum of each row's bytes (a swapped or changed byte changes it)."""
-    weights = torch.arange(rows.shape[1], dtype=torch.int64) % 65521 + 1
-    return (rows.to(torch.int64) * weights).sum(1)
+    """Per row: the bytes as 32-bit words, summed in blocks of 16, the block sums weighted by their position (a
+    changed word, or a moved block, changes it; sums in place, no widened copy of the rows)."""
+    pad = -rows.shape[1] % 64
+    blocks_per_row = (rows.shape[1] + pad) // 64
+    words = torch.nn.functional.pad(rows, (0, pad)).view(torch.int32).view(rows.shape[0], blocks_per_row, 16)
+    blocks = words.sum(-1, dtype=torch.int64)
+    return (blocks * (torch.arange(blocks.shape[1], dtype=torch.int64) % 65521 + 1)).sum(1)
 
 
 def transfers(old: Placement, new: Placement) -> list[tuple[int, int]]:
