@@ -40,7 +40,9 @@ from _common import median, run_layouts, write_cluster_result  # noqa: E402
 
 import moe_ascend.kernels as ops  # noqa: E402
 from moe_ascend.runtime import MoELayer  # noqa: E402
-from moe_ascend.runtime.balance import ExpertBalancer, prediction_error  # noqa: E402
+from moe_ascend.runtime.balance import (ExpertBalancer, Placement, greedy_placement, imbalance, plan_placement,  # noqa: E402
+                                        prediction_error)
+from moe_ascend.runtime.balance.planner import moved_experts  # noqa: E402
 
 POLICIES = ("off", "static", "ours")
 
@@ -123,6 +125,22 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def compare_planners(trace: torch.Tensor, args, ranks: int) -> dict:
+    """EPLB greedy against ours, each planning every window of the recorded load for that window: mean imbalance
+    and slots moved (ours from its previous placement, EPLB from scratch as it plans)."""
+    slots = args.experts + args.redundant
+    result = {"eplb": {"imbalance": 0.0, "moved_slots": 0}, "ours": {"imbalance": 0.0, "moved_slots": 0}}
+    for layer in range(trace.shape[1]):
+        previous = {name: Placement.initial(args.experts, ranks, args.redundant) for name in result}
+        for load in trace[:, layer]:
+            planned = {"eplb": greedy_placement(load, slots, ranks), "ours": plan_placement(load, previous["ours"])}
+            for name, placement in planned.items():
+                result[name]["imbalance"] += imbalance(placement, load) / (trace.shape[0] * trace.shape[1])
+                result[name]["moved_slots"] += moved_experts(previous[name], placement)
+                previous[name] = placement
+    return result
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -173,17 +191,19 @@ def main() -> None:
     per_policy = {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p]) for p in POLICIES}
     trace = torch.tensor(next(r for r in runs if r["policy"] == "off")["trace"])
     errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend")}
+    nodes, per_node = (int(v) for v in args.layouts.split(",")[0].lower().split("x"))
+    planners = compare_planners(trace, args, nodes * per_node)
     gain = per_policy["ours"] / per_policy["off"] - 1
     figure = {"name": "throughput_gain", "value": gain, "goal": 0.25, "higher_is_better": True}
     out = write_cluster_result("balance", figure, runs, args)
     data = json.loads(out.read_text())
     data.update(throughput_gain=gain, static_gain=per_policy["static"] / per_policy["off"] - 1,
-                tokens_per_s=per_policy, prediction_error=errors)
+                tokens_per_s=per_policy, prediction_error=errors, planners_on_trace=planners)
     out.write_text(json.dumps(data, indent=1))
     plot(runs, out.with_suffix(".png"))
     print(f"tokens/s {per_policy}; throughput_gain {gain:+.3f}, static {data['static_gain']:+.3f}; "
           f"prediction error (horizon {args.horizon} windows) ema {errors['ema']:.3f}, trend {errors['trend']:.3f}; "
-          f"wrote {out}")
+          f"planners on the trace {planners}; wrote {out}")
 
 
 if __name__ == "__main__":

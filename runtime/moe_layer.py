@@ -27,6 +27,13 @@ Capacity layers are chunked by the compiler (``options={"overlap": n}``).
 for dropless layers, whose exchange the compiler pass cannot rewrite (it is
 split across graphs at the host-read split sizes). Capacity layers get it from
 the ``hierarchical_a2a`` compile option as well.
+
+``balance=True`` readies the layer for ``runtime.balance.ExpertBalancer``: it
+counts tokens per logical expert into its ``expert_load`` buffer (inside the
+graph), and routes each (token, choice) pair through a logical → physical map
+held in buffers (``replica_slots``, ``replica_count``) onto ``E + redundant_experts``
+expert slots, ``(E + R) / ep_size`` per rank, so hot experts can have replicas and
+a new placement reaches a compiled graph without a recompile.
 """
 
 from __future__ import annotations

@@ -49,14 +49,18 @@ def balanced_layers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, MoELayer) and m.balance]
 
 
-def read_loads(layers, group=None) -> torch.Tensor:
-    """``[layers, experts]`` tokens per expert since the last read, summed over the group's ranks; the counters restart."""
-    loads = torch.stack([layer.expert_load for layer in layers]).clone()
+def read_loads(layers, group=None, step_time: float = 0.0) -> tuple[torch.Tensor, float]:
+    """``[layers, experts]`` tokens per expert since the last read, summed over the group's ranks (the counters
+    restart), and the ranks' mean of ``step_time``: every rank decides from the same numbers, so all of them
+    migrate or none does (a rank that decided alone would wait in a collective the others never join)."""
+    loads = torch.stack([layer.expert_load for layer in layers]).double().flatten()
     for layer in layers:
         layer.expert_load.zero_()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(loads, group=group)
-    return loads
+    measured = torch.cat([loads, torch.tensor([step_time], dtype=torch.float64)])
+    ranks = dist.get_world_size(group) if dist.is_initialized() else 1
+    if ranks > 1:
+        dist.all_reduce(measured, group=group)
+    return measured[:-1].view(len(layers), -1), float(measured[-1]) / ranks
 
 
 def sync_replica_grads(layers, group=None) -> None:
@@ -130,9 +134,10 @@ class ExpertBalancer:
             return
         if self.steps % self.interval:
             return
-        now = time.perf_counter()
-        loads = read_loads(self.layers, self.group) / self.interval  # tokens per expert per step
-        window = {"step": self.steps, "step_time_s": (now - self.window_started) / self.interval,
+        step_time = (time.perf_counter() - self.window_started) / self.interval
+        loads, step_time = read_loads(self.layers, self.group, step_time)
+        loads = loads / self.interval  # tokens per expert per step
+        window = {"step": self.steps, "step_time_s": step_time,
                   "busiest": self._busiest(self.placements, loads), "imbalance": self._imbalance(self.placements, loads),
                   "load": loads.tolist()}
         self.predictor.update(loads)
@@ -173,8 +178,11 @@ class ExpertBalancer:
             log.warning("expert migration abandoned, every rank keeps its placement: %s", report.error)
             return
         self.last_migration = self.steps
+        seconds = torch.tensor([report.seconds], dtype=torch.float64)
+        if self.ranks > 1:  # the slowest rank's time, the same on every rank (it feeds the next decision)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=self.group)
         if moving:
-            self.seconds_per_byte = report.seconds / moving
+            self.seconds_per_byte = float(seconds) / moving
 
     @property
     def placements(self) -> list[Placement]:
