@@ -50,7 +50,7 @@ def test_pairs_are_spread_over_an_experts_replicas_in_turn():
 def test_our_plan_is_at_least_as_balanced_as_eplb_greedy_and_moves_fewer_experts(experts, ranks, per_node, redundant):
     for seed in range(3):
         load, current = zipf_load(experts, seed), Placement.initial(experts, ranks, redundant)
-        eplb, ours = greedy_placement(load, experts + redundant, ranks, per_node), plan_placement(load, current, per_node)
+        eplb, ours = greedy_placement(load, experts + redundant, ranks, per_node), plan_placement(load, current)
         for placement in (eplb, ours):
             for rank in range(ranks):  # two replicas of one expert on one rank would balance nothing
                 held = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from moe_ascend.runtime.balance.migrate import MigrationReport, migrate, slot_bytes, slot_tensors, transfers
 from moe_ascend.runtime.balance.placement import Placement
-from moe_ascend.runtime.balance.planner import greedy_placement, plan_placement
+from moe_ascend.runtime.balance.planner import greedy_placement, imbalance, plan_placement
 from moe_ascend.runtime.balance.predict import PREDICTORS
 
 log = logging.getLogger("moe_ascend")
@@ -69,7 +70,7 @@ def sync_replica_grads(layers, group=None) -> None:
     rank = dist.get_rank(group) if distributed else 0
     for layer in layers:
         placement = layer.placement
-        replicated = sorted({e for e in placement.slot_experts if len(placement.replicas(e)) > 1})
+        replicated = sorted(e for e, copies in Counter(placement.slot_experts).items() if copies > 1)
         if not replicated:
             continue
         index = {e: i for i, e in enumerate(replicated)}
@@ -138,7 +139,7 @@ class ExpertBalancer:
         loads, step_time = read_loads(self.layers, self.group, step_time)
         loads = loads / self.interval  # tokens per expert per step
         window = {"step": self.steps, "step_time_s": step_time,
-                  "busiest": self._busiest(self.placements, loads), "imbalance": self._imbalance(self.placements, loads),
+                  "busiest": self._busiest(self.placements, loads), "imbalance": sum(map(imbalance, self.placements, loads)) / len(self.layers),
                   "load": loads.tolist()}
         self.predictor.update(loads)
         self.windows.append(window)
@@ -160,7 +161,7 @@ class ExpertBalancer:
         if self.steps - self.last_migration < self.min_interval:
             return
         predicted = self.predictor.predict(self.horizon)
-        new = [plan_placement(load, p, self.ranks_per_node) for load, p in zip(predicted, self.placements)]
+        new = [plan_placement(load, p) for load, p in zip(predicted, self.placements)]
         if all(a == b for a, b in zip(new, self.placements)):
             return
         saved = self._seconds_per_token() * (self._busiest(self.placements, predicted) - self._busiest(new, predicted))
@@ -193,14 +194,6 @@ class ExpertBalancer:
     @staticmethod
     def _busiest(placements, loads) -> float:
         return sum(max(p.rank_loads(load)) for p, load in zip(placements, loads))
-
-    @staticmethod
-    def _imbalance(placements, loads) -> float:
-        ratios = []
-        for p, load in zip(placements, loads):
-            ranks = p.rank_loads(load)
-            ratios.append(max(ranks) * len(ranks) / sum(ranks) if sum(ranks) else 1.0)
-        return sum(ratios) / len(ratios)
 
     def _seconds_per_token(self) -> float:
         """``b`` of ``step time = a + b · busiest``: least squares over the windows, or half the step per token."""

@@ -57,8 +57,12 @@ def slot_tensors(layer, optimizer: torch.optim.Optimizer | None) -> list[torch.T
     return tensors
 
 
+def _row_bytes(tensor: torch.Tensor) -> int:
+    return tensor[0].numel() * tensor.element_size()
+
+
 def slot_bytes(tensors: list[torch.Tensor]) -> int:
-    return sum(t[0].numel() * t.element_size() for t in tensors)
+    return sum(map(_row_bytes, tensors))
 
 
 def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -69,7 +73,7 @@ def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _write_rows(tensors: list[torch.Tensor], rows: torch.Tensor) -> None:
     at = 0
     for t in tensors:
-        width = t[0].numel() * t.element_size()
+        width = _row_bytes(t)
         t.detach().copy_(rows[:, at:at + width].contiguous().view(t.dtype).reshape(t.shape))
         at += width
 

@@ -15,6 +15,7 @@ graph reads it without a recompile.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +79,7 @@ class Placement:
 
     def rank_loads(self, expert_load) -> list[float]:
         """Each rank's share of ``expert_load`` (an expert's load split evenly over its replicas)."""
-        count = [0] * self.num_experts
-        for expert in self.slot_experts:
-            count[expert] += 1
+        count = Counter(self.slot_experts)
         loads = [0.0] * self.ranks
         for slot, expert in enumerate(self.slot_experts):
             loads[self.rank_of(slot)] += float(expert_load[expert]) / count[expert]

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import heapq
 
-import torch
-
 from moe_ascend.runtime.balance.placement import Placement, PlacementError
 
 
@@ -76,7 +74,7 @@ def greedy_placement(load, num_slots: int, ranks: int, ranks_per_node: int | Non
     return _placement(ranks_items, len(load))
 
 
-def plan_placement(load, current: Placement, ranks_per_node: int | None = None) -> Placement:
+def plan_placement(load, current: Placement) -> Placement:
     """Ours: greedy packing, swaps that lower the busiest rank, then the fewest moves from ``current``."""
     ranks, per_rank = current.ranks, current.slots_per_rank
     packed = _pack(_replicas(load, replica_counts(load, current.num_slots, ranks)), ranks, per_rank)
@@ -151,7 +149,3 @@ def imbalance(placement: Placement, load) -> float:
 def moved_experts(old: Placement, new: Placement) -> int:
     """Slots whose expert changes (each one is an expert's weights and optimizer state to fetch)."""
     return sum(a != b for a, b in zip(old.slot_experts, new.slot_experts))
-
-
-def as_load(load) -> torch.Tensor:
-    return torch.as_tensor(load, dtype=torch.float64)
