@@ -58,6 +58,16 @@ def run_on_cluster(script: str, layout: str, bandwidth: str, worker_args: list[s
     return [json.loads(line) | {"layout": layout} for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)]
 
 
+def worker_arguments(args) -> list[str]:
+    """The command line that gives a worker ``args`` (less what only the launching side reads)."""
+    flags = []
+    for name, value in vars(args).items():
+        if name in ("worker", "json", "layouts", "bandwidth") or value is False:
+            continue
+        flags.append(f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}"))
+    return flags
+
+
 def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict], None]) -> list[dict]:
     """``run_on_cluster`` on each of ``args.layouts`` (comma-separated) at ``args.bandwidth``; each run is shown
     with ``show(run)`` as it comes in."""

@@ -13,8 +13,10 @@ rank and every policy sees the same schedule.
     ours     ExpertBalancer: EMA + trend prediction, planning with replicas, migrating when the predicted
              gain over the horizon beats the measured migration cost
 
-Tokens/s is measured on rank 0 over every step after the first (migrations
-included). The figure is ``throughput_gain`` = ours / off − 1. Writes
+The three train side by side in one process, taking turns a block of steps at
+a time, so the machine's noisy minutes fall on all of them alike; each policy's
+tokens/s counts its own steps after the first (its migrations included), on
+rank 0. The figure is ``throughput_gain`` = ours / off − 1. Writes
 bench/results/balance.json and a PNG of the imbalance (max / mean rank load)
 over time.
 
@@ -36,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, run_layouts, write_cluster_result  # noqa: E402
+from _common import median, run_layouts, worker_arguments, write_cluster_result  # noqa: E402
 
 import moe_ascend.kernels as ops  # noqa: E402
 from moe_ascend.runtime import MoELayer  # noqa: E402
@@ -78,50 +80,78 @@ def skew(step: int, rank: int, args) -> torch.Tensor:
     return log_p - torch.log(-torch.log(uniform.clamp_min(1e-9)))
 
 
-def train(policy: str, args) -> dict:
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    layers = nn.ModuleList(Block(args, 0 if policy == "off" else args.redundant) for _ in range(args.layers))
-    model = nn.Sequential(*layers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    balancer = ExpertBalancer(model, optimizer, interval=args.interval, horizon=args.horizon,
-                              min_interval=args.min_interval,
-                              policy={"off": "observe", "static": "static", "ours": "dynamic"}[policy])
-    step_fn = torch.compile(model, backend="moe_ascend", options={"target": "eager"}) if args.compile else model
-    x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(rank))
-    started = None
-    for step in range(args.steps + 1):
-        if step == 1:
-            dist.barrier()
-            started = time.perf_counter()
-        for layer in layers:
-            layer.moe.skew.copy_(skew(step, rank, args))
-        loss = (step_fn(x) - x).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    dist.barrier()
-    seconds = time.perf_counter() - started
-    tokens = args.steps * args.tokens * dist.get_world_size()
-    return {"policy": policy, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "imbalance": [(w["step"], w["imbalance"]) for w in balancer.windows],
-            "migrations": [{"moved_slots": m.moved_slots, "seconds": m.seconds, "committed": m.committed}
-                           for m in balancer.migrations],
-            "decisions": [(w["step"], w["predicted_gain_s"], w["predicted_cost_s"], w.get("migrated", False))
-                          for w in balancer.windows if "predicted_gain_s" in w],
-            "step_times": [(w["step"], w["step_time_s"]) for w in balancer.windows],
-            "trace": [w["load"] for w in balancer.windows]}
+class Stopwatch:
+    """Seconds spent inside ``with stopwatch:`` blocks: each policy counts only its own steps."""
+
+    def __init__(self):
+        self.total, self._since = 0.0, None
+
+    def __enter__(self):
+        self._since = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.total, self._since = self(), None
+
+    def __call__(self) -> float:
+        return self.total + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+
+class Trainee:
+    """One policy's model, optimizer and balancer, trained a block of steps at a time."""
+
+    def __init__(self, policy: str, args):
+        self.policy, self.args, self.rank = policy, args, dist.get_rank()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(Block(args, 0 if policy == "off" else args.redundant) for _ in range(args.layers))
+        model = nn.Sequential(*self.layers)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.stopwatch = Stopwatch()
+        self.balancer = ExpertBalancer(model, self.optimizer, interval=args.interval, horizon=args.horizon,
+                                       min_interval=args.min_interval, clock=self.stopwatch,
+                                       policy={"off": "observe", "static": "static", "ours": "dynamic"}[policy])
+        self.step_fn = torch.compile(model, backend="moe_ascend", options={"target": "eager"}) if args.compile else model
+        self.x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(self.rank))
+
+    def train(self, steps: range) -> None:
+        for step in steps:
+            for layer in self.layers:
+                layer.moe.skew.copy_(skew(step, self.rank, self.args))
+            with self.stopwatch:
+                loss = (self.step_fn(self.x) - self.x).square().mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            if step == 0:  # the first step compiles and warms up: not counted
+                self.stopwatch.total = 0.0
+
+    def result(self) -> dict:
+        seconds, windows = self.stopwatch.total, self.balancer.windows
+        return {"policy": self.policy, "seconds": seconds,
+                "tokens_per_s": self.args.steps * self.args.tokens * dist.get_world_size() / seconds,
+                "imbalance": [(w["step"], w["imbalance"]) for w in windows],
+                "migrations": [{"moved_slots": m.moved_slots, "seconds": m.seconds, "committed": m.committed}
+                               for m in self.balancer.migrations],
+                "decisions": [(w["step"], w["predicted_gain_s"], w["predicted_cost_s"], w.get("migrated", False))
+                              for w in windows if "predicted_gain_s" in w],
+                "step_times": [(w["step"], w["step_time_s"]) for w in windows],
+                "trace": [w["load"] for w in windows]}
 
 
 def worker(args) -> None:
+    """Every policy trains side by side in one process, a block of steps each in turn (the order rotating from
+    block to block), so the machine's slow minutes fall on all of them alike."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    policies = args.policies.split(",")
     for round_ in range(args.rounds):
-        order = POLICIES[round_ % 3:] + POLICIES[:round_ % 3]  # rotate so no policy always runs first
-        for policy in order:
-            run = train(policy, args) | {"round": round_}
-            if dist.get_rank() == 0:
-                print("RESULT " + json.dumps(run), flush=True)
+        trainees = [Trainee(policy, args) for policy in policies]
+        for block, first in enumerate(range(0, args.steps + 1, args.block)):
+            turn = block % len(trainees)
+            for trainee in trainees[turn:] + trainees[:turn]:
+                trainee.train(range(first, min(first + args.block, args.steps + 1)))
+        if dist.get_rank() == 0:
+            for trainee in trainees:
+                print("RESULT " + json.dumps(trainee.result() | {"round": round_}), flush=True)
     dist.destroy_process_group()
 
 
@@ -173,31 +203,35 @@ def main() -> None:
     parser.add_argument("--redundant", type=int, default=2, help="redundant expert slots per layer (static, ours)")
     parser.add_argument("--zipf", type=float, default=1.2)
     parser.add_argument("--drift-steps", type=int, default=40, help="steps for the hottest expert to move by one")
+    parser.add_argument("--block", type=int, default=5, help="steps a policy trains before the next one's turn")
     parser.add_argument("--interval", type=int, default=5, help="steps between load reads")
     parser.add_argument("--horizon", type=int, default=8, help="windows a new placement is expected to serve")
     parser.add_argument("--min-interval", type=int, default=20, help="steps between migrations, at least")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma separated, of " + ", ".join(POLICIES))
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (moe_ascend, eager target)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    worker_args = [a for a in sys.argv[1:] if not a.startswith("--json")]
-    runs = run_layouts(os.path.abspath(__file__), args, worker_args, lambda run: print(
+    runs = run_layouts(os.path.abspath(__file__), args, worker_arguments(args), lambda run: print(
         f"{run['layout']} round {run['round']} {run['policy']:>6}: {run['tokens_per_s']:8.0f} tokens/s "
         f"({run['seconds']:.1f} s), mean imbalance "
         f"{sum(i for _, i in run['imbalance']) / max(1, len(run['imbalance'])):.3f}, "
         f"{sum(m['committed'] for m in run['migrations'])} migrations", flush=True))
-    per_policy = {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p]) for p in POLICIES}
+    per_policy = {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p]) for p in POLICIES
+                  if any(r["policy"] == p for r in runs)}
     trace = torch.tensor(next(r for r in runs if r["policy"] == "off")["trace"])
     errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend")}
     nodes, per_node = (int(v) for v in args.layouts.split(",")[0].lower().split("x"))
     planners = compare_planners(trace, args, nodes * per_node)
-    gain = per_policy["ours"] / per_policy["off"] - 1
+    def gain_over_off(policy):
+        return per_policy[policy] / per_policy["off"] - 1 if {policy, "off"} <= per_policy.keys() else float("nan")
+    gain = gain_over_off("ours")
     figure = {"name": "throughput_gain", "value": gain, "goal": 0.25, "higher_is_better": True}
     out = write_cluster_result("balance", figure, runs, args)
     data = json.loads(out.read_text())
-    data.update(throughput_gain=gain, static_gain=per_policy["static"] / per_policy["off"] - 1,
+    data.update(throughput_gain=gain, static_gain=gain_over_off("static"),
                 tokens_per_s=per_policy, prediction_error=errors, planners_on_trace=planners)
     out.write_text(json.dumps(data, indent=1))
     plot(runs, out.with_suffix(".png"))

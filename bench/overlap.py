@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import anchored_figure, median, run_layouts, write_cluster_result  # noqa: E402
+from _common import anchored_figure, median, run_layouts, worker_arguments, write_cluster_result  # noqa: E402
 
 CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto"}
 
@@ -60,8 +60,7 @@ def main() -> None:
 
     print(f"{'layout':<7}{'config':<10}{'chunks':>7}{'T_step ms':>11}{'compute ms':>12}{'comm ms':>9}{'hidden':>8}"
           f"{'/max':>7}", flush=True)
-    worker_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("worker", "json", "layouts", "bandwidth")]
+    worker_args = worker_arguments(args)
 
     def show(run: dict) -> None:
         print(f"{run['layout']:<7}{run['config']:<10}{run['chunks'] or '':>7}{run['T_step'] * 1e3:>11.1f}"

@@ -31,9 +31,10 @@ the ``hierarchical_a2a`` compile option as well.
 ``balance=True`` readies the layer for ``runtime.balance.ExpertBalancer``: it
 counts tokens per logical expert into its ``expert_load`` buffer (inside the
 graph), and routes each (token, choice) pair through a logical → physical map
-held in buffers (``replica_slots``, ``replica_count``) onto ``E + redundant_experts``
-expert slots, ``(E + R) / ep_size`` per rank, so hot experts can have replicas and
-a new placement reaches a compiled graph without a recompile.
+held in buffers (``route_slots``, ``route_count``: the nearest replicas of each
+expert, see ``runtime.balance.placement``) onto ``E + redundant_experts`` expert
+slots, ``(E + R) / ep_size`` per rank, so hot experts can have replicas and a
+new placement reaches a compiled graph without a recompile.
 """
 
 from __future__ import annotations
@@ -106,22 +107,35 @@ class MoELayer(nn.Module):
         self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
         self.balance = balance
         if balance:
-            self._place(placement, dist.get_rank(ep_group) if self.ep_size > 1 else 0)
+            self._ep_rank = dist.get_rank(ep_group) if self.ep_size > 1 else 0
+            self._node_of_rank = _node_of_rank(ep_group) if self.ep_size > 1 else [0]
+            self._place(placement)
 
-    def _place(self, placement: Placement, rank: int) -> None:
+    def _place(self, placement: Placement) -> None:
         """Buffers for the balancer: tokens per logical expert (summed on device) and the logical → physical map;
         the initial replicas copy their rank's own experts."""
-        replica_slots, replica_count = placement.tables()
         self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.int64))
-        self.register_buffer("replica_slots", replica_slots)
-        self.register_buffer("replica_count", replica_count)
-        first = rank * placement.slots_per_rank
+        for name in ("replica_slots", "route_slots"):
+            self.register_buffer(name, torch.zeros(self.num_experts, placement.max_replicas, dtype=torch.int64))
+        for name in ("replica_count", "route_count"):
+            self.register_buffer(name, torch.zeros(self.num_experts, dtype=torch.int64))
+        self.place(placement)
+        first = self._ep_rank * placement.slots_per_rank
         with torch.no_grad():
             for local in range(placement.slots_per_rank):
                 source = placement.replicas(placement.slot_experts[first + local])[0] - first
                 if source != local:
                     self.w_gate_up[local] = self.w_gate_up[source]
                     self.w_down[local] = self.w_down[source]
+
+    def place(self, placement: Placement) -> None:
+        """Route through ``placement`` from now on (its tables, written in place: a compiled graph keeps working).
+        Moves no weights: ``runtime.balance.migrate`` does, then calls this."""
+        with torch.no_grad():
+            for buffers, tables in [(("replica_slots", "replica_count"), placement.tables()),
+                                    (("route_slots", "route_count"), placement.tables(self._ep_rank, self._node_of_rank))]:
+                for name, table in zip(buffers, tables):
+                    getattr(self, name).copy_(table)
 
     def _hierarchy(self, ep_group) -> hierarchical.Hierarchy | None:
         """The two-step exchange's groups, or None where one node holds every rank (nothing to save)."""
@@ -155,7 +169,7 @@ class MoELayer(nn.Module):
         if self.balance:
             # Counted on device, read by the balancer every few steps: no host sync on the hot path.
             self.expert_load.index_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
-            expert_ids = physical_slots(expert_ids, self.replica_slots, self.replica_count)
+            expert_ids = physical_slots(expert_ids, self.route_slots, self.route_count)
         if self.capacity_factor is not None:
             out = self._capacity_moe(tokens, weights, expert_ids)
         else:
@@ -211,6 +225,12 @@ class MoELayer(nn.Module):
     def _experts_grouped(self, rows, tokens_per_expert):
         gate, up = ops.grouped_mm(rows, self.w_gate_up, tokens_per_expert).chunk(2, dim=-1)
         return ops.grouped_mm(F.silu(gate) * up, self.w_down, tokens_per_expert)
+
+
+def _node_of_rank(ep_group) -> list[int]:
+    """The node of each rank of the expert-parallel group (by the topology's ranks per node)."""
+    per_node = Topology.detect().ranks_per_node
+    return [r // per_node for r in dist.get_process_group_ranks(ep_group)]
 
 
 class SwiGLU(nn.Module):

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from distributed import run_ranks
 from torch._dynamo.utils import counters
 
+import moe_ascend.kernels as ops
 from moe_ascend.runtime import MoELayer
 from moe_ascend.runtime.balance import (ExpertBalancer, Placement, PlacementError, greedy_placement, imbalance, migrate,
                                         plan_placement, prediction_error)
@@ -38,10 +39,19 @@ def test_placements_that_cannot_hold_the_experts_say_what_to_change():
         Placement((0, 1, 2, 2), 4, 2)
 
 
-def test_pairs_are_spread_over_an_experts_replicas_in_turn():
-    slots, count = Placement((0, 1, 0, 2, 3, 0), 4, 2).tables()
-    expert_ids = torch.tensor([[0, 1], [0, 2], [0, 3]])
-    assert physical_slots(expert_ids, slots, count).tolist() == [[0, 1], [5, 3], [2, 4]]
+def test_an_experts_pairs_go_to_its_replicas_in_turn_whichever_choice_they_are():
+    slots, count = Placement((0, 1, 2, 3, 0, 1), 4, 2).tables()  # experts 0 and 1 have two replicas
+    expert_ids = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3]])  # expert 0 always the first choice
+    assert physical_slots(expert_ids, slots, count).tolist() == [[0, 1], [4, 2], [0, 5], [4, 3]]
+
+
+def test_a_rank_routes_to_the_replicas_on_itself_else_on_its_node_else_to_all():
+    placement = Placement((0, 1, 2, 0, 3, 1, 2, 3), 4, 4)  # 2 slots a rank, ranks 0-1 on node 0, 2-3 on node 1
+    node_of = [0, 0, 1, 1]
+    assert [placement.nearest_replicas(e, 0, node_of) for e in range(4)] == [[0], [1], [2], [4, 7]]
+    slots, count = placement.tables(rank=0, node_of=node_of)
+    assert count.tolist() == [1, 1, 1, 2] and slots[3, :2].tolist() == [4, 7]
+    assert placement.tables()[1].tolist() == [2, 2, 2, 2]
 
 
 # --- planning and prediction -------------------------------------------------------------------
@@ -80,13 +90,11 @@ def load_placement(layer, placement: Placement, rank: int, weights) -> None:
     """Give ``layer`` the logical experts ``weights`` laid out by ``placement`` (this rank's slots)."""
     gate, gate_up, down = weights
     mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
-    slots, count = placement.tables()
     with torch.no_grad():
         layer.gate.weight.copy_(gate)
         layer.w_gate_up.copy_(gate_up[list(mine)])
         layer.w_down.copy_(down[list(mine)])
-        layer.replica_slots.copy_(slots)
-        layer.replica_count.copy_(count)
+    layer.place(placement)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 4.0])
@@ -100,11 +108,12 @@ def test_a_balanced_layer_with_replicas_computes_what_the_plain_layer_does(capac
     x = torch.randn(12, D)
     torch.testing.assert_close(balanced(x), plain(x))
     assert balanced.expert_load.sum() == 12 * K
-    plain(x).square().sum().backward()
-    balanced(x).square().sum().backward()
-    from moe_ascend.runtime.balance import sync_replica_grads
-
-    sync_replica_grads([balanced])
+    optimizer = torch.optim.SGD(balanced.parameters(), lr=0.0)
+    ExpertBalancer(balanced, optimizer, interval=10**9)  # sums the replicas' gradients before the step
+    for _ in range(2):  # accumulated over two backwards: the replicas are summed once, at the step
+        plain(x).square().sum().backward()
+        balanced(x).square().sum().backward()
+    optimizer.step()
     torch.testing.assert_close(balanced.w_down.grad, plain.w_down.grad[[3, 0, 1, 2, 3, 0]])
     torch.testing.assert_close(balanced.w_gate_up.grad, plain.w_gate_up.grad[[3, 0, 1, 2, 3, 0]])
 
@@ -163,6 +172,13 @@ def _bitwise_equal(a, b):
                                                     else b[k]) for k in a)
 
 
+class HotExpertsOnRank0(MoELayer):
+    """Most tokens go to experts 0 and 1, which the initial placement puts on rank 0."""
+
+    def route(self, tokens):
+        return ops.topk_softmax(self.gate(tokens) + torch.tensor([4.0, 4.0, 0.0, 0.0]), self.top_k, self.renormalize)
+
+
 def _migration_scenarios(rank, world_size):
     def fresh(placement):
         torch.manual_seed(0)
@@ -211,14 +227,31 @@ def _migration_scenarios(rank, world_size):
     results["failed"] = (failed.committed, failed.error)
     results["kept"] = _bitwise_equal(before, _state(layer, optimizer))
     results["goes_on"] = _train(layer, optimizer, rank, 1)[0]
+
+    # 4. The balancer on its own: it sees rank 0 overloaded and moves experts, and the ranks decide alike (their
+    # clocks never agree exactly: a rank deciding from its own step time alone could migrate alone and hang).
+    torch.manual_seed(0)
+    layer = HotExpertsOnRank0(D, F, E, K, ep_group=dist.group.WORLD, balance=True, redundant_experts=2)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    balancer = ExpertBalancer(layer, optimizer, interval=2, min_interval=4, horizon=10, bandwidth=1e12)
+    _train(layer, optimizer, rank, 11)
+    results["balancer"] = {"placement": layer.placement.slot_experts,
+                           "decisions": [(w["step"], w.get("migrated")) for w in balancer.windows],
+                           "imbalance": [w["imbalance"] for w in balancer.windows],
+                           "committed": [m.committed for m in balancer.migrations]}
     return results
 
 
 def test_migration_is_lossless_all_or_nothing_and_training_continues_as_if_placed_so():
-    for rank, result in enumerate(run_ranks(2, _migration_scenarios)):
+    results = run_ranks(2, _migration_scenarios)
+    for rank, result in enumerate(results):
         assert result["round_trip"], f"rank {rank}: state changed on a round trip"
         torch.testing.assert_close(result["migrated_losses"], result["placed_losses"], rtol=1e-5, atol=1e-6)
         assert result["failed"][0] is False
         assert "rank 1, exchanged: RuntimeError: injected" in result["failed"][1] or rank == 0
         assert result["kept"], f"rank {rank}: a failed migration changed state"
         assert result["goes_on"] == result["goes_on"]  # a number, not NaN
+    first, second = (result["balancer"] for result in results)
+    assert first["committed"] and all(first["committed"]), "the skewed load should have been rebalanced"
+    assert first["placement"] == second["placement"] and first["decisions"] == second["decisions"]
+    assert first["imbalance"][-1] < first["imbalance"][0] - 0.2

@@ -5,8 +5,11 @@
     balancer = ExpertBalancer(model, optimizer)
     step = torch.compile(model, backend="moe_ascend")   # train as usual: the balancer hooks optimizer.step()
 
-Before each optimizer step it sums the gradients of replicated experts over
-their replicas (so replicas stay equal and the update is that of one expert).
+It sums the gradients of replicated experts over their replicas (so replicas
+stay equal and the update is that of one expert): each weight's all_reduce
+starts as soon as backward has its gradient, under the rest of backward, and
+is waited for before the optimizer step (with gradient accumulation, the sum
+waits for the step).
 After every ``interval`` steps it reads the tokens per expert the layers
 counted on device (one all_reduce: the only host sync), updates the load
 prediction, plans a placement for the predicted load and migrates when
@@ -18,7 +21,8 @@ Step time is modelled as ``a + b · Σ_layers (busiest rank's tokens)``, ``b``
 fitted on the windows measured so far (until two windows differ in load,
 ``b`` assumes half of the step is expert compute). The migration cost is
 measured on the previous migration (seconds per byte moved), and before the
-first from ``bandwidth``.
+first from ``bandwidth``. ``clock`` times the steps (``time.perf_counter``;
+a benchmark that interleaves several models gives each its own stopwatch).
 
 ``policy``: ``"dynamic"`` (the above), ``"static"`` (the EPLB-style baseline:
 one greedy placement planned from the first window's load, never changed) or
@@ -42,6 +46,7 @@ from moe_ascend.runtime.balance.predict import PREDICTORS
 
 log = logging.getLogger("moe_ascend")
 POLICIES = ("dynamic", "static", "observe")
+_AT_THE_STEP = object()  # a replica sum that waits for the optimizer step (not started in backward)
 
 
 def balanced_layers(model: torch.nn.Module) -> list:
@@ -66,33 +71,46 @@ def read_loads(layers, group=None, step_time: float = 0.0) -> tuple[torch.Tensor
 
 def sync_replica_grads(layers, group=None) -> None:
     """Each replica's gradient becomes the sum over the expert's replicas: the gradient one copy would have had."""
+    for layer in layers:
+        for weight in (layer.w_gate_up, layer.w_down):
+            if weight.grad is not None:
+                finish_replica_sum(weight, start_replica_sum(layer, weight, group))
+
+
+def start_replica_sum(layer, weight: torch.Tensor, group=None) -> tuple | None:
+    """Sum ``weight.grad`` over the replicas of each replicated expert: this rank's replicas locally, then an
+    all_reduce that runs asynchronously (``finish_replica_sum`` waits for it). None when nothing is replicated."""
+    placement = layer.placement
+    replicated = sorted(e for e, copies in Counter(placement.slot_experts).items() if copies > 1)
+    if not replicated:
+        return None
     distributed = dist.is_initialized() and dist.get_world_size(group) > 1
     rank = dist.get_rank(group) if distributed else 0
-    for layer in layers:
-        placement = layer.placement
-        replicated = sorted(e for e, copies in Counter(placement.slot_experts).items() if copies > 1)
-        if not replicated:
-            continue
-        index = {e: i for i, e in enumerate(replicated)}
-        mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
-        local = [(slot, index[e]) for slot, e in enumerate(mine) if e in index]
-        for weight in (layer.w_gate_up, layer.w_down):
-            if weight.grad is None:
-                continue
-            total = weight.grad.new_zeros(len(replicated), *weight.shape[1:])
-            for slot, i in local:
-                total[i] += weight.grad[slot]
-            if distributed:
-                dist.all_reduce(total, group=group)
-            for slot, i in local:
-                weight.grad[slot] = total[i]
+    index = {e: i for i, e in enumerate(replicated)}
+    mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
+    local = [(slot, index[e]) for slot, e in enumerate(mine) if e in index]
+    total = weight.grad.new_zeros(len(replicated), *weight.shape[1:])
+    for slot, i in local:
+        total[i] += weight.grad[slot]
+    work = dist.all_reduce(total, group=group, async_op=True) if distributed else None
+    return local, total, work
+
+
+def finish_replica_sum(weight: torch.Tensor, started: tuple | None) -> None:
+    if started is None:
+        return
+    local, total, work = started
+    if work is not None:
+        work.wait()
+    for slot, i in local:
+        weight.grad[slot] = total[i]
 
 
 class ExpertBalancer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group=None, interval: int = 10,
                  horizon: int = 10, min_interval: int = 50, predictor: str = "trend", policy: str = "dynamic",
                  ranks_per_node: int | None = None, bandwidth: float = 125e6,
-                 fault: Callable[[str], None] | None = None):
+                 fault: Callable[[str], None] | None = None, clock: Callable[[], float] = time.perf_counter):
         self.layers = balanced_layers(model)
         if not self.layers:
             raise ValueError("no MoELayer with balance=True in the model: build its MoE layers with "
@@ -107,14 +125,19 @@ class ExpertBalancer:
             raise ValueError(f"the balancer's group has {self.ranks} ranks but a layer's expert-parallel group has "
                              f"{[layer.ep_size for layer in self.layers]}; pass the layers' ep_group as group=")
         self.interval, self.horizon, self.min_interval = interval, horizon, min_interval
-        self.policy, self.ranks_per_node, self.fault = policy, ranks_per_node, fault
+        self.policy, self.ranks_per_node, self.fault, self.clock = policy, ranks_per_node, fault, clock
         self.predictor = PREDICTORS[predictor]()
         self.seconds_per_byte = 1 / bandwidth
         self.steps, self.last_migration, self.window_started = 0, -min_interval, None
         self.windows: list[dict] = []  # one per interval: what was measured, predicted and decided
         self.migrations: list[MigrationReport] = []
+        self._replica_sums: dict[torch.Tensor, object] = {}  # started in backward, finished before the step
         self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.before_step()),
                        optimizer.register_step_post_hook(lambda *_: self.after_step())]
+        for layer in self.layers:
+            for weight in (layer.w_gate_up, layer.w_down):
+                self._hooks.append(weight.register_post_accumulate_grad_hook(
+                    lambda weight, layer=layer: self._gradient_ready(layer, weight)))
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -122,20 +145,32 @@ class ExpertBalancer:
 
     # --- hooks ---------------------------------------------------------------------------------
 
+    def _gradient_ready(self, layer, weight: torch.Tensor) -> None:
+        if weight in self._replica_sums:  # a second backward before the step (gradient accumulation): sum at the step
+            self._replica_sums[weight] = _AT_THE_STEP
+            return
+        self._replica_sums[weight] = start_replica_sum(layer, weight, self.group)
+
     def before_step(self) -> None:
-        sync_replica_grads(self.layers, self.group)
+        for layer in self.layers:
+            for weight in (layer.w_gate_up, layer.w_down):
+                started = self._replica_sums.get(weight, _AT_THE_STEP)
+                if weight.grad is not None:
+                    finish_replica_sum(weight, start_replica_sum(layer, weight, self.group)
+                                       if started is _AT_THE_STEP else started)
+        self._replica_sums.clear()
 
     def after_step(self) -> None:
         self.steps += 1
         if self.window_started is None:
-            self.window_started = time.perf_counter()
+            self.window_started = self.clock()
             for layer in self.layers:  # the first step also compiled: it starts the clock and is not counted
                 layer.expert_load.zero_()
             self.steps = 0
             return
         if self.steps % self.interval:
             return
-        step_time = (time.perf_counter() - self.window_started) / self.interval
+        step_time = (self.clock() - self.window_started) / self.interval
         loads, step_time = read_loads(self.layers, self.group, step_time)
         loads = loads / self.interval  # tokens per expert per step
         window = {"step": self.steps, "step_time_s": step_time,
@@ -144,7 +179,7 @@ class ExpertBalancer:
         self.predictor.update(loads)
         self.windows.append(window)
         self._decide(window)
-        self.window_started = time.perf_counter()  # a migration's time is its own, not the next window's
+        self.window_started = self.clock()  # a migration's time is its own, not the next window's
 
     # --- the decision --------------------------------------------------------------------------
 

@@ -177,7 +177,5 @@ def migrate(layers: list, new_placements: list[Placement], optimizer: torch.opti
     with torch.no_grad():
         for layer, layer_tensors, new, rows in zip(layers, tensors, new_placements, staged):
             _write_rows(layer_tensors, rows)
-            replica_slots, replica_count = new.tables()
-            layer.replica_slots.copy_(replica_slots)
-            layer.replica_count.copy_(replica_count)
+            layer.place(new)
     return MigrationReport(True, moved, received_bytes, time.perf_counter() - started)

@@ -4,13 +4,17 @@ A layer with ``E`` logical experts and ``R`` redundant ones has ``E + R``
 physical *slots*, ``(E + R) / ep_size`` on each rank of its expert-parallel
 group, rank ``r`` holding slots ``[r·S, (r+1)·S)``. A placement says which
 logical expert each slot computes; every expert has at least one slot, a hot
-one may have several (replicas), and the (token, choice) pairs routed to an
-expert are spread over its replicas in turn.
+one may have several (replicas). A rank sends an expert's (token, choice)
+pairs to its nearest replicas, in turn: those on the rank itself, else those
+on its node, else all of them (every rank draws from the same distribution,
+so each replica still gets an even share, and fewer tokens cross links).
 
-The map reaches the compiled graph as two buffers of the layer,
-``replica_slots [E, 1 + R]`` (an expert's slots, the first repeated to fill)
-and ``replica_count [E]``; a new placement overwrites them in place, so the
-graph reads it without a recompile.
+The layer holds the map in buffers: ``replica_slots [E, 1 + R]`` (each
+expert's slots, the first repeated to fill) and ``replica_count [E]`` for the
+whole placement, and the same two tables restricted to this rank's nearest
+replicas (``route_slots``, ``route_count``), which the compiled graph reads. A
+new placement overwrites them in place, so the graph sees it without a
+recompile.
 """
 
 from __future__ import annotations
@@ -85,15 +89,25 @@ class Placement:
             loads[self.rank_of(slot)] += float(expert_load[expert]) / count[expert]
         return loads
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(replica_slots [E, max_replicas], replica_count [E])``, int64, as the layer's buffers hold them."""
+    def tables(self, rank: int | None = None, node_of: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(replica_slots [E, max_replicas], replica_count [E])``, int64, as the layer's buffers hold them; with
+        ``rank``, only the replicas that rank routes to (``node_of[r]``: the node of rank ``r``)."""
         slots = torch.zeros(self.num_experts, self.max_replicas, dtype=torch.int64)
         count = torch.zeros(self.num_experts, dtype=torch.int64)
         for expert in range(self.num_experts):
-            held = self.replicas(expert)
+            held = self.replicas(expert) if rank is None else self.nearest_replicas(expert, rank, node_of)
             slots[expert] = torch.tensor(held + [held[0]] * (self.max_replicas - len(held)))
             count[expert] = len(held)
         return slots, count
+
+    def nearest_replicas(self, expert: int, rank: int, node_of: list[int] | None = None) -> list[int]:
+        """The expert's replicas on ``rank``, else on its node, else all of them."""
+        held = self.replicas(expert)
+        node_of = node_of or list(range(self.ranks))
+        for near in (lambda s: self.rank_of(s) == rank, lambda s: node_of[self.rank_of(s)] == node_of[rank]):
+            if chosen := [s for s in held if near(s)]:
+                return chosen
+        return held
 
     @classmethod
     def from_tables(cls, replica_slots: torch.Tensor, replica_count: torch.Tensor, ranks: int) -> "Placement":
@@ -106,7 +120,15 @@ class Placement:
 
 
 def physical_slots(expert_ids: torch.Tensor, replica_slots: torch.Tensor, replica_count: torch.Tensor) -> torch.Tensor:
-    """Each (token, choice) pair's physical slot: its expert's replicas taken in turn, pair by pair."""
-    pair = torch.arange(expert_ids.numel(), device=expert_ids.device).view_as(expert_ids)
-    replica = pair % replica_count[expert_ids]
+    """Each (token, choice) pair's physical slot: an expert's pairs go to its replicas in turn, in token order.
+
+    The turn is the pair's place among its expert's pairs, not its place in the batch: with ``k`` a multiple of the
+    replica count, the batch position would send every first choice to one replica and every second to another.
+    """
+    flat = expert_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    pairs_per_expert = torch.zeros_like(replica_count).index_add_(0, flat, torch.ones_like(flat))
+    first_pair = torch.cumsum(pairs_per_expert, 0) - pairs_per_expert
+    turn = torch.empty_like(flat).index_copy_(0, order, torch.arange(flat.numel(), device=flat.device) - first_pair[flat[order]])
+    replica = (turn % replica_count[flat]).view_as(expert_ids)
     return replica_slots[expert_ids, replica]
