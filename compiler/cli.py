@@ -1,4 +1,4 @@
-"""The ``moe-ascend`` command: inspect, doctor, bench, and (with their issues) launch and plan."""
+"""The ``moe-ascend`` command: inspect, doctor, bench, launch and plan."""
 
 from __future__ import annotations
 
@@ -35,14 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")
     launch.add_argument("command_args", metavar="command", nargs=argparse.REMAINDER, help="-- script.py ARGS (or any program)")
 
-    for name, issue in (("plan", "The planner"),):
-        stub = commands.add_parser(name, help=f"not in this version yet (issue: {issue})")
-        stub.add_argument("args", nargs=argparse.REMAINDER)
-        stub.set_defaults(missing=issue)
+    plan = commands.add_parser(
+        "plan", help="search parallel layouts (TP/EP/PP/VPP/DP, micro-batch, recompute, overlap, hierarchy) with the step model",
+        description="Evaluates every layout of MODEL on DEVICES devices of HARDWARE with the symbolic step model; prints "
+                    "the fastest that fit in memory and writes JSON and a Pareto plot (tokens/s against memory).")
+    plan.add_argument("--model", required=True, help="a model YAML file, or a shipped one: " + ", ".join(_shipped("models")))
+    plan.add_argument("--hardware", required=True, help="a hardware YAML file, or a shipped one: " + ", ".join(_shipped("hardware")))
+    plan.add_argument("--devices", type=int, required=True)
+    plan.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
+    plan.add_argument("--imbalance", type=float, default=None, help="busiest / mean expert load (default: the model file's)")
+    plan.add_argument("--json", default=None, help="output (default plan_MODEL_HARDWARE_DEVICES.json)")
+    plan.add_argument("--png", default=None, help="Pareto plot (default beside the JSON)")
 
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "missing", None):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     try:
         return _run(args)
     except MoEAscendError as exc:
@@ -51,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if getattr(args, "missing", None):
-        raise MoEAscendError(f"not available in this version (arrives with the issue '{args.missing}')")
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "inspect":
         from moe_ascend.compiler.inspect import format_table, load_summary
 
@@ -79,6 +84,34 @@ def _run(args: argparse.Namespace) -> int:
         runpy.run_path(str(script), run_name="__main__")
         return 0
     raise AssertionError(args.command)
+
+
+def _shipped(kind: str) -> list[str]:
+    from moe_ascend.compiler.step_model import DATA
+
+    return sorted(p.stem for p in (DATA / kind).glob("*.yaml"))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from moe_ascend.compiler.planner import format_table, plot_pareto, search
+    from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError
+
+    if args.devices < 1:
+        raise PlannerError(f"--devices must be at least 1, got {args.devices}")
+    model, hardware = MoEModel.load(args.model), Hardware.load(args.hardware)
+    if args.imbalance is not None:
+        model = dataclasses.replace(model, imbalance=args.imbalance)
+    plan = search(model, hardware, args.devices, progress=sys.stderr.isatty())
+    print(format_table(plan, args.top))
+    out = Path(args.json or f"plan_{model.name}_{hardware.name}_{args.devices}.json")
+    out.write_text(json.dumps(plan.to_json(args.top) | {"model_spec": dataclasses.asdict(model),
+                                                        "hardware_spec": hardware.to_json()}, indent=1))
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    plot_pareto(plan, png)
+    print(f"wrote {out} and {png}")
+    return 0
 
 
 def bench_folder() -> Path:

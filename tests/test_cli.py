@@ -28,7 +28,3 @@ def test_unknown_benchmark_lists_the_known_ones(capsys):
     assert main(["bench", "no_such_bench"]) == 2
     assert "compile_overhead" in capsys.readouterr().err
 
-
-def test_later_commands_say_they_are_not_here_yet(capsys):
-    assert main(["plan", "--model", "x.yaml"]) == 2
-    assert "not available in this version" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""How fast the planner evaluates layouts, and (once measured runs exist) how well it predicts them.
+
+For each shipped model on its hardware (Mixtral 8x7B on 64 H100, DeepSeek-V3 on
+2048 H100, Pangu Ultra MoE on 6144 Ascend 910B): the full search (enumeration,
+evaluation, the memory filter) and, separately, the step model evaluating a
+batch of a million layouts (the search space repeated), in one process on one
+core and in ``--processes`` at once. Configurations per hour is the figure the
+bar counts; building a model's formulas (sympy, once per model, hardware and
+device count) is reported beside it.
+
+The figure of merit, ``mean_abs_error`` against measured step times on the
+emulated cluster, needs the measured set (``moe-ascend calibrate`` and the
+measured runs): until it exists the figure is null and says so.
+
+    python bench/planner.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from moe_ascend.compiler.planner import layouts, search  # noqa: E402
+from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel  # noqa: E402
+
+CASES = (("mixtral-8x7b", "h100", 64), ("deepseek-v3", "h100", 2048), ("pangu-ultra-moe", "ascend-910b", 6144))
+
+
+def _evaluate_million(case) -> tuple[int, float]:
+    """``(layouts evaluated, seconds)`` for a million layouts of ``case`` (its search space, repeated)."""
+    model, hardware, devices = MoEModel.load(case[0]), Hardware.load(case[1]), case[2]
+    step_model = StepModel(model, hardware, devices)
+    space = layouts(model, hardware, devices)
+    repeats = -(-1_000_000 // len(space["tp"]))
+    batch = {name: np.tile(values, repeats) for name, values in space.items()}
+    started = time.perf_counter()
+    step_model.evaluate(batch)
+    return len(batch["tp"]), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2, help="processes evaluating at once (one per core)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    runs = []
+    for name, hardware_name, devices in CASES:
+        model, hardware = MoEModel.load(name), Hardware.load(hardware_name)
+        started = time.perf_counter()
+        step_model = StepModel(model, hardware, devices)
+        built = time.perf_counter() - started
+        plan = search(model, hardware, devices, step_model=step_model)
+        evaluated, seconds = _evaluate_million((name, hardware_name, devices))
+        best = plan.best(1)[0]
+        runs.append({"model": name, "hardware": hardware_name, "devices": devices, "build_s": built,
+                     "search_layouts": plan.evaluated, "search_s": plan.seconds, "fitting": int(plan.fitting.sum()),
+                     "batch_layouts": evaluated, "batch_s": seconds, "configs_per_hour_one_core": evaluated / seconds * 3600,
+                     "best": {k: best[k] for k in ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks",
+                                                   "hierarchical", "step_s", "mfu")}})
+        print(f"{name} on {devices} x {hardware_name}: formulas built in {built:.1f} s; search of {plan.evaluated} "
+              f"layouts {plan.seconds:.2f} s; a million layouts in {seconds:.2f} s on one core "
+              f"({evaluated / seconds * 3600:.3g} an hour); best {runs[-1]['best']}", flush=True)
+    with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+        started = time.perf_counter()
+        done = pool.map(_evaluate_million, [CASES[0]] * args.processes)
+        wall = time.perf_counter() - started  # includes each process building its formulas
+    per_hour = sum(n for n, _ in done) / max(s for _, s in done) * 3600
+    print(f"{args.processes} processes at once: {per_hour:.3g} layouts an hour (evaluation; {wall:.1f} s with the "
+          f"builds)", flush=True)
+    figure = {"name": "mean_abs_error", "value": None, "goal": 0.10, "higher_is_better": False,
+              "note": "needs the measured set (moe-ascend calibrate and runs on the emulated cluster): not yet built"}
+    out = write_result("planner", figure, runs, vars(args), args.json, configs_per_hour=per_hour, max_error=None,
+                       pairwise_order_kept=None)
+    print(f"configs_per_hour {per_hour:.3g} (goal 1e6, aim 1e7); wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""``moe-ascend plan``: search parallel layouts of an MoE model on N devices with the step model.
+
+    plan = search(MoEModel.load("deepseek-v3"), Hardware.load("h100"), devices=2048)
+    plan.best(10)            # the fastest layouts that fit in memory, as dicts
+    plan.pareto()            # tokens/s against memory per device: the layouts nothing beats on both
+
+The search space is every layout that the devices and the model allow:
+tensor parallel within a node and dividing the heads; pipeline stages at most
+the layers; data parallel the rest; expert parallel dividing both the data
+parallel size and the experts; 1, 2 or 4 virtual stages (with a pipeline);
+micro-batches of 1, 2, 4 or 8 sequences dividing the batch; no or full
+recomputation; 1, 2 or 4 overlap chunks (with expert parallel); the flat or
+hierarchical all-to-all (when the expert group spans nodes). All of it is
+evaluated at once as numpy arrays (``StepModel.evaluate``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_ascend.compiler.step_model import LAYOUT, Hardware, MoEModel, PlannerError, StepModel, divisors, fits
+
+VIRTUAL_STAGES = (1, 2, 4)
+MICRO_BATCHES = (1, 2, 4, 8)
+CHUNKS = (1, 2, 4)
+
+
+def layouts(model: MoEModel, hardware: Hardware, devices: int) -> dict[str, np.ndarray]:
+    """Every layout the model and the devices allow, as one array per ``LAYOUT`` name."""
+    rows = []
+    for tp in divisors(devices):
+        if tp > hardware.ranks_per_node or model.heads % tp:
+            continue
+        for pp in divisors(devices // tp):
+            if pp > model.layers:
+                continue
+            dp = devices // (tp * pp)
+            for ep in divisors(dp):
+                if model.experts % ep:
+                    continue
+                ep_per_node = max(1, min(ep, hardware.ranks_per_node // tp))
+                hierarchies = (0, 1) if ep > ep_per_node else (0,)
+                for vpp, mb, recompute, chunks, hierarchical in itertools.product(
+                        VIRTUAL_STAGES if pp > 1 else (1,), MICRO_BATCHES, (0, 1), CHUNKS if ep > 1 else (1,),
+                        hierarchies):
+                    if pp * vpp > model.layers or model.global_batch % (dp * mb):
+                        continue
+                    rows.append((tp, ep, pp, vpp, dp, mb, recompute, chunks, hierarchical))
+    if not rows:
+        raise PlannerError(f"no layout of {model.name} fits {devices} devices: the global batch "
+                           f"({model.global_batch} sequences) must divide by the data-parallel size; choose devices "
+                           f"whose data-parallel sizes divide it")
+    table = np.array(rows, dtype=np.int64)
+    return {name: table[:, i] for i, name in enumerate(LAYOUT)}
+
+
+@dataclass
+class Plan:
+    model: MoEModel
+    hardware: Hardware
+    devices: int
+    layout: dict[str, np.ndarray]
+    predicted: dict[str, np.ndarray]
+    seconds: float  # the search's wall time, enumeration included
+
+    @property
+    def evaluated(self) -> int:
+        return len(self.layout["tp"])
+
+    @property
+    def fitting(self) -> np.ndarray:
+        return fits(self.predicted["memory_bytes"], self.hardware)
+
+    def rows(self, index) -> list[dict]:
+        return [{**{name: int(self.layout[name][i]) for name in LAYOUT},
+                 **{name: float(self.predicted[name][i]) for name in self.predicted}} for i in index]
+
+    def best(self, count: int = 10) -> list[dict]:
+        """The fastest layouts that fit in memory."""
+        candidates = np.flatnonzero(self.fitting)
+        order = candidates[np.argsort(self.predicted["step_s"][candidates], kind="stable")]
+        return self.rows(order[:count])
+
+    def pareto(self) -> list[dict]:
+        """Layouts that fit and that no other layout beats on both tokens/s and memory per device."""
+        candidates = np.flatnonzero(self.fitting)
+        order = candidates[np.lexsort((-self.predicted["tokens_per_s"][candidates],
+                                       self.predicted["memory_bytes"][candidates]))]
+        front, fastest = [], -np.inf
+        for i in order:  # by memory, ascending: a layout joins when it is faster than every leaner one
+            if self.predicted["tokens_per_s"][i] > fastest:
+                front.append(i)
+                fastest = self.predicted["tokens_per_s"][i]
+        return self.rows(front)
+
+    def to_json(self, count: int = 10) -> dict:
+        return {"model": self.model.name, "hardware": self.hardware.name, "devices": self.devices,
+                "evaluated": self.evaluated, "fitting": int(self.fitting.sum()), "seconds": self.seconds,
+                "configs_per_hour": self.evaluated / self.seconds * 3600, "best": self.best(count),
+                "pareto": self.pareto()}
+
+
+def search(model: MoEModel, hardware: Hardware, devices: int, step_model: StepModel | None = None,
+           progress: bool = False, batch: int = 65536) -> Plan:
+    """Evaluate every layout (``layouts``) in batches; ``progress`` draws a bar on stderr."""
+    started = time.perf_counter()
+    step_model = step_model or StepModel(model, hardware, devices)
+    layout = layouts(model, hardware, devices)
+    total = len(layout["tp"])
+    parts = []
+    for first in range(0, total, batch):
+        parts.append(step_model.evaluate({name: values[first:first + batch] for name, values in layout.items()}))
+        if progress:
+            _bar(min(first + batch, total), total)
+    predicted = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return Plan(model, hardware, devices, layout, predicted, time.perf_counter() - started)
+
+
+def _bar(done: int, total: int, width: int = 40) -> None:
+    filled = width * done // total
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} layouts")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def format_table(plan: Plan, count: int = 10) -> str:
+    header = f"{'tp':>3}{'ep':>5}{'pp':>4}{'vpp':>4}{'dp':>6}{'mb':>4}{'rc':>3}{'n':>3}{'hier':>5}" \
+             f"{'step s':>9}{'tokens/s':>12}{'MFU':>7}{'GiB/dev':>9}"
+    lines = [f"{plan.model.name} on {plan.devices} x {plan.hardware.name}: {plan.evaluated} layouts evaluated in "
+             f"{plan.seconds:.2f} s ({plan.evaluated / plan.seconds * 3600:.3g} an hour), "
+             f"{int(plan.fitting.sum())} fit in memory", header]
+    for row in plan.best(count):
+        lines.append(f"{row['tp']:>3}{row['ep']:>5}{row['pp']:>4}{row['vpp']:>4}{row['dp']:>6}{row['mb']:>4}"
+                     f"{row['recompute']:>3}{row['chunks']:>3}{row['hierarchical']:>5}{row['step_s']:>9.3f}"
+                     f"{row['tokens_per_s']:>12.4g}{row['mfu']:>7.3f}{row['memory_bytes'] / 2**30:>9.1f}")
+    if not plan.fitting.any():
+        lines.append("no layout fits in memory: add devices or give the model a smaller batch")
+    return "\n".join(lines)
+
+
+def plot_pareto(plan: Plan, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fitting = plan.fitting
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.scatter(plan.predicted["memory_bytes"][fitting] / 2**30, plan.predicted["tokens_per_s"][fitting], s=4,
+                 alpha=0.3, label="layouts that fit")
+    front = plan.pareto()
+    axis.plot([r["memory_bytes"] / 2**30 for r in front], [r["tokens_per_s"] for r in front], "r.-", label="Pareto front")
+    axis.set_xlabel("memory per device (GiB)")
+    axis.set_ylabel("tokens/s")
+    axis.set_title(f"{plan.model.name} on {plan.devices} x {plan.hardware.name}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

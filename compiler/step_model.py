@@ -1,0 +1,318 @@
+"""A symbolic model of one MoE transformer training step: time and memory per device.
+
+The formulas are written once with sympy over the parallel layout (the
+*layout symbols* below) and compiled with ``lambdify`` into one numpy
+function, so a search evaluates whole arrays of layouts at once:
+
+    model = StepModel(MoEModel.load("mixtral-8x7b"), Hardware.load("h100"), devices=64)
+    out = model.evaluate({"tp": tp, "ep": ep, "pp": pp, "vpp": vpp, "dp": dp, "mb": mb,
+                          "recompute": rc, "chunks": n, "hierarchical": hier})   # arrays in, arrays out
+    out["step_s"], out["memory_bytes"], out["tokens_per_s"], out["mfu"]
+
+What one step costs, on the busiest device (the first pipeline stage, the
+busiest expert-parallel rank):
+
+- compute: every matmul's FLOPs by roofline, at an efficiency that grows with
+  the matmul's rows (``efficiency · m / (m + rows_at_half_efficiency)``);
+  elementwise work by memory bandwidth; backward is twice forward; full
+  recomputation runs forward again; experts are slowed by the routing
+  imbalance (busiest / mean expert load);
+- communication by alpha-beta per link class, intra-node or inter-node
+  (a group crosses nodes when its ranks are further apart than a node holds):
+  tensor parallel all-gather / reduce-scatter (sequence parallel), the expert
+  all-to-all (dispatch and combine, forward and backward), flat or
+  hierarchical (a token crosses to each destination node once: the expected
+  number of distinct remote nodes among its top-k), hidden under the experts
+  with ``chunks`` chunks as the overlap pass pipelines them; pipeline p2p; the
+  data-parallel gradient reduce-scatter and parameter all-gather (distributed
+  optimizer), hidden under one micro-batch's backward and forward;
+- the pipeline: ``(micro-batches + (pp - 1) / vpp)`` stage times (1F1B,
+  interleaved with ``vpp`` virtual stages);
+- memory: bf16 weights, fp32 gradients, Adam's fp32 master weights and
+  moments sharded over data parallel; activations per layer (Korthikanti et
+  al.'s ``34·s·b·h`` with sequence parallel and flash attention, which keeps
+  no score matrix, plus the experts' dispatched rows), ``pp`` micro-batches in flight on the first stage
+  (``1 + (pp - 1)/(pp·vpp)`` more when interleaved), or only each layer's
+  input under full recomputation.
+
+Ranks are numbered tensor-parallel fastest, then data parallel (expert
+parallel inside it), then pipeline (Megatron's order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import sympy as sp
+
+from moe_ascend.kernels.errors import MoEAscendError
+
+DATA = Path(__file__).resolve().parent / "data"
+LAYOUT = ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks", "hierarchical")
+
+
+class PlannerError(MoEAscendError, ValueError):
+    """A model, hardware profile or search request the planner cannot use."""
+
+
+def _load(cls, kind: str, name_or_path: str):
+    """A dataclass from a YAML file: a path, or the name of one shipped in ``compiler/data/KIND/``."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.exists():
+        path = DATA / kind / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (DATA / kind).glob("*.yaml"))
+        raise PlannerError(f"no {kind[:-1]} file {name_or_path!r}: give a YAML path or one of {known}")
+    values = yaml.safe_load(path.read_text())
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise PlannerError(f"{path}: unknown keys {sorted(unknown)}; {cls.__name__} takes {sorted(names)}")
+    for key, value in values.items():  # YAML 1.1 reads 1.0e9 (no exponent sign) as a string
+        if key != "name" and isinstance(value, str):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise PlannerError(f"{path}: {key} must be a number, got {value!r}") from None
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise PlannerError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """The shape of a decoder-only MoE transformer and of its training batch."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    head_dim: int
+    vocab: int
+    experts: int
+    top_k: int
+    expert_ffn: int
+    kv_heads: int | None = None
+    attention_params: float | None = None  # per layer, where the attention is not plain GQA (e.g. MLA)
+    shared_experts: int = 0
+    dense_layers: int = 0  # the first layers are dense FFNs of dense_ffn
+    dense_ffn: int = 0
+    sequence: int = 4096
+    global_batch: int = 1024  # sequences per step
+    imbalance: float = 1.0  # busiest / mean expert load the routing leaves
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "MoEModel":
+        return _load(cls, "models", name_or_path)
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers
+
+    @property
+    def attention_params_per_layer(self) -> float:
+        if self.attention_params is not None:
+            return float(self.attention_params)
+        kv = self.kv_heads or self.heads
+        return float(self.hidden * self.head_dim * (2 * self.heads + 2 * kv))
+
+    @property
+    def expert_params(self) -> float:
+        """The routed experts' parameters, all layers (SwiGLU: gate, up and down)."""
+        return 3.0 * self.hidden * self.expert_ffn * self.experts * self.moe_layers
+
+    @property
+    def dense_params(self) -> float:
+        """Everything else: attention, shared experts, dense FFNs, routers, embeddings and the output layer."""
+        per_moe_layer = 3.0 * self.hidden * self.expert_ffn * self.shared_experts + self.hidden * self.experts
+        return (self.layers * self.attention_params_per_layer + self.moe_layers * per_moe_layer
+                + self.dense_layers * 3.0 * self.hidden * self.dense_ffn + 2.0 * self.vocab * self.hidden)
+
+    @property
+    def active_params(self) -> float:
+        """Parameters one token's forward touches (its top-k experts only)."""
+        return self.dense_params + self.expert_params * self.top_k / self.experts
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One device and its links. Rates in FLOP/s and bytes/s, times in seconds; the inter-node link is the node's
+    uplink, shared by the ranks of the node that use it at once."""
+
+    name: str
+    matmul_flops: float  # bf16 dense peak
+    matmul_efficiency: float  # the best fraction of peak a large matmul reaches
+    rows_at_half_efficiency: float  # a matmul with this many rows reaches half of matmul_efficiency
+    memory_bandwidth: float
+    memory_bytes: float
+    ranks_per_node: int
+    intra_node_bandwidth: float  # per device, one direction
+    inter_node_bandwidth: float  # per node uplink, one direction
+    intra_node_latency: float
+    inter_node_latency: float
+    elementwise_bytes_per_token: float = 60.0  # bytes per hidden unit the norms, activations and residuals move
+    usable_memory: float = 0.9  # the share of memory_bytes a plan may fill
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "Hardware":
+        return _load(cls, "hardware", name_or_path)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _above(a, b) -> sp.Expr:
+    """1 where ``a > b``, else 0 (a step function: lambdify keeps it a plain numpy call)."""
+    return sp.Heaviside(a - b, 0)
+
+
+def distinct_nodes_fraction(experts: int, top_k: int, nodes) -> object:
+    """Expected distinct nodes among a token's top-k experts, over ``top_k`` (experts spread evenly over ``nodes``):
+    what the hierarchical all-to-all sends across nodes, relative to the flat one."""
+    miss = 1
+    for i in range(top_k):  # P(no choice on a given node): choices without replacement
+        miss = miss * (experts - experts / nodes - i) / (experts - i)
+    return nodes * (1 - miss) / top_k
+
+
+class StepModel:
+    """Step time and memory per device of ``model`` trained on ``devices`` of ``hardware``, as numpy functions of the
+    layout (see the module docstring)."""
+
+    def __init__(self, model: MoEModel, hardware: Hardware, devices: int):
+        self.model, self.hardware, self.devices = model, hardware, devices
+        self.symbols = {name: sp.Symbol(name, positive=True) for name in LAYOUT}
+        self.expressions = self._expressions()
+        self._compiled = sp.lambdify([self.symbols[n] for n in LAYOUT], list(self.expressions.values()), "numpy", cse=True)
+
+    def evaluate(self, layout: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = [np.asarray(layout[name], dtype=np.float64) for name in LAYOUT]
+        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        return {name: np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
+                for name, value in zip(self.expressions, self._compiled(*arrays))}
+
+    # --- the formulas ----------------------------------------------------------------------------
+
+    def _expressions(self) -> dict[str, sp.Expr]:
+        m, hw = self.model, self.hardware
+        tp, ep, pp, vpp, dp, mb, rc, chunks, hier = (self.symbols[n] for n in LAYOUT)
+        b = 2  # bf16
+        h, s, k, f, E = m.hidden, m.sequence, m.top_k, m.expert_ffn, m.experts
+        tokens = mb * s  # per micro-batch, per data-parallel replica
+        microbatches = m.global_batch / (dp * mb)
+
+        def matmul(flops, rows):
+            return flops / (hw.matmul_flops * hw.matmul_efficiency * rows / (rows + hw.rows_at_half_efficiency))
+
+        # every rank of a node runs its own group's collective at once: they share the node's uplink
+        inter_per_rank = hw.inter_node_bandwidth / hw.ranks_per_node
+
+        def link(size, stride):
+            """(bandwidth, latency) of a group of ``size`` ranks ``stride`` apart: intra-node if one node holds it."""
+            inside = 1 - _above(size * stride, hw.ranks_per_node)
+            return (inside * hw.intra_node_bandwidth + (1 - inside) * inter_per_rank,
+                    inside * hw.intra_node_latency + (1 - inside) * hw.inter_node_latency)
+
+        def ring(volume, size, stride):
+            """An all-gather or reduce-scatter of ``volume`` bytes (the whole tensor) over ``size`` ranks."""
+            bandwidth, latency = link(size, stride)
+            return (size - 1) * latency + (size - 1) / size * volume / bandwidth
+
+        # -- one layer, one micro-batch, forward, on one device ---------------------------------------
+        attention = matmul(2 * tokens * m.attention_params_per_layer / tp + 2 * tokens * s * m.heads * m.head_dim / tp,
+                           tokens)
+        elementwise = m.hidden * hw.elementwise_bytes_per_token * tokens / tp / hw.memory_bandwidth
+        rows_per_device = tokens * k / tp  # (token, choice) pairs one device computes, on average
+        experts_per_device = E / ep
+        expert_compute = m.imbalance * matmul(6 * h * f * rows_per_device, rows_per_device / experts_per_device)
+        shared = matmul(6 * h * f * m.shared_experts * tokens / tp, tokens) if m.shared_experts else 0
+        router = matmul(2 * tokens * h * E / tp, tokens)
+        dense_ffn = matmul(6 * h * m.dense_ffn * tokens / tp, tokens) if m.dense_layers else 0
+        tp_comm = 4 * ring(tokens * h * b, tp, 1)  # all-gather and reduce-scatter around attention and the MLP
+
+        # the expert all-to-all: ep ranks tp apart; those inside one node, and the nodes the group spans
+        ep_per_node = sp.Max(1, sp.Min(ep, hw.ranks_per_node / tp))
+        ep_nodes = ep / ep_per_node
+        pairs_bytes = rows_per_device * h * b
+        remote_share = (ep - ep_per_node) / ep
+        dedup = distinct_nodes_fraction(E, k, ep_nodes)  # (with one node nothing crosses: remote_share is 0)
+        inter_bytes = pairs_bytes * remote_share * (hier * dedup + (1 - hier))
+        intra_bytes = pairs_bytes * (ep_per_node - 1) / ep
+        one_a2a = (hw.inter_node_latency * (ep_nodes - 1) + hw.intra_node_latency * (ep_per_node - 1)
+                   + inter_bytes / inter_per_rank + intra_bytes / hw.intra_node_bandwidth)
+
+        def exposed_a2a(compute):
+            """Dispatch and combine around ``compute``, in ``chunks`` chunks: the link and the experts pipeline,
+            the first dispatch and the last combine stay exposed (the overlap pass's schedule)."""
+            per_chunk_a2a = one_a2a / chunks
+            piped = 2 * per_chunk_a2a + sp.Max(2 * (chunks - 1) * per_chunk_a2a, compute)
+            return piped - compute
+
+        moe_fwd = attention + elementwise + router + shared + expert_compute + tp_comm + exposed_a2a(expert_compute)
+        moe_bwd = 2 * (attention + elementwise + router + shared + expert_compute) + tp_comm \
+            + exposed_a2a(2 * expert_compute)
+        dense_fwd = attention + elementwise + dense_ffn + tp_comm
+        dense_bwd = 2 * (attention + elementwise + dense_ffn) + tp_comm
+
+        # -- the slowest pipeline stage: its share of the layers, all MoE (or the first, with the dense ones) --
+        layers_per_stage = sp.ceiling(m.layers / (pp * vpp)) * vpp
+        dense_in_first = sp.Min(m.dense_layers, layers_per_stage)
+        moe_in_stage = sp.Min(m.moe_layers, layers_per_stage)
+        first_is_slowest = _above(
+            dense_in_first * (dense_fwd + dense_bwd) + (layers_per_stage - dense_in_first) * (moe_fwd + moe_bwd),
+            moe_in_stage * (moe_fwd + moe_bwd))
+        moe_in_stage = first_is_slowest * (layers_per_stage - dense_in_first) + (1 - first_is_slowest) * moe_in_stage
+        dense_in_stage = first_is_slowest * dense_in_first
+        stage_fwd = moe_in_stage * moe_fwd + dense_in_stage * dense_fwd
+        stage_bwd = moe_in_stage * moe_bwd + dense_in_stage * dense_bwd
+        # the output layer's logits, forward and backward, spread over the stages (frameworks give its stage fewer layers)
+        output_layer = matmul(2 * tokens * h * m.vocab / tp, tokens) * 3
+        pp_bandwidth, pp_latency = link(pp, self.devices / pp)
+        p2p = _above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
+        per_microbatch = stage_fwd * (1 + rc) + stage_bwd + p2p + output_layer / pp
+        pipeline = (microbatches + (pp - 1) / vpp) * per_microbatch
+
+        # -- data parallel: reduce-scatter gradients, all-gather parameters (distributed optimizer) ------
+        dense_per_device = m.dense_params / (tp * pp)
+        expert_per_device = m.expert_params / (ep * pp)
+        grad_sync = ring(4 * dense_per_device, dp, tp) + ring(4 * expert_per_device, dp / ep, tp * ep)
+        param_sync = ring(b * dense_per_device, dp, tp) + ring(b * expert_per_device, dp / ep, tp * ep)
+        dp_exposed = sp.Max(0, grad_sync - stage_bwd) + sp.Max(0, param_sync - stage_fwd)
+        optimizer = 16 * (dense_per_device / dp + expert_per_device / (dp / ep)) / hw.memory_bandwidth
+        step = pipeline + dp_exposed + optimizer
+
+        # -- memory ---------------------------------------------------------------------------------------
+        params = dense_per_device + expert_per_device
+        states = b * params + 4 * params + 12 * (dense_per_device / dp + expert_per_device / (dp / ep))
+        layer_input = tokens * h * b / tp
+        attention_acts = 34 * tokens * h / tp
+        expert_acts = m.imbalance * rows_per_device * (2 * h + 4 * f) * b
+        shared_acts = tokens * (2 * h + 4 * f * m.shared_experts) * b / tp
+        layer_acts = (1 - rc) * (attention_acts + expert_acts + shared_acts) + rc * layer_input
+        in_flight = sp.Min(microbatches, pp) * (1 + _above(vpp, 1) * (pp - 1) / (pp * vpp))
+        logits = 4 * tokens * m.vocab / tp
+        memory = states + layers_per_stage * layer_acts * in_flight + logits
+
+        model_flops = 6 * m.global_batch * s * m.active_params + 6 * m.global_batch * s * s * m.heads * m.head_dim * m.layers
+        return {
+            "step_s": step,
+            "memory_bytes": memory,
+            "tokens_per_s": m.global_batch * s / step,
+            "mfu": model_flops / (step * self.devices * hw.matmul_flops),
+            "bubble_s": (pp - 1) / vpp * per_microbatch,
+            "a2a_exposed_s": microbatches * moe_in_stage * (exposed_a2a(expert_compute) + exposed_a2a(2 * expert_compute)),
+            "dp_exposed_s": dp_exposed,
+        }
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fits(memory_bytes: np.ndarray, hardware: Hardware) -> np.ndarray:
+    return memory_bytes <= hardware.usable_memory * hardware.memory_bytes

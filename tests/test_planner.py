@@ -1,0 +1,120 @@
+"""The planner: the symbolic step model (compiler.step_model) and the layout search (compiler.planner)."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from moe_ascend.compiler.cli import main
+from moe_ascend.compiler.planner import layouts, search
+from moe_ascend.compiler.step_model import (LAYOUT, Hardware, MoEModel, PlannerError, StepModel,
+                                            distinct_nodes_fraction)
+
+H100 = Hardware.load("h100")
+# 16 experts of top-4 over 4 nodes of 8: small enough to reason about, large enough for every technique to matter
+SMALL = MoEModel(name="small", layers=8, hidden=2048, heads=16, head_dim=128, vocab=32000, experts=16, top_k=4,
+                 expert_ffn=1024, sequence=2048, global_batch=256)
+LAYOUT_ONE = dict(tp=1, ep=16, pp=2, vpp=1, dp=16, mb=1, recompute=0, chunks=1, hierarchical=0)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return StepModel(SMALL, H100, devices=32)
+
+
+def vary(model: StepModel, **changes) -> dict:
+    """The model's outputs for LAYOUT_ONE, then with each change in turn (arrays of two)."""
+    (name, values), = changes.items()
+    return model.evaluate({**LAYOUT_ONE, name: np.array(values)})
+
+
+# --- the formulas ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("experts, top_k, nodes", [(8, 2, 2), (16, 4, 4), (12, 3, 3), (8, 1, 4)])
+def test_the_hierarchical_share_is_the_mean_number_of_distinct_nodes_over_k(experts, top_k, nodes):
+    node_of = [e * nodes // experts for e in range(experts)]
+    choices = list(itertools.combinations(range(experts), top_k))
+    distinct = sum(len({node_of[e] for e in c}) for c in choices) / len(choices)
+    assert distinct_nodes_fraction(experts, top_k, nodes) == pytest.approx(distinct / top_k)
+
+
+def test_parameter_counts_match_the_published_models():
+    mixtral, deepseek = MoEModel.load("mixtral-8x7b"), MoEModel.load("deepseek-v3")
+    assert mixtral.dense_params + mixtral.expert_params == pytest.approx(46.7e9, rel=0.01)
+    assert mixtral.active_params == pytest.approx(12.9e9, rel=0.01)
+    assert deepseek.dense_params + deepseek.expert_params == pytest.approx(671e9, rel=0.01)
+    assert deepseek.active_params == pytest.approx(37e9, rel=0.03)
+
+
+def test_the_compiled_function_is_the_formulas(small):
+    layout = dict(tp=2, ep=4, pp=2, vpp=2, dp=8, mb=2, recompute=1, chunks=2, hierarchical=1)
+    compiled = small.evaluate(layout)
+    for name, expression in small.expressions.items():
+        exact = float(expression.xreplace({small.symbols[n]: sp.Integer(v) for n, v in layout.items()}))
+        assert compiled[name] == pytest.approx(exact, rel=1e-9), name
+
+
+def test_each_technique_moves_what_it_should(small):
+    hierarchy = vary(small, hierarchical=[0, 1])  # expert group over 2 nodes, top-4 of 16: fewer bytes cross
+    assert hierarchy["a2a_exposed_s"][1] < 0.9 * hierarchy["a2a_exposed_s"][0]
+    overlap = vary(small, chunks=[1, 4])
+    assert overlap["a2a_exposed_s"][1] < 0.9 * overlap["a2a_exposed_s"][0]
+    inside_a_node = vary(small, ep=[1, 8])  # dp 16 = 2 nodes; 8 experts' ranks fit in one
+    assert inside_a_node["a2a_exposed_s"][0] == 0 and inside_a_node["a2a_exposed_s"][1] > 0
+    interleaved = vary(small, vpp=[1, 2])
+    assert interleaved["bubble_s"][1] < 0.6 * interleaved["bubble_s"][0]
+    recompute = vary(small, recompute=[0, 1])
+    assert recompute["memory_bytes"][1] < recompute["memory_bytes"][0]
+    assert recompute["step_s"][1] > recompute["step_s"][0]
+    skew = StepModel(MoEModel(**{**SMALL.__dict__, "imbalance": 1.5}), H100, devices=32).evaluate(LAYOUT_ONE)
+    assert skew["step_s"] > small.evaluate(LAYOUT_ONE)["step_s"]
+
+
+# --- the search --------------------------------------------------------------------------------
+
+def test_every_layout_searched_is_one_the_devices_and_the_model_allow():
+    space = layouts(SMALL, H100, 32)
+    tp, ep, pp, vpp, dp, mb = (space[n] for n in ("tp", "ep", "pp", "vpp", "dp", "mb"))
+    assert np.all(tp * pp * dp == 32) and np.all(dp % ep == 0) and np.all(SMALL.experts % ep == 0)
+    assert np.all(tp <= 8) and np.all(SMALL.global_batch % (dp * mb) == 0) and np.all(pp * vpp <= SMALL.layers)
+    assert np.all((space["hierarchical"] == 0) | (ep * tp > 8)), "hierarchy only where the expert group spans nodes"
+    assert len({tuple(row) for row in np.stack([space[n] for n in LAYOUT], 1)}) == len(tp), "no layout twice"
+
+
+def test_the_plan_lists_the_fastest_layouts_that_fit_and_the_pareto_front():
+    plan = search(SMALL, H100, 32)
+    best = plan.best(5)
+    assert [r["step_s"] for r in best] == sorted(r["step_s"] for r in best)
+    assert best[0]["step_s"] == pytest.approx(plan.predicted["step_s"][plan.fitting].min())
+    assert all(r["memory_bytes"] <= H100.usable_memory * H100.memory_bytes for r in best)
+    front = plan.pareto()
+    fits = np.flatnonzero(plan.fitting)
+    for row in front:  # nothing that fits is both leaner and faster
+        leaner = plan.predicted["memory_bytes"][fits] <= row["memory_bytes"]
+        assert not np.any(plan.predicted["tokens_per_s"][fits][leaner] > row["tokens_per_s"] * (1 + 1e-12))
+
+
+def test_what_the_planner_cannot_use_says_what_to_change(tmp_path):
+    with pytest.raises(PlannerError, match="deepseek-v3"):
+        MoEModel.load("no-such-model")
+    (tmp_path / "m.yaml").write_text("name: m\nlayers: 2\nhidden: 8\nheds: 2\n")
+    with pytest.raises(PlannerError, match=r"unknown keys \['heds'\]"):
+        MoEModel.load(str(tmp_path / "m.yaml"))
+    with pytest.raises(PlannerError, match="global batch"):
+        layouts(MoEModel(**{**SMALL.__dict__, "layers": 2, "global_batch": 3}), H100, 32)  # dp is 2 at least
+
+
+def test_moe_ascend_plan_prints_the_best_layouts_and_writes_json_and_a_pareto_plot(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "mixtral-8x7b", "--hardware", "h100", "--devices", "64", "--top", "3",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mixtral-8x7b on 64 x h100" in printed and "tokens/s" in printed
+    written = json.loads(out.read_text())
+    assert len(written["best"]) == 3 and written["evaluated"] > 1000 and written["configs_per_hour"] > 1e6
+    assert written["best"][0]["step_s"] <= written["best"][1]["step_s"]
+    assert (tmp_path / "plan.png").stat().st_size > 0
+    assert main(["plan", "--model", "mixtral-8x7b", "--hardware", "no-such", "--devices", "8"]) == 2
+    assert "ascend-910b" in capsys.readouterr().err
