@@ -121,11 +121,11 @@ class Trainee:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-            if step == 0:  # the first step compiles and warms up: not counted
-                self.stopwatch.total = 0.0
+            if step == 0:  # the first step compiles and warms up: not counted (the balancer's clock skips it too)
+                self.warmup_s = self.stopwatch.total
 
     def result(self) -> dict:
-        seconds, windows = self.stopwatch.total, self.balancer.windows
+        seconds, windows = self.stopwatch.total - self.warmup_s, self.balancer.windows
         return {"policy": self.policy, "seconds": seconds,
                 "tokens_per_s": self.args.steps * self.args.tokens * dist.get_world_size() / seconds,
                 "imbalance": [(w["step"], w["imbalance"]) for w in windows],

@@ -9,7 +9,7 @@ function, so a search evaluates whole arrays of layouts at once:
                           "recompute": rc, "chunks": n, "hierarchical": hier})   # arrays in, arrays out
     out["step_s"], out["memory_bytes"], out["tokens_per_s"], out["mfu"]
 
-What one step costs, on the busiest device (the first pipeline stage, the
+What one step costs, on the busiest device (the slowest pipeline stage, the
 busiest expert-parallel rank):
 
 - compute: every matmul's FLOPs by roofline, at an efficiency that grows with
@@ -31,9 +31,9 @@ busiest expert-parallel rank):
 - memory: bf16 weights, fp32 gradients, Adam's fp32 master weights and
   moments sharded over data parallel; activations per layer (Korthikanti et
   al.'s ``34·s·b·h`` with sequence parallel and flash attention, which keeps
-  no score matrix, plus the experts' dispatched rows), ``pp`` micro-batches in flight on the first stage
-  (``1 + (pp - 1)/(pp·vpp)`` more when interleaved), or only each layer's
-  input under full recomputation.
+  no score matrix, plus the experts' dispatched rows), ``pp`` micro-batches
+  in flight on the first stage (``1 + (pp - 1)/(pp·vpp)`` times that when
+  interleaved), or only each layer's input under full recomputation.
 
 Ranks are numbered tensor-parallel fastest, then data parallel (expert
 parallel inside it), then pipeline (Megatron's order).

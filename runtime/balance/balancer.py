@@ -69,14 +69,6 @@ def read_loads(layers, group=None, step_time: float = 0.0) -> tuple[torch.Tensor
     return measured[:-1].view(len(layers), -1), float(measured[-1]) / ranks
 
 
-def sync_replica_grads(layers, group=None) -> None:
-    """Each replica's gradient becomes the sum over the expert's replicas: the gradient one copy would have had."""
-    for layer in layers:
-        for weight in (layer.w_gate_up, layer.w_down):
-            if weight.grad is not None:
-                finish_replica_sum(weight, start_replica_sum(layer, weight, group))
-
-
 def start_replica_sum(layer, weight: torch.Tensor, group=None) -> tuple | None:
     """Sum ``weight.grad`` over the replicas of each replicated expert: this rank's replicas locally, then an
     all_reduce that runs asynchronously (``finish_replica_sum`` waits for it). None when nothing is replicated."""
