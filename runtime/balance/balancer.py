@@ -31,6 +31,7 @@ one greedy placement planned from the first window's load, never changed) or
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -69,19 +70,24 @@ def read_loads(layers, group=None, step_time: float = 0.0) -> tuple[torch.Tensor
     return measured[:-1].view(len(layers), -1), float(measured[-1]) / ranks
 
 
+@functools.lru_cache(maxsize=64)
+def _replica_rows(placement: Placement, rank: int) -> tuple[int, list[tuple[int, int]]]:
+    """How many experts have replicas, and ``(local slot, that expert's index among them)`` for this rank's replicas
+    (once per placement: every weight of every backward asks)."""
+    replicated = sorted(e for e, copies in Counter(placement.slot_experts).items() if copies > 1)
+    index = {e: i for i, e in enumerate(replicated)}
+    mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
+    return len(replicated), [(slot, index[e]) for slot, e in enumerate(mine) if e in index]
+
+
 def start_replica_sum(layer, weight: torch.Tensor, group=None) -> tuple | None:
     """Sum ``weight.grad`` over the replicas of each replicated expert: this rank's replicas locally, then an
     all_reduce that runs asynchronously (``finish_replica_sum`` waits for it). None when nothing is replicated."""
-    placement = layer.placement
-    replicated = sorted(e for e, copies in Counter(placement.slot_experts).items() if copies > 1)
+    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
+    replicated, local = _replica_rows(layer.placement, dist.get_rank(group) if distributed else 0)
     if not replicated:
         return None
-    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-    rank = dist.get_rank(group) if distributed else 0
-    index = {e: i for i, e in enumerate(replicated)}
-    mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
-    local = [(slot, index[e]) for slot, e in enumerate(mine) if e in index]
-    total = weight.grad.new_zeros(len(replicated), *weight.shape[1:])
+    total = weight.grad.new_zeros(replicated, *weight.shape[1:])
     for slot, i in local:
         total[i] += weight.grad[slot]
     work = dist.all_reduce(total, group=group, async_op=True) if distributed else None
