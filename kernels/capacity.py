@@ -91,6 +91,13 @@ def scatter_rows(source: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     return buffer[:num_rows]
 
 
+def filled_slots(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """``[E, 1]``: how many of each expert's ``capacity`` slots the dispatch fills (its first ones, by ``assign_slots``)."""
+    pairs = expert_ids.reshape(-1)
+    chosen = torch.zeros(num_experts, dtype=pairs.dtype, device=pairs.device).scatter_add(0, pairs, torch.ones_like(pairs))
+    return chosen.clamp(max=capacity).unsqueeze(1)
+
+
 def gather_from_slots(buffer: Tensor, slots: Tensor) -> Tensor:
     """``[T, k, d]``: each pair's buffer row, zeros for dropped pairs."""
     rows = buffer.reshape(-1, buffer.shape[-1])[slots.clamp(min=0)]

@@ -59,14 +59,9 @@ import torch.fx
 from moe_ascend.kernels import exchange, hierarchical
 from moe_ascend.passes.analysis.exchange_sites import NOT_CAPACITY, CapacityExchange, capacity_exchange
 from moe_ascend.passes.analysis.moe_regions import META_KEY
-from moe_ascend.passes.analysis.ops import op_name
+from moe_ascend.passes.analysis.ops import is_row_wise, op_name
 from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, infer_meta, register_pass
 
-# Ops that compute each slot's row from that row alone (the matmuls take the expert's weight on the right).
-ROW_WISE_OPS = frozenset({
-    "grouped_mm_batched", "bmm", "matmul", "getitem", "silu", "gelu", "relu", "sigmoid", "tanh", "mul", "add",
-    "sub", "div", "neg", "to", "float", "type", "contiguous", "clone", "chunk", "split",
-})
 MOST_CHUNKS = 8
 
 
@@ -86,7 +81,7 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 say("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index, why)
             continue
         experts = list(site.experts)
-        not_row_wise = next((n for n in experts if not _row_wise(n)), None)
+        not_row_wise = next((n for n in experts if not is_row_wise(n)), None)
         if not_row_wise is not None:
             say("%s: MoE layer %d is not chunked for overlap: its expert node %s (%s) is not known to work slot by "
                 "slot", ctx.graph_name, layer.index, not_row_wise.name, op_name(not_row_wise))
@@ -108,16 +103,6 @@ def _why_not(layer, reason: str) -> str:
     if reason == NOT_CAPACITY:
         return reason + "; chunk a dropless layer with MoELayer(..., overlap_chunks=n)"
     return reason
-
-
-def _row_wise(node: torch.fx.Node) -> bool:
-    name = op_name(node)
-    if name not in ROW_WISE_OPS:
-        return False
-    if name in ("chunk", "split"):  # only across features
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-        return dim in (-1, node.args[0].meta["val"].dim() - 1)
-    return True
 
 
 def _chunk_count(site: CapacityExchange, experts: list[torch.fx.Node], ctx: PassContext) -> int:

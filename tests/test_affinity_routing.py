@@ -77,7 +77,8 @@ def routed(temporary_passes, layer, x, phase, steps=1, **options):
     """Compile ``layer`` with affinity routing in ``phase``; run ``steps`` training steps; the code after the pass."""
     seen = {}
 
-    @temporary_passes(name="probe", stage="pre_grad", after=("affinity_routing", "chunk_for_overlap"), roles=("dynamo",))
+    @temporary_passes(name="probe", stage="pre_grad", after=("affinity_routing", "chunk_for_overlap"),
+                      before=("skip_empty_slots",), roles=("dynamo",))
     def probe(gm, ctx):
         seen.setdefault("lines", [re.sub(r"observe_affinity\.default\((.*), \d+\)", r"observe_affinity.default(\1, OWNER)", line)
                                   for line in code_lines(gm) if not line.startswith("l_")])

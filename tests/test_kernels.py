@@ -177,6 +177,22 @@ def test_grouped_mm_batched(case, out_width):
 
 
 @PROPERTY
+@given(case=routing_cases(), out_width=st.integers(1, 4), blocks=st.integers(1, 3))
+def test_grouped_mm_filled(case, out_width, blocks):
+    # One block per source rank; on one rank (blocks = 1) the fill the capacity dispatch leaves.
+    capacity = case["capacity"]
+    if blocks == 1:
+        filled = ops.capacity.filled_slots(case["choices"], case["num_experts"], capacity)
+    else:
+        filled = torch.randint(0, capacity + 1, (case["num_experts"], blocks), generator=case["generator"])
+    x = rand(case, case["num_experts"], blocks * capacity, case["width"])
+    w = rand(case, case["num_experts"], case["width"], out_width)
+    used = lambda e, slot: slot % capacity < filled[e, slot // capacity]  # noqa: E731
+    want = torch.stack([torch.stack([x[e, s] @ w[e] * used(e, s) for s in range(x.shape[1])]) for e in range(x.shape[0])])
+    assert_same(ops.grouped_mm_filled(x, w, filled), want, [x, w])
+
+
+@PROPERTY
 @given(case=routing_cases(), out_width=st.integers(1, 4))
 def test_grouped_mm(case, out_width):
     counts = torch.bincount(case["choices"].reshape(-1), minlength=case["num_experts"])
@@ -205,6 +221,8 @@ def opcheck_cases():
         (torch.ops.moe_ascend.permute, (req(tokens), ids, 3)),
         (torch.ops.moe_ascend.unpermute, (req(rows), row_map, req(weights))),
         (torch.ops.moe_ascend.grouped_mm_batched, (req(dispatched), req(torch.randn(3, 4, 5, generator=g)))),
+        (torch.ops.moe_ascend.grouped_mm_filled, (req(dispatched), req(torch.randn(3, 4, 5, generator=g)),
+                                                  ops.capacity.filled_slots(ids, 3, 3))),
         (torch.ops.moe_ascend.grouped_mm, (req(rows), req(torch.randn(3, 4, 5, generator=g)), counts)),
     ]
 

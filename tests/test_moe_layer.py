@@ -43,7 +43,7 @@ def test_find_moe_sees_the_ops_of_our_layer(tmp_path):
                    for role in ("router", "dispatch", "experts", "combine")}
     assert "moe_ascend.topk_softmax.default" in ops_by_role["router"]
     assert "moe_ascend.capacity_dispatch.default" in ops_by_role["dispatch"]
-    assert "moe_ascend.grouped_mm_batched.default" in ops_by_role["experts"]
+    assert "moe_ascend.grouped_mm_filled.default" in ops_by_role["experts"]  # skip_empty_slots kept their role
     assert "moe_ascend.capacity_combine.default" in ops_by_role["combine"]
     assert [len(g["moe_layers"]) for g in summary["graphs"]] == [1, 1, 1]
 

@@ -21,9 +21,9 @@ def names(stage, **options):
 
 
 def test_built_in_order_is_declared_not_imported():
-    assert names("pre_grad") == ["normalise", "find_moe", "hierarchical_a2a", "chunk_for_overlap"]
+    assert names("pre_grad") == ["normalise", "find_moe", "hierarchical_a2a", "chunk_for_overlap", "skip_empty_slots"]
     assert names("pre_grad", passes=["canonicalise"]) == ["normalise", "find_moe", "canonicalise", "hierarchical_a2a",
-                                                          "chunk_for_overlap"]
+                                                          "chunk_for_overlap", "skip_empty_slots"]
     assert names("post_grad") == ["schedule_overlap", "verify_collectives"]
 
 
@@ -32,7 +32,7 @@ def test_after_and_before_place_a_pass(temporary_passes):
     temporary_passes(name="t_early", stage="pre_grad", before=("normalise",))(noop)
     temporary_passes(name="t_middle", stage="pre_grad", after=("normalise",), before=("find_moe",))(noop)
     assert names("pre_grad") == ["t_early", "normalise", "t_middle", "find_moe", "hierarchical_a2a", "chunk_for_overlap",
-                                 "t_late"]  # ties: registration order
+                                 "skip_empty_slots", "t_late"]  # ties: registration order
 
 
 def test_a_cycle_is_an_error_naming_the_passes(temporary_passes):

@@ -8,6 +8,11 @@ import torch.fx
 MATMULS = frozenset({"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum"})
 TOP_K = frozenset({"topk", "topk_softmax"})  # torch.topk, and moe_ascend's fused softmax + top-k
 WAIT = "wait_tensor"
+# Ops that compute each slot's row from that row alone (the matmuls take the expert's weight on the right).
+ROW_WISE_OPS = frozenset({
+    "grouped_mm_batched", "grouped_mm_filled", "bmm", "matmul", "getitem", "silu", "gelu", "relu", "sigmoid", "tanh",
+    "mul", "add", "sub", "div", "neg", "to", "float", "type", "contiguous", "clone", "chunk", "split",
+})
 
 
 def op_name(node: torch.fx.Node) -> str:
@@ -55,3 +60,14 @@ def is_matmul(node: torch.fx.Node) -> bool:
     """The matmul family, including any library's grouped matmul (torch._grouped_mm, transformers', ours)."""
     name = op_name(node)
     return node.op in ("call_function", "call_method") and (name in MATMULS or "grouped_mm" in name)
+
+
+def is_row_wise(node: torch.fx.Node) -> bool:
+    """Each row of the output (a slot of an ``[E, C, d]`` buffer) comes from the same row of the input alone."""
+    name = op_name(node)
+    if name not in ROW_WISE_OPS:
+        return False
+    if name in ("chunk", "split"):  # only across features
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        return dim in (-1, node.args[0].meta["val"].dim() - 1)
+    return True
