@@ -1,7 +1,12 @@
-"""Run a function on N real processes joined by a gloo process group (plain multi-process, loopback)."""
+"""Run a function on N real processes joined by a gloo process group (plain multi-process, loopback), or a
+script on the emulated cluster through ``moe-ascend launch``."""
 
+import json
 import os
 import queue
+import re
+import subprocess
+import sys
 import traceback
 from datetime import timedelta
 
@@ -56,3 +61,14 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0, collective_tim
             if p.is_alive():
                 p.kill()
     return [outcomes[r] for r in range(world_size)]
+
+
+def launch(nodes: int, ranks_per_node: int, script: str, *args: str, timeout: float = 400) -> list[dict]:
+    """``script ARGS`` on the emulated cluster (loopback without root): every rank's ``RESULT {json}`` line, by rank."""
+    done = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes),
+                           "--ranks-per-node", str(ranks_per_node), "--", script, *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    found = [json.loads(m) for m in re.findall(r"^\[r\d+\] RESULT (.*)$", done.stdout, flags=re.M)]
+    assert len(found) == nodes * ranks_per_node, done.stdout[-4000:]
+    return sorted(found, key=lambda r: r["rank"])

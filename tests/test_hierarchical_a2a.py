@@ -1,12 +1,9 @@
 """The two-step hierarchical all-to-all: equal to the flat exchange, two groups in order, chosen by the cost model."""
 
-import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from distributed import launch
 
 from moe_ascend.compiler.cost_model import CostModel
 from moe_ascend.kernels.hierarchical import Hierarchy
@@ -16,22 +13,11 @@ from moe_ascend.runtime.topology import Topology
 SCRIPT = str(Path(__file__).parent / "cluster" / "hierarchical.py")
 
 
-def launch(nodes: int, ranks_per_node: int, mode: str) -> list[dict]:
-    """Runs on the emulated cluster (or on loopback without root: equality needs no shaping)."""
-    done = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes),
-                           "--ranks-per-node", str(ranks_per_node), "--", SCRIPT, mode],
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    found = [json.loads(m) for m in re.findall(r"^\[r\d+\] RESULT (.*)$", done.stdout, flags=re.M)]
-    assert len(found) == nodes * ranks_per_node
-    return sorted(found, key=lambda r: r["rank"])
-
-
 @pytest.mark.parametrize("nodes, ranks_per_node", [(2, 2), (4, 2)], ids=["2x2", "4x2"])
 def test_hierarchical_equals_flat_forward_and_backward(nodes, ranks_per_node):
     # Every rank: the kernels called directly (both drop policies, dropless in one and three chunks), MoELayer
     # compiled with the pass (capacity), and MoELayer(hierarchical_a2a=True) compiled (dropless).
-    for result in launch(nodes, ranks_per_node, "equal"):
+    for result in launch(nodes, ranks_per_node, SCRIPT, "equal"):
         assert set(result["eager"]) == {"position", "score", "dropless", "dropless_3_chunks"}
         assert set(result["compiled"]) == {"position", "score", "dropless"}
         for check in ("eager", "compiled"):
@@ -39,7 +25,7 @@ def test_hierarchical_equals_flat_forward_and_backward(nodes, ranks_per_node):
 
 
 def test_golden_two_collectives_on_two_groups_in_order():
-    result = launch(2, 2, "golden")[0]
+    result = launch(2, 2, SCRIPT, "golden")[0]
     assert result["pre_grad"] == [
         "linear", "topk_softmax_default", "weights", "expert_ids",
         "hierarchical_dispatch", "expert_in", "plan",
@@ -60,7 +46,7 @@ def test_the_runtime_counts_bytes_per_link_for_eager_and_compiled_exchanges():
     # Capacity layer: [16 experts, 6 slots, 8] fp64 = 6144 bytes a buffer, a quarter to each of the 4 ranks;
     # rank 0 on 2 x 2 sends two quarters off its node and one to its node-mate, four times a step
     # (dispatch and combine, forward and backward).
-    for result in launch(2, 2, "traffic"):
+    for result in launch(2, 2, SCRIPT, "traffic"):
         assert result["eager_flat"] == {"inter_node": 4 * 2 * 1536, "intra_node": 4 * 1536}
         assert result["compiled_flat"] == result["eager_flat"]  # static sizes of the graphs, counted per call
         assert result["compiled_hierarchical"] == result["eager_hierarchical"]

@@ -1,17 +1,19 @@
 """MoELayer: one rank and four, capacity and dropless, eager and compiled, recognised by find_moe."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from checks import assert_matches_eager
-from distributed import run_ranks
+from distributed import launch, run_ranks
 
 from moe_ascend.kernels.errors import TopologyError
 from moe_ascend.runtime import MoELayer
 
 MODES = {"capacity": 1.0, "dropless": None}
+SCRIPT = str(Path(__file__).parent / "cluster" / "moe_layer.py")
 
 
 def layer_kwargs(mode):
@@ -57,41 +59,12 @@ def test_experts_must_split_over_the_group(monkeypatch):
         MoELayer(8, 16, 8, 2, ep_group=ThreeRanks())
 
 
-def expert_parallel_equals_one_process(rank, world_size, mode, compiled):
-    """On each rank: the EP layer's outputs and grads equal a single-process layer's holding all experts."""
-    torch.manual_seed(0)
-    reference = MoELayer(**layer_kwargs(mode))
-    layer = MoELayer(**layer_kwargs(mode), ep_group=dist.group.WORLD)
-    local = slice(rank * layer.num_local_experts, (rank + 1) * layer.num_local_experts)
-    with torch.no_grad():
-        layer.gate.weight.copy_(reference.gate.weight)
-        layer.w_gate_up.copy_(reference.w_gate_up[local])
-        layer.w_down.copy_(reference.w_down[local])
-        for mine, theirs in zip(layer.shared.parameters(), reference.shared.parameters()):
-            mine.copy_(theirs)
-    batches = [torch.randn(6, 8, generator=torch.Generator().manual_seed(100 + r)) for r in range(world_size)]
-    probes = [torch.randn(6, 8, generator=torch.Generator().manual_seed(200 + r)) for r in range(world_size)]
-
-    run = layer
-    if compiled:
-        assert torch._dynamo.explain(layer)(batches[rank]).graph_break_count == 0
-        run = torch.compile(layer, backend="moe_ascend", options={"target": "eager"})
-    out = run(batches[rank])
-    (out * probes[rank]).sum().backward()
-    sum((reference(b) * p).sum() for b, p in zip(batches, probes)).backward()
-
-    torch.testing.assert_close(out, reference(batches[rank]), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.w_gate_up.grad, reference.w_gate_up.grad[local], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.w_down.grad, reference.w_down.grad[local], rtol=1e-5, atol=1e-5)
-    for mine, theirs in [(layer.gate.weight, reference.gate.weight), *zip(layer.shared.parameters(), reference.shared.parameters())]:
-        dist.all_reduce(mine.grad)  # replicated parameters: each rank holds its own tokens' share
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)
-    return True
-
-
-@pytest.mark.parametrize("mode, compiled", [("capacity", False), ("dropless", False), ("capacity", True)])
-def test_four_ranks_equal_one_process(mode, compiled):
-    assert run_ranks(4, expert_parallel_equals_one_process, mode, compiled) == [True] * 4
+def test_two_nodes_of_two_ranks_equal_one_process():
+    # Through the launcher (2 x 2, shaped where root): capacity and dropless in eager, capacity compiled.
+    for result in launch(2, 2, SCRIPT):
+        assert result["capacity_graph_breaks"] == 0, result
+        for check in ("capacity", "dropless", "capacity_compiled"):
+            assert result[check] < 1e-5, (result["rank"], check, result[check])
 
 
 def dropless_graph_breaks(rank, world_size):

@@ -1,14 +1,12 @@
 """Node-limited routing: each token's experts on at most M nodes, the rewritten router, and the bytes it saves."""
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import launch
 from graphs import code_lines
 
 import moe_ascend.kernels as ops
@@ -82,12 +80,7 @@ def test_a_layer_on_one_rank_keeps_its_router_and_says_why(caplog):
 def test_on_the_emulated_cluster_no_token_reaches_more_nodes_and_inter_node_bytes_fall():
     # 2 nodes x 2 ranks, 8 experts, top-4, dropless over the two-step exchange, M = 1: compiled equals the same
     # routing in eager (forward and backward), and each token now crosses to at most one node instead of ~two.
-    done = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2", "--ranks-per-node",
-                           "2", "--", SCRIPT, "check"], capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    results = [json.loads(m) for m in re.findall(r"^\[r\d+\] RESULT (.*)$", done.stdout, flags=re.M)]
-    assert len(results) == 4
-    for result in results:
+    for result in launch(2, 2, SCRIPT, "check"):
         assert result["max_abs_diff"] < 1e-12
         assert result["most_nodes"] == 1
         keep, limited = result["bytes"]["keep"]["inter_node"], result["bytes"]["node_limited"]["inter_node"]
