@@ -20,6 +20,11 @@ ROUTING_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
     },
     "node_limited": {"max_nodes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, None)},
 }
+# options["ascend_options"] (target "ascend"): key -> (valid values, default).
+ASCEND_OPTIONS: dict[str, tuple[tuple, Any]] = {
+    "mode": (("max-autotune", "npugraph_ex"), "max-autotune"),  # GE graph mode, or captured NPU graphs of eager kernels
+    "dry_run": ((False, True), False),  # no NPU: build the graphs torchair would get, check them, run them eagerly
+}
 DUMP_DIR_ENV = "MOE_ASCEND_DUMP_DIR"
 
 
@@ -32,6 +37,7 @@ class Options:
     overlap: str | bool | int = "auto"
     routing: str = "keep"
     routing_options: Mapping[str, Any] | None = None
+    ascend_options: Mapping[str, Any] | None = None
     dump_dir: str | None = None
     passes: tuple[str | Callable, ...] = ()
     disable: tuple[str, ...] = ()
@@ -60,6 +66,7 @@ class Options:
         _one_of("target", self.target, TARGETS)
         _one_of("routing", self.routing, ROUTINGS)
         self._validate_routing_options()
+        self._validate_ascend_options()
         if self.hierarchical_a2a not in ("auto", True, False):
             raise OptionError(
                 f"option 'hierarchical_a2a' is {self.hierarchical_a2a!r}; valid values are 'auto', True, False"
@@ -107,6 +114,22 @@ class Options:
                 want = f"one of {list(check)}" if not callable(check) else "an int >= 1"
                 raise OptionError(f"option 'routing_options'[{key!r}] is {value!r}; give {want}")
 
+    def _validate_ascend_options(self) -> None:
+        given = dict(self.ascend_options or {})
+        unknown = sorted(set(given) - set(ASCEND_OPTIONS))
+        if unknown:
+            raise OptionError(f"option 'ascend_options' has {unknown}; it takes {sorted(ASCEND_OPTIONS)}")
+        for key, value in given.items():
+            valid = ASCEND_OPTIONS[key][0]
+            if value not in valid or type(value) is not type(valid[0]):
+                raise OptionError(f"option 'ascend_options'[{key!r}] is {value!r}; give one of {list(valid)}")
+        if given and self.target not in ("ascend", "auto"):
+            raise OptionError(f"option 'ascend_options' applies to target 'ascend' (or 'auto'); target is {self.target!r}")
+
+    def ascend_option(self, key: str) -> Any:
+        """An ``ascend_options`` value, its default where not given."""
+        return dict(self.ascend_options or {}).get(key, ASCEND_OPTIONS[key][1])
+
     def routing_option(self, key: str) -> Any:
         """A ``routing_options`` value of the chosen routing, its default where not given."""
         return dict(self.routing_options or {}).get(key, ROUTING_OPTIONS[self.routing][key][1])
@@ -116,6 +139,7 @@ class Options:
         fields = asdict(self)
         fields["passes"] = [p if isinstance(p, str) else _callable_id(p) for p in self.passes]
         fields["routing_options"] = sorted((self.routing_options or {}).items())
+        fields["ascend_options"] = sorted((self.ascend_options or {}).items())
         return repr(sorted(fields.items()))
 
 

@@ -4,13 +4,23 @@ Every target runs AOTAutograd and hands our post_grad stage the forward,
 backward and inference graphs: Inductor through ``post_grad_custom_pre_pass``
 (``config_patches=`` so the lazily compiled backward sees it too), ``eager``
 through its own forward/backward compilers, ``ascend`` through torchair's
-``CompilerConfig.post_grad_custom_pre_pass`` (its own issue).
+``CompilerConfig.post_grad_custom_pre_pass``.
+
+``ascend`` hands torchair the moe_ascend ops' GE forms as decompositions
+(``kernels.ascend``), with forms of the few aten ops whose torchair converter is
+a stub. With
+``ascend_options={"dry_run": True}`` it needs no NPU: AOTAutograd traces the
+graphs torchair would be given (its partitioner, those decompositions), the
+post_grad stage runs on them, each is checked for ops GE could not take (one
+warning per graph that has any), and they run eagerly, as torchair's
+``debug.run_eagerly`` does.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -65,34 +75,97 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGrad
 
 
 def lower_eager(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.decomposition import select_decomp_table
+
+    # Inductor's decompositions and partitioner, so post_grad passes see the same aten IR on every target (the
+    # default partitioner replayed the hierarchical dispatch, all-to-alls included, in the backward).
+    return _aot_eager(gm, example_inputs, post_grad, select_decomp_table(), min_cut_rematerialization_partition)
+
+
+def _aot_eager(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage, decompositions, partition_fn,
+               check: Callable[[torch.fx.GraphModule, str], None] | None = None) -> Callable:
+    """AOTAutograd with our post_grad stage as its forward/backward/inference compilers; the graphs run eagerly."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
 
     def compiler_for(role: str):
         def compile_graph(graph: torch.fx.GraphModule, inputs):
             post_grad.account(graph, role)
             graph = post_grad.run(graph, role)
+            if check is not None:
+                check(graph, role)
             return make_boxed_func(graph.forward)
 
         return compile_graph
 
-    # Inductor's decompositions and partitioner, so post_grad passes see the same aten IR on every target (the
-    # default partitioner replayed the hierarchical dispatch, all-to-alls included, in the backward).
     return aot_module_simplified(
         gm,
         example_inputs,
         fw_compiler=compiler_for("forward"),
         bw_compiler=compiler_for("backward"),
         inference_compiler=compiler_for("inference"),
-        decompositions=select_decomp_table(),
-        partition_fn=min_cut_rematerialization_partition,
+        decompositions=decompositions,
+        partition_fn=partition_fn,
     )
 
 
 def lower_ascend(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:
-    reason = ascend_unavailable_reason() or "the torchair lowering is not built yet (issue: Lowering to Ascend graph mode)"
-    raise TargetUnavailableError(f"target 'ascend' is not available here: {reason}; use target='inductor' or 'eager'")
+    from moe_ascend.kernels import ascend
+
+    options = post_grad.make_context("post_grad", "forward").options
+    dry_run = options.ascend_option("dry_run")
+    reason = ascend_unavailable_reason()
+    if reason is not None and not dry_run:
+        raise TargetUnavailableError(
+            f"target 'ascend' is not available here: {reason}; use target='inductor' or 'eager', or "
+            "ascend_options={'dry_run': True} to build and check the graphs torchair would get"
+        )
+    decompositions = ascend.decompositions(npu=not dry_run)
+    if dry_run:
+        from torch._functorch.partitioners import default_partition  # torchair's
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # Attention as its math (matmuls, softmax): the fused CPU kernel this machine would trace to is no NPU op.
+        with sdpa_kernel([SDPBackend.MATH]):
+            return _aot_eager(gm, example_inputs, post_grad, decompositions, default_partition, _warn_missing_converters)
+    return _torchair(gm, example_inputs, post_grad, options, decompositions)
+
+
+def _warn_missing_converters(graph: torch.fx.GraphModule, role: str) -> None:
+    from moe_ascend.compiler.ascend_coverage import missing_converters
+
+    missing = missing_converters(graph)
+    if missing:
+        log.warning("moe_ascend: GE would reject this %s graph: %s", role,
+                    "; ".join(f"{op} ({why})" for op, why in missing.items()))
+
+
+def _torchair(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage, options, decompositions) -> Callable:
+    """torchair's backend with our post_grad stage as its ``post_grad_custom_pre_pass``."""
+    import torch_npu  # noqa: F401  (before torchair, which it provides)
+    import torchair
+
+    from moe_ascend.kernels import ascend
+
+    ascend.register_npu_kernels()
+    config = torchair.CompilerConfig()
+    config.mode = options.ascend_option("mode")
+    if options.dump_dir is not None:  # GE's own graphs beside ours
+        ge_dir = Path(options.dump_dir) / "ge"
+        ge_dir.mkdir(parents=True, exist_ok=True)
+        config.debug.graph_dump.type = "pbtxt" if config.mode == "max-autotune" else "py"
+        config.debug.graph_dump.path = str(ge_dir)
+    # torchair gives its pass the graph alone: an inference compile is one where nothing needs a gradient.
+    inference = not torch.is_grad_enabled() or not any(getattr(t, "requires_grad", False) for t in example_inputs)
+
+    def post_grad_pass(graph: torch.fx.GraphModule, inputs, config) -> None:
+        role = "inference" if inference else training_role(graph)
+        post_grad.account(graph, role)
+        post_grad.run(graph, role)
+
+    config.post_grad_custom_pre_pass = post_grad_pass
+    return torchair.get_npu_backend(compiler_config=config, custom_decompositions=decompositions)(gm, example_inputs)
 
 
 LOWERINGS = {"inductor": lower_inductor, "eager": lower_eager, "ascend": lower_ascend}

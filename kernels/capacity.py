@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ascend.kernels.indexing import check_expert_ids, expert_counts, place, stable_order
 from moe_ascend.kernels.weighted_sum import weighted_sum, weighted_sum_backward
 
 DROP_POLICIES = ("position", "score")
@@ -26,14 +27,13 @@ def assign_slots(expert_ids: Tensor, scores: Tensor, num_experts: int, capacity:
     pair_expert = expert_ids.t().reshape(-1)  # pair p = choice·T + token: choice-major priority
     pairs = pair_expert.numel()
     if drop_policy == "position":
-        order = torch.sort(pair_expert, stable=True).indices
+        order = stable_order(pair_expert)
     else:
-        by_score = torch.sort(-scores.t().reshape(-1).float(), stable=True).indices
-        order = by_score[torch.sort(pair_expert[by_score], stable=True).indices]
-    counts = torch.bincount(pair_expert, minlength=num_experts)
+        by_score = stable_order(scores.t().reshape(-1).float(), descending=True)
+        order = by_score[stable_order(pair_expert[by_score])]
+    counts = expert_counts(pair_expert, num_experts)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(pair_expert)
-    rank[order] = torch.arange(pairs, device=expert_ids.device) - starts[pair_expert[order]]
+    rank = place(torch.arange(pairs, device=expert_ids.device) - starts[pair_expert[order]], order)
     slot = torch.where(rank < capacity, pair_expert * capacity + rank, torch.full_like(rank, -1))
     return slot.reshape(k, tokens).t().contiguous()
 
@@ -63,10 +63,15 @@ def capacity_dispatch(
     tokens: Tensor, expert_ids: Tensor, scores: Tensor, num_experts: int, capacity: int, drop_policy: str
 ) -> tuple[Tensor, Tensor]:
     """``tokens [T, d]`` → ``(dispatched [E, C, d], slots [T, k])``; empty slots are zero."""
+    check_expert_ids(expert_ids, num_experts)
+    return dispatch_to_slots(tokens, expert_ids, scores, num_experts, capacity, drop_policy)
+
+
+def dispatch_to_slots(
+    tokens: Tensor, expert_ids: Tensor, scores: Tensor, num_experts: int, capacity: int, drop_policy: str
+) -> tuple[Tensor, Tensor]:
+    """What ``capacity_dispatch`` computes, in plain torch ops, without its host-side check of the ids."""
     _check(expert_ids, num_experts, capacity, drop_policy)
-    if expert_ids.numel():
-        torch._check(int(expert_ids.min()) >= 0 and int(expert_ids.max()) < num_experts,
-                     lambda: f"expert ids must lie in [0, {num_experts})")
     slots = assign_slots(expert_ids, scores, num_experts, capacity, drop_policy)
     return scatter_to_slots(tokens, slots, num_experts, capacity), slots
 
@@ -87,15 +92,12 @@ def scatter_to_slots(tokens: Tensor, slots: Tensor, num_experts: int, capacity: 
 
 def scatter_rows(source: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """``[num_rows, d]``: row ``rows[i]`` gets ``source[i]``; the spare row ``num_rows`` takes what is not sent."""
-    buffer = source.new_zeros(num_rows + 1, source.shape[-1]).index_copy(0, rows, source)
-    return buffer[:num_rows]
+    return place(source, rows, num_rows + 1)[:num_rows]
 
 
 def filled_slots(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
     """``[E, 1]``: how many of each expert's ``capacity`` slots the dispatch fills (its first ones, by ``assign_slots``)."""
-    pairs = expert_ids.reshape(-1)
-    chosen = torch.zeros(num_experts, dtype=pairs.dtype, device=pairs.device).scatter_add(0, pairs, torch.ones_like(pairs))
-    return chosen.clamp(max=capacity).unsqueeze(1)
+    return expert_counts(expert_ids, num_experts).clamp(max=capacity).unsqueeze(1)
 
 
 def gather_from_slots(buffer: Tensor, slots: Tensor) -> Tensor:
@@ -120,6 +122,11 @@ capacity_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_
 @torch.library.custom_op("moe_ascend::capacity_combine", mutates_args=())
 def capacity_combine(expert_out: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
     """``expert_out [E, C, d]`` → ``[T, d]``: each token's weighted sum over its kept pairs."""
+    return combine_from_slots(expert_out, slots, weights)
+
+
+def combine_from_slots(expert_out: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
+    """What ``capacity_combine`` computes, in plain torch ops."""
     return weighted_sum(gather_from_slots(expert_out, slots), weights)
 
 

@@ -10,17 +10,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ascend.kernels.indexing import check_expert_ids, expert_counts, place, stable_order
 from moe_ascend.kernels.weighted_sum import weighted_sum, weighted_sum_backward
 
 
 @torch.library.custom_op("moe_ascend::permute", mutates_args=())
 def permute(tokens: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """``tokens [T, d]`` → ``(rows [T·k, d], tokens_per_expert [E], row_map [T·k])``."""
+    check_expert_ids(expert_ids, num_experts)
+    return permute_rows(tokens, expert_ids, num_experts)
+
+
+def permute_rows(tokens: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``permute`` computes, in plain torch ops, without its host-side check of the ids."""
     k = expert_ids.shape[1]
     flat_ids = expert_ids.reshape(-1)
-    row_map = torch.sort(flat_ids, stable=True).indices
-    tokens_per_expert = torch.bincount(flat_ids, minlength=num_experts)
-    torch._check(tokens_per_expert.numel() == num_experts, lambda: f"expert ids must lie in [0, {num_experts})")
+    row_map = stable_order(flat_ids)
+    tokens_per_expert = expert_counts(flat_ids, num_experts)
     return tokens[row_map // k], tokens_per_expert, row_map
 
 
@@ -46,12 +52,17 @@ permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 def _rows_to_pairs(rows: Tensor, row_map: Tensor) -> Tensor:
     """Undo the grouping: pair ``row_map[i]`` gets row ``i``."""
-    return rows.new_empty(rows.shape).index_copy(0, row_map, rows)
+    return place(rows, row_map)
 
 
 @torch.library.custom_op("moe_ascend::unpermute", mutates_args=())
 def unpermute(rows: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
     """``rows [T·k, d]`` (in permuted order) → ``[T, d]``: each token's weighted sum over its k rows."""
+    return unpermute_rows(rows, row_map, weights)
+
+
+def unpermute_rows(rows: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
+    """What ``unpermute`` computes, in plain torch ops."""
     return weighted_sum(_rows_to_pairs(rows, row_map).reshape(*weights.shape, -1), weights)
 
 

@@ -9,10 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ascend.kernels.indexing import stable_order
+
 
 @torch.library.custom_op("moe_ascend::topk_softmax", mutates_args=())
 def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """``logits [T, E]`` → ``(weights [T, k], expert_ids [T, k])``, weights in ``logits.dtype``."""
+    return top_k_of_softmax(logits, k, renormalize)
+
+
+def top_k_of_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """What ``topk_softmax`` computes, in plain torch ops (the reference, and its form on Ascend's graph engine)."""
     _check_logits(logits, k)
     probs = _probs(logits)
     weights, expert_ids = _top_k(probs, k)
@@ -34,8 +41,8 @@ def _probs(logits: Tensor) -> Tensor:
 
 
 def _top_k(probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    values, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return values[:, :k].contiguous(), order[:, :k].contiguous()
+    order = stable_order(probs, descending=True)[:, :k].contiguous()
+    return probs.gather(-1, order), order
 
 
 def _check_logits(logits: Tensor, k: int) -> None:
