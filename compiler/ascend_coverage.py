@@ -13,6 +13,7 @@ the ascend target decomposes it (``kernels.ascend.ATEN_FORMS``), or, for a
 moe_ascend op, when its GE form is covered. ``missing_converters(gm)`` lists the rest with the reason;
 ``check_dump(dir)`` does it for every post-grad graph of a dump, after every pass.
 
+    moe-ascend doctor --ascend-check DUMP_DIR                                   # the check of a dump
     python -m moe_ascend.compiler.ascend_coverage regenerate PATH/TO/torchair   # the table, from torchair's sources
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import json
 import operator
 import re
 import subprocess
@@ -224,16 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     again.add_argument("torchair", type=Path)
     again.add_argument("--commit")
     again.add_argument("--date")
-    check = commands.add_parser("check", help="the GE converter check of a dump folder")
-    check.add_argument("dump_dir", type=Path)
-    check.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "regenerate":
-        print(f"{regenerate(args.torchair, commit=args.commit, date=args.date)} ops -> {TABLE}")
-        return 0
-    rows = check_dump(args.dump_dir)
-    print(json.dumps(rows, indent=1) if args.json else format_check(rows))
-    return 1 if any(row["missing"] for row in rows) else 0
+    print(f"{regenerate(args.torchair, commit=args.commit, date=args.date)} ops -> {TABLE}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,17 +58,18 @@ def moe_ascend(
 def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Options) -> tuple[Callable, list]:
     """Both stages and the lowering: the compiled graph, and the layers affinity routing follows."""
     topology = Topology.detect(ranks_per_node=(opts.topology or {}).get("ranks_per_node"))
-    target = resolve_target(opts.target)
+    target = resolve_target(opts.target, dry_run=opts.ascend_option("dry_run"))
     recorder = session_for(opts.dump_dir)
     graph_name = recorder.new_graph_name() if recorder is not None else f"graph_{next(_graph_ids)}"
     cost_model = CostModel(topology=topology)
     fake_mode = detect_fake_mode(example_inputs)
+    training = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs)
 
     def make_context(stage: str, role: str) -> PassContext:
         name = graph_name if role == "dynamo" else f"{graph_name}.{role}"
         return PassContext(
             options=opts, stage=stage, role=role, graph_name=name, topology=topology,
-            cost_model=cost_model, logger=log, fake_mode=fake_mode if role == "dynamo" else None,
+            cost_model=cost_model, logger=log, fake_mode=fake_mode if role == "dynamo" else None, training=training,
         )
 
     pre_grad = make_context("pre_grad", "dynamo")

@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("dir")
     inspect.add_argument("--json", action="store_true", help="print summary.json instead of the table")
 
-    commands.add_parser("doctor", help="what this machine can run")
+    doctor = commands.add_parser("doctor", help="what this machine can run")
+    doctor.add_argument("--ascend-check", metavar="DIR", type=Path,
+                        help="list the ops of a dump's post-grad graphs (after every pass) that Ascend's graph engine has "
+                             "no converter for; exit status 1 if there are any")
 
     bench = commands.add_parser("bench", help="run bench/NAME.py (extra arguments go to the benchmark)")
     bench.add_argument("name")
@@ -71,6 +74,12 @@ def _run(args: argparse.Namespace) -> int:
         spec = ClusterSpec(args.nodes, args.ranks_per_node, args.inter_node_bandwidth, args.inter_node_latency)
         return launch(spec, command)
     if args.command == "doctor":
+        if args.ascend_check is not None:
+            from moe_ascend.compiler.ascend_coverage import check_dump, format_check
+
+            rows = check_dump(args.ascend_check)
+            print(format_check(rows))
+            return 1 if any(row["missing"] for row in rows) else 0
         from moe_ascend.compiler.doctor import report
 
         print(report())

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from moe_ascend.compiler.ascend_coverage import missing_converters
 from moe_ascend.compiler.report_html import graph_view, write_index
 from moe_ascend.passes.analysis.collectives import collectives_by_kind, exchange_bytes
 from moe_ascend.passes.analysis.moe_regions import META_KEY, layers_from_annotations
@@ -123,6 +124,8 @@ class GraphRecord:
             "estimate": timeline.to_json() if timeline is not None else None,
             "regions": _region_graphs(gm),
         }
+        if self.stage == "post_grad":  # aten graphs: what Ascend's graph engine could not take
+            self.result["ge_missing"] = missing_converters(gm)
         self.view = graph_view(self.session.folder, self.to_json())
         self.session.write()
 

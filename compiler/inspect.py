@@ -50,6 +50,10 @@ def format_table(summary: dict) -> str:
             out.append(f"  all-to-all bytes per run: inter-node {sent['inter_node']:,}, intra-node {sent['intra_node']:,}")
         elif text and sent:
             out.append(f"  all-to-all bytes per run: {sent} (counted at run time: moe_ascend.runtime.traffic)")
+        if "ge_missing" in graph:
+            missing = graph["ge_missing"]
+            out.append("  Ascend GE converters: " + ("every op has one" if not missing else
+                       "none for " + ", ".join(f"{op} ({why})" for op, why in missing.items())))
         for label in ("estimate", "measured"):
             timeline = graph.get(label)
             if timeline:

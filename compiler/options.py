@@ -24,6 +24,7 @@ ROUTING_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
 ASCEND_OPTIONS: dict[str, tuple[tuple, Any]] = {
     "mode": (("max-autotune", "npugraph_ex"), "max-autotune"),  # GE graph mode, or captured NPU graphs of eager kernels
     "dry_run": ((False, True), False),  # no NPU: build the graphs torchair would get, check them, run them eagerly
+    "soc": (("auto", "Ascend910B", "Ascend910_93"), "auto"),  # Atlas A2 / A3 (MC2's limits); auto: the NPU's, A2 in a dry run
 }
 DUMP_DIR_ENV = "MOE_ASCEND_DUMP_DIR"
 

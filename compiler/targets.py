@@ -34,9 +34,15 @@ log = logging.getLogger("moe_ascend")
 _announced_auto = False
 
 
-def resolve_target(target: str) -> str:
-    """``"auto"``: ascend when torch_npu imports and an NPU is visible, else inductor (said once, at info)."""
+def resolve_target(target: str, dry_run: bool = False) -> str:
+    """``"auto"``: ascend when torch_npu imports and an NPU is visible, else inductor (said once, at info).
+    ``"ascend"`` where it cannot run (and no dry run is asked for) is an error that says what is missing."""
     global _announced_auto
+    if target == "ascend" and not dry_run and (reason := ascend_unavailable_reason()) is not None:
+        raise TargetUnavailableError(
+            f"target 'ascend' is not available here: {reason}; use target='inductor' or 'eager', or "
+            "ascend_options={'dry_run': True} to build and check the graphs torchair would get"
+        )
     if target != "auto":
         return target
     reason = ascend_unavailable_reason()
@@ -115,12 +121,6 @@ def lower_ascend(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradSt
 
     options = post_grad.make_context("post_grad", "forward").options
     dry_run = options.ascend_option("dry_run")
-    reason = ascend_unavailable_reason()
-    if reason is not None and not dry_run:
-        raise TargetUnavailableError(
-            f"target 'ascend' is not available here: {reason}; use target='inductor' or 'eager', or "
-            "ascend_options={'dry_run': True} to build and check the graphs torchair would get"
-        )
     decompositions = ascend.decompositions(npu=not dry_run)
     if dry_run:
         from torch._functorch.partitioners import default_partition  # torchair's

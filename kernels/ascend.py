@@ -24,6 +24,8 @@ Nothing here imports torch_npu: the NPU forms look it up when they run.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -148,3 +150,47 @@ def register_npu_kernels() -> None:
     """Eager mode on an NPU: the fused forms as the ops' ``npu`` kernels (call once torch_npu is imported)."""
     for name, (form, _) in NPU_FORMS.items():
         torch.library.register_kernel(f"moe_ascend::{name}", "npu", form)
+
+
+# --- torch_npu's MC2 kernels (npu_moe_distribute_dispatch/combine): their schemas and limits -------------------
+
+NPU_MOE_OPS = Path(__file__).resolve().parent / "data" / "npu_moe_ops.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def npu_moe_ops() -> dict:
+    """The recorded schemas (``schemas``) and MC2 limits per SoC (``mc2``) of torch_npu's fused MoE ops."""
+    import yaml
+
+    return yaml.safe_load(NPU_MOE_OPS.read_text())
+
+
+def npu_schema(name: str) -> torch.FunctionSchema:
+    return torch._C.parse_schema("npu::" + npu_moe_ops()["schemas"][name])
+
+
+class TensorArg(str):
+    """An argument that is a tensor of the graph (named for what it holds), not a constant."""
+
+
+def call_problems(name: str, args: dict) -> list[str]:
+    """How a call of torch_npu's ``name`` with ``args`` (by name) disagrees with the recorded schema."""
+    schema = npu_schema(name)
+    known = {a.name: a for a in schema.arguments}
+    problems = [f"{name} has no argument {key!r}" for key in args if key not in known]
+    for argument in schema.arguments:
+        if argument.name not in args:
+            if not argument.has_default_value():
+                problems.append(f"{name} needs {argument.name!r}")
+            continue
+        value, kind = args[argument.name], str(argument.type)
+        wants_tensor = "Tensor" in kind  # Tensor, Optional[Tensor], List[Tensor]
+        if wants_tensor != isinstance(value, TensorArg) or (not wants_tensor and not _fits(value, kind)):
+            problems.append(f"{name}({argument.name}: {kind}) given {value!r}")
+    return problems
+
+
+def _fits(value, kind: str) -> bool:
+    kind = kind.removeprefix("Optional[").rstrip("]?")
+    return {"int": isinstance(value, int) and not isinstance(value, bool), "str": isinstance(value, str),
+            "bool": isinstance(value, bool), "float": isinstance(value, float)}.get(kind, False)

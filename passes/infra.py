@@ -43,8 +43,10 @@ class PassContext:
     """What a pass may read besides its graph.
 
     ``role`` is ``"dynamo"`` in pre_grad and ``"forward"``, ``"backward"`` or
-    ``"inference"`` in post_grad. ``analyses`` carries results from one pass
-    to the later passes of the same graph (``find_moe`` puts ``"moe_layers"`` there).
+    ``"inference"`` in post_grad. ``training`` says whether the graph will be
+    differentiated (a pre_grad pass cannot tell from the graph). ``analyses``
+    carries results from one pass to the later passes of the same graph
+    (``find_moe`` puts ``"moe_layers"`` there).
     """
 
     options: Any
@@ -56,6 +58,7 @@ class PassContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("moe_ascend"))
     fake_mode: Any = None
     analyses: dict[str, Any] = field(default_factory=dict)
+    training: bool = True
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,95 @@ def test_on_an_npu_the_layer_compiled_for_graph_mode_equals_eager_on_the_cpu():
     want = layer(x)
     got = torch.compile(layer.npu(), backend="moe_ascend", options={"target": "ascend"})(x.npu())
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+# --- MC2: which expert-parallel exchange maps onto npu_moe_distribute_dispatch/combine, with which arguments ----
+
+def mc2_decision(ranks, capacity_factor, training=False, dtype=torch.bfloat16, soc="Ascend910B", d_model=256):
+    """The pass's decision for a 32-expert top-2 capacity layer over ``ranks`` (fake ranks), 64 tokens a rank."""
+    import torch.distributed as dist
+    from graphs import context, dynamo_graph
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moe_ascend.passes.find_moe import find_moe
+    from moe_ascend.passes.mc2_dispatch import mc2_dispatch
+    from moe_ascend.passes.normalise import normalise
+
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=ranks)
+    try:
+        torch.manual_seed(0)
+        layer = MoELayer(d_model, 128, 32, 2, capacity_factor=capacity_factor, ep_group=dist.group.WORLD).to(dtype)
+        gm = dynamo_graph(layer, torch.randn(64, d_model, dtype=dtype))
+        ctx = context(options={"target": "ascend", "ascend_options": {"dry_run": True, "soc": soc}}, training=training)
+        normalise(gm, ctx)
+        find_moe(gm, ctx)
+        assert not mc2_dispatch(gm, ctx).modified
+        (decision,) = ctx.analyses["mc2"]
+        return decision
+    finally:
+        dist.destroy_process_group()
+
+
+def test_golden_mc2_mapping_of_an_inference_layer_that_drops_nothing():
+    from moe_ascend.kernels.ascend import TensorArg, call_problems
+
+    decision = mc2_decision(16, capacity_factor=16.0)  # C = ceil(2 * 64 / 32 * 16) = 64 = T: nothing can drop
+    assert (decision.soc, decision.dispatch.op, decision.combine.op) == \
+        ("Ascend910B", "npu_moe_distribute_dispatch", "npu_moe_distribute_combine")
+    common = {"group_ep": "hccl:0", "ep_world_size": 16, "ep_rank_id": 3, "moe_expert_num": 32, "global_bs": 1024}
+    assert decision.dispatch.args == {"x": "tokens", "expert_ids": "expert_ids:int32", **common,
+                                      "expert_scales": "weights:float32", "quant_mode": 0, "expert_token_nums_type": 1}
+    assert decision.combine.args == {
+        "expand_x": "expert_out", "expert_ids": "expert_ids:int32", "expand_idx": "dispatch.expand_idx",
+        "ep_send_counts": "dispatch.ep_recv_counts", "expert_scales": "weights:float32", **common,
+        "tp_send_counts": "dispatch.tp_recv_counts", "expand_scales": "dispatch.expand_scales"}
+    assert all(isinstance(decision.dispatch.args[k], TensorArg) for k in ("x", "expert_ids", "expert_scales"))
+    for call in (decision.dispatch, decision.combine):  # against torch_npu's recorded schemas
+        assert call_problems(call.op, call.args) == []
+
+
+def test_mc2_on_atlas_a3_takes_version_2():
+    decision = mc2_decision(16, capacity_factor=16.0, soc="Ascend910_93", d_model=1024)
+    assert (decision.dispatch.op, decision.combine.op) == ("npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2")
+    assert decision.combine.args["assist_info_for_combine"] == "dispatch.assist_info_for_combine"
+
+
+@pytest.mark.parametrize("case, want", [
+    (dict(ranks=16, capacity_factor=16.0, training=True), "no backward"),
+    (dict(ranks=16, capacity_factor=1.25), "C = 5 < T = 64 tokens may drop pairs"),  # ceil(2 * 64 / 32 * 1.25)
+    (dict(ranks=16, capacity_factor=16.0, dtype=torch.float32), "its tokens are float32"),
+    (dict(ranks=4, capacity_factor=16.0), "an EP group of 4 ranks is not among [16, 32, 64]"),
+    (dict(ranks=16, capacity_factor=16.0, d_model=200), "hidden size 200 is outside [32, 7168] (a multiple of 32)"),
+])
+def test_mc2_says_why_a_layer_keeps_its_all_to_all(case, want):
+    assert want in mc2_decision(**case)
+
+
+def test_the_schema_check_catches_a_wrong_call():
+    from moe_ascend.kernels.ascend import TensorArg, call_problems
+
+    assert call_problems("npu_moe_distribute_dispatch", {"x": TensorArg("tokens"), "expert_ids": 3, "group_ep": "g",
+                                                         "ep_world_size": 16, "ep_rank_id": 0, "bogus": 1}) == [
+        "npu_moe_distribute_dispatch has no argument 'bogus'",
+        "npu_moe_distribute_dispatch(expert_ids: Tensor) given 3",
+        "npu_moe_distribute_dispatch needs 'moe_expert_num'",
+    ]
+
+
+def test_doctor_and_inspect_show_the_check_of_a_dump(tmp_path):
+    import subprocess
+    import sys
+
+    from moe_ascend.compiler.inspect import format_table, load_summary
+
+    # Affinity routing's token-choice phase folds statistics into a buffer on the host: no GE form.
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=1.25)
+    options = DRY_RUN | {"dump_dir": str(tmp_path), "routing": "affinity"}
+    torch.compile(layer, backend="moe_ascend", options=options)(torch.randn(12, 8)).sum().backward()
+    doctor = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "doctor", "--ascend-check", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "missing: moe_ascend.observe_affinity.default (it folds the affinity statistics" in doctor.stdout
+    table = format_table(load_summary(tmp_path))
+    assert "Ascend GE converters: none for moe_ascend.observe_affinity.default" in table

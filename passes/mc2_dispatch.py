@@ -1,0 +1,151 @@
+"""mc2_dispatch (pre_grad, target ascend, inference): a flat capacity exchange onto torch_npu's MC2 kernels.
+
+``npu_moe_distribute_dispatch`` and ``npu_moe_distribute_combine`` fuse an
+expert-parallel layer's routing with its all-to-all on Ascend (the
+communication runs inside the kernels, "MC2"). They exist for inference only
+(no backward) and are dropless, and each SoC bounds their shapes
+(``kernels/data/npu_moe_ops.yaml``). A capacity layer maps onto them exactly
+when its buffer can hold every token a rank sends an expert (``C >= T``: no
+pair is ever dropped, so capacity and dropless routing agree) and its shapes
+are within the bounds: tokens in bf16/fp16, hidden size, tokens per rank,
+top-k, EP size and experts per rank.
+
+For each recognised flat capacity exchange the pass decides: an ``Mc2Mapping``
+(which torch_npu op, with which arguments, checked against the recorded
+schema) or the one reason it does not map. Decisions go to
+``ctx.analyses["mc2"]`` and one line each to the log. The graph is not
+rewritten yet: the rewrite puts torch_npu's ops in the graph, and with no NPU
+here it could not be run once; the layer keeps its all-to-all meanwhile.
+
+It runs in pre_grad, not post_grad: the ascend lowering decomposes the
+capacity ops while AOTAutograd traces, so post_grad graphs no longer hold them.
+
+Before (EP over 16 ranks, 32 experts, C = T = 64)::
+
+    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 32, 64, 'position')
+    ... all_to_all_single ... experts ... all_to_all_single ...
+    out = torch.ops.moe_ascend.capacity_combine.default(returned, slots, weights)
+
+Decision (Ascend910B)::
+
+    npu_moe_distribute_dispatch(x=tokens, expert_ids=expert_ids:int32, group_ep='hccl:0', ep_world_size=16,
+                                ep_rank_id=0, moe_expert_num=32, expert_scales=weights:float32, global_bs=1024, ...)
+    npu_moe_distribute_combine(expand_x=expert_out, expert_ids=expert_ids:int32, expand_idx=dispatch.expand_idx, ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.fx
+
+from moe_ascend.kernels import ascend
+from moe_ascend.kernels.ascend import TensorArg
+from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
+from moe_ascend.passes.analysis.ops import is_row_wise, op_name
+from moe_ascend.passes.infra import PassContext, PassResult, register_pass
+
+DRY_RUN_SOC = "Ascend910B"  # the SoC a dry run decides for unless ascend_options["soc"] names one
+
+
+@dataclass(frozen=True)
+class Mc2Call:
+    op: str  # the torch_npu op, in torch.ops.npu
+    args: dict  # by name: constants, and TensorArg for the graph's tensors
+
+
+@dataclass(frozen=True)
+class Mc2Mapping:
+    layer: int
+    soc: str
+    dispatch: Mc2Call
+    combine: Mc2Call
+
+
+@register_pass(name="mc2_dispatch", stage="pre_grad", after=("find_moe", "hierarchical_a2a"),
+               before=("chunk_for_overlap",), roles=("dynamo",), enabled=lambda options: options.target == "ascend")
+def mc2_dispatch(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    soc = ctx.options.ascend_option("soc")
+    decisions = []
+    for layer in ctx.analyses.get("moe_layers", []):
+        site = capacity_exchange(layer)
+        if isinstance(site, str):
+            continue  # no flat capacity exchange: nothing MC2 could take (one rank, dropless, two-step)
+        if soc == "auto":
+            soc = DRY_RUN_SOC if ctx.options.ascend_option("dry_run") else _npu_soc()
+        decision = mc2_mapping(site, soc, training=ctx.training, rank=dist.get_rank())
+        decisions.append(decision)
+        if isinstance(decision, str):
+            ctx.logger.info("%s: MoE layer %d keeps its all-to-all (no MC2 on %s): %s", ctx.graph_name,
+                            layer.index, soc, decision)
+        else:
+            ctx.logger.info("%s: MoE layer %d fits %s / %s (the rewrite onto them is not built yet)", ctx.graph_name,
+                            layer.index, decision.dispatch.op, decision.combine.op)
+    ctx.analyses["mc2"] = decisions
+    return PassResult(gm, False)
+
+
+def mc2_mapping(site: CapacityExchange, soc: str, training: bool, rank: int) -> Mc2Mapping | str:
+    """The MC2 calls that compute ``site``'s exchange, or why there are none."""
+    limits = ascend.npu_moe_ops()["mc2"].get(soc)
+    if limits is None:
+        return f"no MC2 limits are recorded for SoC {soc!r} (known: {sorted(ascend.npu_moe_ops()['mc2'])})"
+    if training:
+        return "the MC2 kernels have no backward (inference only); a training graph keeps its all-to-all"
+    tokens, expert_ids = site.dispatch.args[0], site.dispatch.args[1]
+    batch, hidden = tokens.meta["val"].shape
+    top_k = expert_ids.meta["val"].shape[1]
+    dtype = str(tokens.meta["val"].dtype).removeprefix("torch.")
+    world, experts = site.ep_size, site.num_experts
+    low, high = limits["ep_world_size"][0], limits["ep_world_size"][-1]
+    world_ok = world in limits["ep_world_size"] if len(limits["ep_world_size"]) > 2 else low <= world <= high
+    checks = [
+        (site.capacity >= batch, f"its capacity C = {site.capacity} < T = {batch} tokens may drop pairs; MC2 is "
+                                 "dropless, so the two agree only when C >= T"),
+        (dtype in limits["dtypes"], f"its tokens are {dtype}; MC2 takes {limits['dtypes']}"),
+        (limits["hidden"][0] <= hidden <= limits["hidden"][1] and hidden % limits["hidden_multiple"] == 0,
+         f"hidden size {hidden} is outside {limits['hidden']} (a multiple of {limits['hidden_multiple']})"),
+        (batch <= limits["batch_max"], f"{batch} tokens per rank exceed {limits['batch_max']}"),
+        (top_k <= limits["top_k_max"], f"top-{top_k} exceeds top-{limits['top_k_max']}"),
+        (world_ok, f"an EP group of {world} ranks is not among {limits['ep_world_size']}"),
+        (experts // world <= limits["local_experts_max"] and experts <= limits["experts_max"],
+         f"{experts} experts ({experts // world} per rank) exceed {limits['experts_max']} "
+         f"({limits['local_experts_max']} per rank)"),
+    ]
+    problem = next((why for ok, why in checks if not ok), None)
+    if problem is None:
+        not_row_wise = next((n for n in site.experts if not is_row_wise(n)), None)
+        if not_row_wise is not None:
+            problem = f"its expert node {not_row_wise.name} ({op_name(not_row_wise)}) is not known to work row by row"
+    if problem is not None:
+        return problem
+    mapping = Mc2Mapping(site.dispatch.meta.get("custom", {}).get("moe", {}).get("layer", 0), soc,
+                         *_calls(limits, site.group, world, rank, experts, batch))
+    problems = ascend.call_problems(mapping.dispatch.op, mapping.dispatch.args) + \
+        ascend.call_problems(mapping.combine.op, mapping.combine.args)
+    if problems:  # a mapping that the recorded schemas reject is a bug here, not a reason to skip
+        raise AssertionError(f"MC2 mapping disagrees with torch_npu's schemas: {problems}")
+    return mapping
+
+
+def _calls(limits: dict, group: str, world: int, rank: int, experts: int, batch: int) -> tuple[Mc2Call, Mc2Call]:
+    version_2 = limits["dispatch"].endswith("_v2")
+    common = {"group_ep": f"hccl:{group}", "ep_world_size": world, "ep_rank_id": rank, "moe_expert_num": experts,
+              "global_bs": batch * world}
+    ids, weights = TensorArg("expert_ids:int32"), TensorArg("weights:float32")
+    dispatch = {"x": TensorArg("tokens"), "expert_ids": ids, **common, "expert_scales": weights,
+                "quant_mode": 0, "expert_token_nums_type": 1}
+    handle = "assist_info_for_combine" if version_2 else "expand_idx"
+    combine = {"expand_x": TensorArg("expert_out"), "expert_ids": ids, handle: TensorArg(f"dispatch.{handle}"),
+               "ep_send_counts": TensorArg("dispatch.ep_recv_counts"), "expert_scales": weights, **common,
+               "tp_send_counts": TensorArg("dispatch.tp_recv_counts"), "expand_scales": TensorArg("dispatch.expand_scales")}
+    return Mc2Call(limits["dispatch"], dispatch), Mc2Call(limits["combine"], combine)
+
+
+def _npu_soc() -> str:
+    import torch_npu
+
+    name = torch_npu.npu.get_device_name()
+    return "Ascend910_93" if "910_93" in name else "Ascend910B"
