@@ -6,7 +6,7 @@ has none, or whose converter only raises ("... ge_converter is not
 implemented!"), fails the whole compile, since GE mode has no per-op fallback.
 ``data/ascend/ge_converters.tsv`` records torchair's converters (from its
 sources: the header says which commit, ``regenerate`` rebuilds it), and
-``kernels.ascend.GE_FORMS`` says how each moe_ascend op gets there.
+``kernels.ascend.ge_form`` says how each moe_ascend op gets there.
 
 An op is covered when its converter is implemented, torchair decomposes it,
 the ascend target decomposes it (``kernels.ascend.ATEN_FORMS``), or, for a
@@ -59,6 +59,8 @@ def table_source() -> str:
 
 
 def _overload(name: str):
+    if name.count(".") != 2:
+        return None
     namespace, packet, overload = name.split(".")
     try:
         return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
@@ -73,7 +75,8 @@ def op_key(node: torch.fx.Node) -> str | None:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}.{target._overloadname}"
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__name__', target)}"
+    module = getattr(target, "__module__", None) or "?"
+    return f"{'operator' if module == '_operator' else module}.{getattr(target, '__name__', target)}"
 
 
 def why_not_covered(op: str) -> str | None:

@@ -7,13 +7,12 @@ through its own forward/backward compilers, ``ascend`` through torchair's
 ``CompilerConfig.post_grad_custom_pre_pass``.
 
 ``ascend`` hands torchair the moe_ascend ops' GE forms as decompositions
-(``kernels.ascend``), with forms of the few aten ops whose torchair converter is
-a stub. With
-``ascend_options={"dry_run": True}`` it needs no NPU: AOTAutograd traces the
-graphs torchair would be given (its partitioner, those decompositions), the
-post_grad stage runs on them, each is checked for ops GE could not take (one
-warning per graph that has any), and they run eagerly, as torchair's
-``debug.run_eagerly`` does.
+(``kernels.ascend``), with forms of the few aten ops whose torchair converter
+is a stub. With ``ascend_options={"dry_run": True}`` it needs no NPU:
+AOTAutograd traces the graphs torchair would be given (its partitioner, those
+decompositions), the post_grad stage runs on them, each is checked for ops GE
+could not take (one warning per graph that has any), and they run eagerly, as
+torchair's ``debug.run_eagerly`` does.
 """
 
 from __future__ import annotations
@@ -119,7 +118,8 @@ def _aot_eager(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStag
 def lower_ascend(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:
     from moe_ascend.kernels import ascend
 
-    options = post_grad.make_context("post_grad", "forward").options
+    context = post_grad.make_context("post_grad", "forward")
+    options = context.options
     dry_run = options.ascend_option("dry_run")
     decompositions = ascend.decompositions(npu=not dry_run)
     if dry_run:
@@ -129,7 +129,7 @@ def lower_ascend(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradSt
         # Attention as its math (matmuls, softmax): the fused CPU kernel this machine would trace to is no NPU op.
         with sdpa_kernel([SDPBackend.MATH]):
             return _aot_eager(gm, example_inputs, post_grad, decompositions, default_partition, _warn_missing_converters)
-    return _torchair(gm, example_inputs, post_grad, options, decompositions)
+    return _torchair(gm, example_inputs, post_grad, options, decompositions, inference=not context.training)
 
 
 def _warn_missing_converters(graph: torch.fx.GraphModule, role: str) -> None:
@@ -141,7 +141,8 @@ def _warn_missing_converters(graph: torch.fx.GraphModule, role: str) -> None:
                     "; ".join(f"{op} ({why})" for op, why in missing.items()))
 
 
-def _torchair(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage, options, decompositions) -> Callable:
+def _torchair(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage, options, decompositions,
+              inference: bool) -> Callable:
     """torchair's backend with our post_grad stage as its ``post_grad_custom_pre_pass``."""
     import torch_npu  # noqa: F401  (before torchair, which it provides)
     import torchair
@@ -156,11 +157,8 @@ def _torchair(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage
         ge_dir.mkdir(parents=True, exist_ok=True)
         config.debug.graph_dump.type = "pbtxt" if config.mode == "max-autotune" else "py"
         config.debug.graph_dump.path = str(ge_dir)
-    # torchair gives its pass the graph alone: an inference compile is one where nothing needs a gradient.
-    inference = not torch.is_grad_enabled() or not any(getattr(t, "requires_grad", False) for t in example_inputs)
-
     def post_grad_pass(graph: torch.fx.GraphModule, inputs, config) -> None:
-        role = "inference" if inference else training_role(graph)
+        role = "inference" if inference else training_role(graph)  # torchair gives its pass the graph alone
         post_grad.account(graph, role)
         post_grad.run(graph, role)
 

@@ -194,3 +194,9 @@ def _fits(value, kind: str) -> bool:
     kind = kind.removeprefix("Optional[").rstrip("]?")
     return {"int": isinstance(value, int) and not isinstance(value, bool), "str": isinstance(value, str),
             "bool": isinstance(value, bool), "float": isinstance(value, float)}.get(kind, False)
+
+
+def ep_comm_name(group: str, rank: int) -> str:
+    """The HCCL communicator name of process group ``group`` (what MC2's ``group_ep`` takes), on an NPU."""
+    pg = torch.distributed.distributed_c10d._resolve_process_group(group)
+    return pg._get_backend(torch.device("npu")).get_hccl_comm_name(rank)

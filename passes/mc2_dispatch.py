@@ -13,9 +13,12 @@ top-k, EP size and experts per rank.
 For each recognised flat capacity exchange the pass decides: an ``Mc2Mapping``
 (which torch_npu op, with which arguments, checked against the recorded
 schema) or the one reason it does not map. Decisions go to
-``ctx.analyses["mc2"]`` and one line each to the log. The graph is not
-rewritten yet: the rewrite puts torch_npu's ops in the graph, and with no NPU
-here it could not be run once; the layer keeps its all-to-all meanwhile.
+``ctx.analyses["mc2"]`` and one line each to the log. Where torch_npu's ops
+exist (on an NPU; a dry run without them only decides), the layer is
+rewritten: the dispatch kernel replaces the capacity dispatch and its
+all-to-all, the experts run on its rows grouped by local expert (each expert
+matmul becomes ``grouped_mm`` with the kernel's per-expert counts), and the
+combine kernel returns each token's weighted sum.
 
 It runs in pre_grad, not post_grad: the ascend lowering decomposes the
 capacity ops while AOTAutograd traces, so post_grad graphs no longer hold them.
@@ -31,10 +34,21 @@ Decision (Ascend910B)::
     npu_moe_distribute_dispatch(x=tokens, expert_ids=expert_ids:int32, group_ep='hccl:0', ep_world_size=16,
                                 ep_rank_id=0, moe_expert_num=32, expert_scales=weights:float32, global_bs=1024, ...)
     npu_moe_distribute_combine(expand_x=expert_out, expert_ids=expert_ids:int32, expand_idx=dispatch.expand_idx, ...)
+
+After (where the ops exist)::
+
+    to = expert_ids.to(torch.int32);  to_1 = weights.to(torch.float32)
+    dispatch = torch.ops.npu.npu_moe_distribute_dispatch.default(x = tokens, expert_ids = to, group_ep = ..., ...)
+    expand_x = dispatch[0];  expand_idx = dispatch[2];  expert_token_nums = dispatch[3];  ...
+    grouped_mm = torch.ops.moe_ascend.grouped_mm.default(expand_x, w_gate_up, expert_token_nums)
+    ...
+    combined = torch.ops.npu.npu_moe_distribute_combine.default(expand_x = grouped_mm_1, expert_ids = to, ...)
+    out = combined.to(torch.bfloat16)
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +59,7 @@ from moe_ascend.kernels import ascend
 from moe_ascend.kernels.ascend import TensorArg
 from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
 from moe_ascend.passes.analysis.ops import is_row_wise, op_name
-from moe_ascend.passes.infra import PassContext, PassResult, register_pass
+from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, inherit_meta, register_pass
 
 DRY_RUN_SOC = "Ascend910B"  # the SoC a dry run decides for unless ascend_options["soc"] names one
 
@@ -68,7 +82,7 @@ class Mc2Mapping:
                before=("chunk_for_overlap",), roles=("dynamo",), enabled=lambda options: options.target == "ascend")
 def mc2_dispatch(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     soc = ctx.options.ascend_option("soc")
-    decisions = []
+    decisions, modified = [], False
     for layer in ctx.analyses.get("moe_layers", []):
         site = capacity_exchange(layer)
         if isinstance(site, str):
@@ -80,11 +94,16 @@ def mc2_dispatch(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if isinstance(decision, str):
             ctx.logger.info("%s: MoE layer %d keeps its all-to-all (no MC2 on %s): %s", ctx.graph_name,
                             layer.index, soc, decision)
-        else:
-            ctx.logger.info("%s: MoE layer %d fits %s / %s (the rewrite onto them is not built yet)", ctx.graph_name,
-                            layer.index, decision.dispatch.op, decision.combine.op)
+            continue
+        here = _npu_op(decision.dispatch.op) is not None
+        ctx.logger.info("%s: MoE layer %d %s %s / %s", ctx.graph_name, layer.index,
+                        "maps onto" if here else "fits (no torch_npu here to map onto)", decision.dispatch.op,
+                        decision.combine.op)
+        if here:
+            _rewrite(gm.graph, site, decision, layer, ctx)
+            modified = True
     ctx.analyses["mc2"] = decisions
-    return PassResult(gm, False)
+    return PassResult(gm, modified)
 
 
 def mc2_mapping(site: CapacityExchange, soc: str, training: bool, rank: int) -> Mc2Mapping | str:
@@ -116,7 +135,8 @@ def mc2_mapping(site: CapacityExchange, soc: str, training: bool, rank: int) -> 
     ]
     problem = next((why for ok, why in checks if not ok), None)
     if problem is None:
-        not_row_wise = next((n for n in site.experts if not is_row_wise(n)), None)
+        # Row-wise work, with feature dims counted from the end: the kernel's rows are [rows, d], not [E/W, W·C, d].
+        not_row_wise = next((n for n in site.experts if not is_row_wise(n) or _feature_dim(n) not in (None, -1)), None)
         if not_row_wise is not None:
             problem = f"its expert node {not_row_wise.name} ({op_name(not_row_wise)}) is not known to work row by row"
     if problem is not None:
@@ -142,6 +162,74 @@ def _calls(limits: dict, group: str, world: int, rank: int, experts: int, batch:
                "ep_send_counts": TensorArg("dispatch.ep_recv_counts"), "expert_scales": weights, **common,
                "tp_send_counts": TensorArg("dispatch.tp_recv_counts"), "expand_scales": TensorArg("dispatch.expand_scales")}
     return Mc2Call(limits["dispatch"], dispatch), Mc2Call(limits["combine"], combine)
+
+
+# What each output of the dispatch kernel holds, by position (version 2 has assist_info_for_combine for expand_idx).
+DISPATCH_OUTPUTS = ("expand_x", "dynamic_scales", "expand_idx", "expert_token_nums", "ep_recv_counts",
+                    "tp_recv_counts", "expand_scales")
+
+
+def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, mapping: Mc2Mapping, layer, ctx: PassContext) -> None:
+    """The layer's capacity exchange → the MC2 kernels, the experts on the kernel's rows."""
+    tokens, expert_ids, weights = site.dispatch.args[0], site.dispatch.args[1], site.combine.args[2]
+
+    def add(target, args=(), kwargs=None, like=site.dispatch, role="dispatch", method=False):
+        node = graph.create_node("call_method" if method else "call_function", target, args, kwargs or {})
+        inherit_meta(node, like, ctx.fake_mode)
+        custom = dict(node.meta.get("custom") or {})  # a copy: inherit_meta shares the old node's
+        node.meta["custom"] = custom | {"moe": {**custom.get("moe", {}), "role": role}}
+        layer.nodes[role].append(node)
+        return node
+
+    with graph.inserting_before(site.experts[0]):
+        tensors = {"tokens": tokens, "expert_ids:int32": add("to", (expert_ids, torch.int32), method=True),
+                   "weights:float32": add("to", (weights, torch.float32), method=True)}
+        group_ep = ascend.ep_comm_name(site.group, dist.get_rank())
+        dispatched = add(_npu_op(mapping.dispatch.op), kwargs=_bound(mapping.dispatch.args, tensors, group_ep))
+        for position, name in enumerate(DISPATCH_OUTPUTS):
+            name = "assist_info_for_combine" if name == "expand_idx" and mapping.dispatch.op.endswith("_v2") else name
+            tensors[f"dispatch.{name}"] = add(operator.getitem, (dispatched, position))
+        copies = {site.expert_in: tensors["dispatch.expand_x"]}
+        for node in site.experts:  # the same row-wise work on [rows, d] instead of [E/W, W·C, d]
+            if op_name(node) == "grouped_mm_batched":
+                x, w = (copies.get(a, a) for a in node.args)
+                copies[node] = add(torch.ops.moe_ascend.grouped_mm.default, (x, w, tensors["dispatch.expert_token_nums"]),
+                                   like=node, role="experts")
+            else:
+                copy = graph.node_copy(node, lambda a: copies.get(a, a))
+                inherit_meta(copy, node, ctx.fake_mode)
+                layer.nodes["experts"].append(copy)
+                copies[node] = copy
+        tensors["expert_out"] = copies[site.expert_out]
+    with graph.inserting_before(site.combine):
+        combined = add(_npu_op(mapping.combine.op), kwargs=_bound(mapping.combine.args, tensors, group_ep),
+                       like=site.combine, role="combine")
+        out = add("to", (combined, site.combine.meta["val"].dtype), like=site.combine, role="combine", method=True)
+    site.combine.replace_all_uses_with(out)
+    graph.erase_node(site.combine)
+    layer.replace(site.combine, out)
+    erase_unused(graph, layer, ("dispatch", "experts", "combine"))
+
+
+def _feature_dim(node: torch.fx.Node) -> int | None:
+    """The dim a ``chunk``/``split`` cuts along (None for other ops)."""
+    if op_name(node) not in ("chunk", "split"):
+        return None
+    return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+
+
+def _bound(args: dict, tensors: dict, group_ep: str) -> dict:
+    """A decided call's arguments with the graph's nodes for its tensors and the EP group's communicator name."""
+    return {key: tensors[value] if isinstance(value, TensorArg) else group_ep if key == "group_ep" else value
+            for key, value in args.items()}
+
+
+def _npu_op(name: str):
+    """``torch.ops.npu.<name>.default`` where torch_npu (or a stand-in) defines it, else None."""
+    try:
+        return getattr(torch.ops.npu, name).default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _npu_soc() -> str:

@@ -52,6 +52,10 @@ def test_the_check_names_each_op_ge_lacks_and_why():
     assert ascend_coverage.why_not_covered("moe_ascend.capacity_dispatch.default") is None  # decomposed
     assert ascend_coverage.why_not_covered("moe_ascend.grouped_mm.default") is None  # npu_grouped_matmul
     assert "on the host" in ascend_coverage.why_not_covered("moe_ascend.observe_affinity.default")
+    symbolic = torch.fx.Graph()
+    size = symbolic.call_function(__import__("operator").add, (symbolic.placeholder("a"), 1))
+    assert ascend_coverage.op_key(size) == "operator.add" and ascend_coverage.why_not_covered("operator.add") is None
+    assert ascend_coverage.why_not_covered("torch.sym_sum") == "torchair has no converter for it"
 
 
 def test_the_table_is_read_from_torchairs_sources(tmp_path):
@@ -202,3 +206,36 @@ def test_doctor_and_inspect_show_the_check_of_a_dump(tmp_path):
     assert "missing: moe_ascend.observe_affinity.default (it folds the affinity statistics" in doctor.stdout
     table = format_table(load_summary(tmp_path))
     assert "Ascend GE converters: none for moe_ascend.observe_affinity.default" in table
+
+
+def mc2_rewrite_against_the_layer(rank, world_size, dump_dir):
+    """On each rank: the layer rewritten onto the MC2 kernels (their stand-ins here) against the layer itself."""
+    import mc2_standin
+    import torch.distributed as dist
+
+    from moe_ascend.kernels import ascend
+
+    mc2_standin.register()
+    ascend.ep_comm_name = lambda group, rank: group  # the stand-ins run on the gloo group itself
+    torch.manual_seed(0)  # 4 experts top-2 over the ranks, 8 tokens a rank: C = ceil(2 * 8 / 4 * 2.0) = 8 = T
+    layer = MoELayer(1024, 64, 4, 2, capacity_factor=2.0, ep_group=dist.group.WORLD).to(torch.bfloat16)
+    x = torch.randn(8, 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+    options = {"target": "ascend", "ascend_options": {"dry_run": True, "soc": "Ascend910_93"}, "dump_dir": dump_dir}
+    with torch.no_grad():
+        want = layer(x)
+        got = torch.compile(layer, backend="moe_ascend", options=options)(x)
+    return (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
+
+
+def test_mc2_rewrite_computes_what_the_capacity_layer_does(tmp_path):
+    from distributed import run_ranks
+
+    for difference, scale in run_ranks(2, mc2_rewrite_against_the_layer, str(tmp_path)):
+        assert difference <= 0.02 * scale, (difference, scale)  # bf16: the sums run in another order
+    (code,) = (tmp_path / "rank0" / "graph_0" / "pre_grad").glob("*_mc2_dispatch.py")
+    lines = [line.strip() for line in code.read_text().splitlines() if " = " in line and not line.strip().startswith("#")]
+    calls = [line.split(" = ", 1)[1].split("(")[0] for line in lines if "torch.ops." in line]
+    assert calls == ["torch.ops.moe_ascend.topk_softmax.default",
+                     "torch.ops.npu.npu_moe_distribute_dispatch_v2.default", "torch.ops.moe_ascend.grouped_mm.default",
+                     "torch.ops.moe_ascend.grouped_mm.default", "torch.ops.npu.npu_moe_distribute_combine_v2.default"]
+    assert not any("all_to_all" in line or "capacity_dispatch" in line or "capacity_combine" in line for line in lines)
