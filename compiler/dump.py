@@ -124,7 +124,7 @@ class GraphRecord:
             "estimate": timeline.to_json() if timeline is not None else None,
             "regions": _region_graphs(gm),
         }
-        if self.stage == "post_grad":  # aten graphs: what Ascend's graph engine could not take
+        if self.stage == "post_grad" and ctx.options.target == "ascend":  # traced as torchair would: what GE lacks
             self.result["ge_missing"] = missing_converters(gm)
         self.view = graph_view(self.session.folder, self.to_json())
         self.session.write()
