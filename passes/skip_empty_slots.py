@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from moe_ascend.kernels import capacity
+from moe_ascend.kernels import capacity, exchange
 from moe_ascend.passes.analysis.exchange_sites import exchange_collectives
 from moe_ascend.passes.analysis.moe_regions import ancestors, descendants
 from moe_ascend.passes.analysis.ops import is_row_wise, op_name, op_namespace
@@ -91,7 +91,7 @@ def _padded_experts(layer) -> tuple[torch.fx.Node, list[torch.fx.Node]] | str:
     matmuls = [n for n in dispatch.graph.nodes if n in experts and _is_op(n, "grouped_mm_batched")]
     if not matmuls:
         return ""
-    if exchange_collectives(layer):
+    if exchange_collectives(layer) or any(n.target in (exchange.to_experts, exchange.from_experts) for n in experts):
         return "its buffer reaches the experts through an all-to-all (the other ranks' fill is not known here)"
     buffer = tuple(dispatched.meta["val"].shape[:2])
     for node in experts:

@@ -85,3 +85,15 @@ def test_experts_that_mix_slots_keep_their_padded_matmuls(caplog):
     assert "MoE layer 0 keeps its padded expert matmuls: its expert node mean (mean) is not known to work slot by slot" \
         in caplog.text
     assert_matches_eager(SlotMixingExperts(), (torch.randn(6, 8),), {"target": "eager"})
+
+
+@pytest.mark.parametrize("overlap", [False, 2])
+def test_an_expert_parallel_layer_keeps_its_padded_matmuls_and_says_why(fake_two_ranks, caplog, overlap):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD)
+    with caplog.at_level(logging.INFO, logger="moe_ascend"):
+        torch.compile(layer, backend="moe_ascend", options={"target": "eager", "overlap": overlap})(torch.randn(12, 8))
+    assert "MoE layer 0 keeps its padded expert matmuls: its buffer reaches the experts through an all-to-all" \
+        in caplog.text
