@@ -36,6 +36,7 @@ from moe_ascend.kernels.dropless import permute_rows, unpermute_rows
 from moe_ascend.kernels.routing import top_k_of_softmax
 
 ops = torch.ops.moe_ascend
+aten = torch.ops.aten
 
 
 def slot_mask(filled: Tensor, slots: int) -> Tensor:
@@ -96,7 +97,6 @@ NPU_FORMS: dict[str, tuple[Callable, str]] = {  # op → (form, the torch_npu op
     "grouped_mm": (npu_grouped_mm, "npu.npu_grouped_matmul.default"),
     "grouped_mm_weight_grad": (npu_grouped_mm_weight_grad, "npu.npu_grouped_matmul.default"),
 }
-aten = torch.ops.aten
 
 
 def _silu_backward(grad: Tensor, x: Tensor) -> Tensor:

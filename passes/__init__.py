@@ -17,6 +17,7 @@ from moe_ascend.passes.infra import (  # noqa: F401  (the public pass API)
     PassResult,
     infer_meta,
     inherit_meta,
+    join_layer,
     ordered_passes,
     register_pass,
     registered_passes,

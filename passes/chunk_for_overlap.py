@@ -58,9 +58,8 @@ import torch.fx
 
 from moe_ascend.kernels import exchange, hierarchical
 from moe_ascend.passes.analysis.exchange_sites import NOT_CAPACITY, CapacityExchange, capacity_exchange
-from moe_ascend.passes.analysis.moe_regions import META_KEY
 from moe_ascend.passes.analysis.ops import is_row_wise, op_name
-from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, infer_meta, register_pass
+from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, join_layer, register_pass
 
 MOST_CHUNKS = 8
 
@@ -125,15 +124,7 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.
 
     def tagged(node: torch.fx.Node, like: torch.fx.Node, role: str, chunk: int | None) -> torch.fx.Node:
         """``node`` computes ``like``'s values for one chunk (all of them when ``chunk`` is None)."""
-        infer_meta(node, ctx.fake_mode)
-        custom = dict(like.meta.get("custom") or {})
-        custom[META_KEY] = {**custom.get(META_KEY, {}), "role": role, **({} if chunk is None else {"chunk": chunk})}
-        node.meta["custom"] = custom
-        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in like.meta:
-                node.meta[key] = like.meta[key]
-        layer.nodes[role].append(node)
-        return node
+        return join_layer(node, like, layer, role, ctx.fake_mode, **({} if chunk is None else {"chunk": chunk}))
 
     def dispatch(j: int) -> None:
         start, stop = bounds[j]

@@ -25,6 +25,7 @@ import torch
 import torch.fx
 
 from moe_ascend.kernels.errors import OptionError, PassOrderError, PassRegistrationError
+from moe_ascend.passes.analysis.moe_regions import META_KEY
 
 STAGES = ("pre_grad", "post_grad")
 ROLES = ("dynamo", "forward", "backward", "inference")
@@ -265,6 +266,17 @@ def inherit_meta(new: torch.fx.Node, old: torch.fx.Node, fake_mode: Any = None) 
     for key in ("custom", "stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in old.meta:
             new.meta[key] = old.meta[key]
+
+
+def join_layer(new: torch.fx.Node, like: torch.fx.Node, layer, role: str, fake_mode: Any = None, **tags) -> torch.fx.Node:
+    """``new`` works for ``layer`` as ``role``: its ``val`` worked out afresh, ``like``'s source location, the role
+    (and ``tags``, such as a chunk index) in ``meta["custom"]["moe"]``, and a place among the layer's nodes."""
+    inherit_meta(new, like, fake_mode)
+    custom = dict(new.meta.get("custom") or {})  # a copy: inherit_meta shares like's
+    custom[META_KEY] = {**custom.get(META_KEY, {}), "role": role, **tags}
+    new.meta["custom"] = custom
+    layer.nodes[role].append(new)
+    return new
 
 
 def _fake_output(node: torch.fx.Node, fake_mode: Any) -> Any:

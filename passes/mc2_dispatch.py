@@ -58,8 +58,8 @@ import torch.fx
 from moe_ascend.kernels import ascend
 from moe_ascend.kernels.ascend import TensorArg
 from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
-from moe_ascend.passes.analysis.ops import is_row_wise, op_name
-from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, inherit_meta, register_pass
+from moe_ascend.passes.analysis.ops import cut_dim, is_row_wise, op_name
+from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, join_layer, register_pass
 
 DRY_RUN_SOC = "Ascend910B"  # the SoC a dry run decides for unless ascend_options["soc"] names one
 
@@ -89,7 +89,7 @@ def mc2_dispatch(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue  # no flat capacity exchange: nothing MC2 could take (one rank, dropless, two-step)
         if soc == "auto":
             soc = DRY_RUN_SOC if ctx.options.ascend_option("dry_run") else _npu_soc()
-        decision = mc2_mapping(site, soc, training=ctx.training, rank=dist.get_rank())
+        decision = mc2_mapping(site, layer.index, soc, training=ctx.training, rank=dist.get_rank())
         decisions.append(decision)
         if isinstance(decision, str):
             ctx.logger.info("%s: MoE layer %d keeps its all-to-all (no MC2 on %s): %s", ctx.graph_name,
@@ -106,7 +106,7 @@ def mc2_dispatch(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified)
 
 
-def mc2_mapping(site: CapacityExchange, soc: str, training: bool, rank: int) -> Mc2Mapping | str:
+def mc2_mapping(site: CapacityExchange, layer: int, soc: str, training: bool, rank: int) -> Mc2Mapping | str:
     """The MC2 calls that compute ``site``'s exchange, or why there are none."""
     limits = ascend.npu_moe_ops()["mc2"].get(soc)
     if limits is None:
@@ -136,13 +136,12 @@ def mc2_mapping(site: CapacityExchange, soc: str, training: bool, rank: int) -> 
     problem = next((why for ok, why in checks if not ok), None)
     if problem is None:
         # Row-wise work, with feature dims counted from the end: the kernel's rows are [rows, d], not [E/W, W·C, d].
-        not_row_wise = next((n for n in site.experts if not is_row_wise(n) or _feature_dim(n) not in (None, -1)), None)
+        not_row_wise = next((n for n in site.experts if not is_row_wise(n) or cut_dim(n) not in (None, -1)), None)
         if not_row_wise is not None:
             problem = f"its expert node {not_row_wise.name} ({op_name(not_row_wise)}) is not known to work row by row"
     if problem is not None:
         return problem
-    mapping = Mc2Mapping(site.dispatch.meta.get("custom", {}).get("moe", {}).get("layer", 0), soc,
-                         *_calls(limits, site.group, world, rank, experts, batch))
+    mapping = Mc2Mapping(layer, soc, *_calls(limits, site.group, world, rank, experts, batch))
     problems = ascend.call_problems(mapping.dispatch.op, mapping.dispatch.args) + \
         ascend.call_problems(mapping.combine.op, mapping.combine.args)
     if problems:  # a mapping that the recorded schemas reject is a bug here, not a reason to skip
@@ -175,11 +174,7 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, mapping: Mc2Mapping,
 
     def add(target, args=(), kwargs=None, like=site.dispatch, role="dispatch", method=False):
         node = graph.create_node("call_method" if method else "call_function", target, args, kwargs or {})
-        inherit_meta(node, like, ctx.fake_mode)
-        custom = dict(node.meta.get("custom") or {})  # a copy: inherit_meta shares the old node's
-        node.meta["custom"] = custom | {"moe": {**custom.get("moe", {}), "role": role}}
-        layer.nodes[role].append(node)
-        return node
+        return join_layer(node, like, layer, role, ctx.fake_mode)
 
     with graph.inserting_before(site.experts[0]):
         tensors = {"tokens": tokens, "expert_ids:int32": add("to", (expert_ids, torch.int32), method=True),
@@ -196,10 +191,8 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, mapping: Mc2Mapping,
                 copies[node] = add(torch.ops.moe_ascend.grouped_mm.default, (x, w, tensors["dispatch.expert_token_nums"]),
                                    like=node, role="experts")
             else:
-                copy = graph.node_copy(node, lambda a: copies.get(a, a))
-                inherit_meta(copy, node, ctx.fake_mode)
-                layer.nodes["experts"].append(copy)
-                copies[node] = copy
+                copies[node] = join_layer(graph.node_copy(node, lambda a: copies.get(a, a)), node, layer, "experts",
+                                          ctx.fake_mode)
         tensors["expert_out"] = copies[site.expert_out]
     with graph.inserting_before(site.combine):
         combined = add(_npu_op(mapping.combine.op), kwargs=_bound(mapping.combine.args, tensors, group_ep),
@@ -209,13 +202,6 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, mapping: Mc2Mapping,
     graph.erase_node(site.combine)
     layer.replace(site.combine, out)
     erase_unused(graph, layer, ("dispatch", "experts", "combine"))
-
-
-def _feature_dim(node: torch.fx.Node) -> int | None:
-    """The dim a ``chunk``/``split`` cuts along (None for other ops)."""
-    if op_name(node) not in ("chunk", "split"):
-        return None
-    return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
 
 
 def _bound(args: dict, tensors: dict, group_ep: str) -> dict:

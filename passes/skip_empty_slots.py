@@ -45,7 +45,7 @@ from moe_ascend.kernels import capacity, exchange
 from moe_ascend.passes.analysis.exchange_sites import exchange_collectives
 from moe_ascend.passes.analysis.moe_regions import ancestors, descendants
 from moe_ascend.passes.analysis.ops import is_row_wise, op_name, op_namespace
-from moe_ascend.passes.infra import PassContext, PassResult, inherit_meta, register_pass, replace_node
+from moe_ascend.passes.infra import PassContext, PassResult, join_layer, register_pass, replace_node
 
 
 @register_pass(name="skip_empty_slots", stage="pre_grad",
@@ -64,8 +64,7 @@ def skip_empty_slots(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_after(dispatch):
             filled = gm.graph.create_node("call_function", capacity.filled_slots,
                                           (expert_ids, num_experts, slots_per_expert), name="filled")
-        inherit_meta(filled, dispatch, ctx.fake_mode)
-        layer.nodes["dispatch"].append(filled)
+        join_layer(filled, dispatch, layer, "dispatch", ctx.fake_mode)
         for matmul in matmuls:
             with gm.graph.inserting_before(matmul):
                 skipping = gm.graph.call_function(torch.ops.moe_ascend.grouped_mm_filled.default, (*matmul.args, filled))

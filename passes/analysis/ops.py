@@ -68,6 +68,12 @@ def is_row_wise(node: torch.fx.Node) -> bool:
     if name not in ROW_WISE_OPS:
         return False
     if name in ("chunk", "split"):  # only across features
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-        return dim in (-1, node.args[0].meta["val"].dim() - 1)
+        return cut_dim(node) in (-1, node.args[0].meta["val"].dim() - 1)
     return True
+
+
+def cut_dim(node: torch.fx.Node) -> int | None:
+    """The dim a ``chunk``/``split`` cuts along, as written (None for other ops)."""
+    if op_name(node) not in ("chunk", "split"):
+        return None
+    return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
