@@ -8,7 +8,8 @@ sources (90 % to train, the rest to validate). Both runs compile with
 starts in token choice and switches each layer to expert choice when its
 measured affinity says so (``passes.affinity_routing``).
 
-Tokens per expert are the slots each expert computes per step: the static
+Both runs add Switch Transformer's load-balancing loss (coefficient 0.01) to the
+training loss; the validation loss is the cross-entropy alone. Tokens per expert are the slots each expert computes per step: the static
 capacity C of the graph that ran (the layer's ``ceil(1.25 · 2T / E)``, or the
 expert-choice C once a layer switched). The dropped-pair rate is measured on a
 validation batch by routing each layer's input in eager the way its graph does.
@@ -40,6 +41,7 @@ from moe_ascend.passes.affinity_routing import expert_choice_capacity  # noqa: E
 from moe_ascend.runtime import MoELayer  # noqa: E402
 
 D_MODEL, HEADS, LAYERS, EXPERTS, TOP_K, D_FF, CAPACITY_FACTOR = 64, 4, 2, 8, 2, 128, 1.25
+AUX_LOSS_COEFF = 0.01  # Switch Transformer's balance loss, in both runs (Megatron's moe_aux_loss_coeff default)
 
 
 class Block(nn.Module):
@@ -47,7 +49,8 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
         self.attention = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
-        self.moe = MoELayer(D_MODEL, D_FF, EXPERTS, TOP_K, capacity_factor=CAPACITY_FACTOR)
+        self.moe = MoELayer(D_MODEL, D_FF, EXPERTS, TOP_K, capacity_factor=CAPACITY_FACTOR,
+                            aux_loss_coeff=AUX_LOSS_COEFF)
 
     def forward(self, x, mask):
         h = self.norm1(x)
@@ -71,8 +74,8 @@ class ByteLM(nn.Module):
         return self.norm(x) @ self.embed.weight.t()
 
 
-def slots_per_expert(model: ByteLM, tokens: int) -> float:
-    """The static capacity each layer's graph computes now, averaged over layers."""
+def slots_per_expert(model: ByteLM, tokens: int) -> list[int]:
+    """The static capacity each layer's graph computes now."""
     per_layer = []
     for block in model.blocks:
         layer = block.moe
@@ -81,7 +84,7 @@ def slots_per_expert(model: ByteLM, tokens: int) -> float:
             per_layer.append(expert_choice_capacity(tokens, D_MODEL, EXPERTS, layer.capacity(tokens), state))
         else:
             per_layer.append(layer.capacity(tokens))
-    return sum(per_layer) / len(per_layer)
+    return per_layer
 
 
 def dropped_pairs(model: ByteLM, tokens_in: torch.Tensor) -> float:
@@ -120,19 +123,23 @@ def train(routing: str, args, train_data, val_data) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     data = batches(train_data, args.batch, args.sequence, seed=1)
     tokens = args.batch * args.sequence
-    losses, slots, step_s, switched_at = [], [], [], None
+    losses, slots, step_s = [], [], []
+    switched_at = [None] * LAYERS
     for step in range(args.steps):
         x, y = next(data)
         started = time.perf_counter()
         loss = F.cross_entropy(compiled(x).reshape(-1, 256), y.reshape(-1))
+        balance_loss = sum(block.moe.aux_loss for block in model.blocks)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + balance_loss).backward()
         optimizer.step()
         step_s.append(time.perf_counter() - started)
         losses.append(loss.item())
-        slots.append(slots_per_expert(model, tokens))
-        if switched_at is None and slots[-1] < model.blocks[0].moe.capacity(tokens):
-            switched_at = step
+        per_layer = slots_per_expert(model, tokens)
+        slots.append(sum(per_layer) / len(per_layer))
+        for index, capacity in enumerate(per_layer):
+            if switched_at[index] is None and capacity < model.blocks[index].moe.capacity(tokens):
+                switched_at[index] = step
     model.eval()
     val = batches(val_data, args.batch, args.sequence, seed=2)
     with torch.no_grad():
@@ -140,7 +147,7 @@ def train(routing: str, args, train_data, val_data) -> dict:
         val_loss = sum(F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item() for x, y in val_batches) / len(val_batches)
         drops = dropped_pairs(model, val_batches[0][0])
     late = step_s[len(step_s) // 2:]
-    return {"routing": routing, "train_loss": losses, "val_loss": val_loss, "tokens_per_expert": slots[-1],
+    return {"routing": routing, "train_loss": losses, "balance_loss_last": balance_loss.item(), "val_loss": val_loss, "tokens_per_expert": slots[-1],
             "tokens_per_expert_curve": slots, "dropped_pair_rate": drops, "switched_at_step": switched_at,
             "step_time_s_second_half_median": sorted(late)[len(late) // 2]}
 
@@ -156,8 +163,9 @@ def plot(runs: list[dict], path: Path) -> None:
         smooth = [sum(run["train_loss"][max(0, i - 9):i + 1]) / len(run["train_loss"][max(0, i - 9):i + 1])
                   for i in range(len(run["train_loss"]))]
         axis.plot(smooth, label=f"{run['routing']} (val {run['val_loss']:.3f})")
-        if run["switched_at_step"] is not None:
-            axis.axvline(run["switched_at_step"], linestyle=":", color="grey")
+        for step in run["switched_at_step"]:
+            if step is not None:
+                axis.axvline(step, linestyle=":", color="grey")
     axis.set_xlabel("step")
     axis.set_ylabel("train loss (10-step mean)")
     axis.legend()

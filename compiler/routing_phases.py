@@ -55,9 +55,11 @@ class PhaseFollowing:
             return True
         if layer.phase == kernels.TOKEN_CHOICE and affinity_routing.settled(layer, host):
             layer.state[kernels.PHASE] = kernels.EXPERT_CHOICE
-            mean, least = kernels.running_affinity(host)
+            mean, least, outranked = kernels.running_affinity(host)
             log.info("moe_ascend: affinity routing switches to expert choice after %d steps (chosen pairs' affinity: "
-                     "mean %.3f, least %.3f)", int(host[kernels.STEPS]), mean, least)
+                     "mean %.3f, least %.3f; an unrelated token outranks a relevant one with probability %.4f, "
+                     "%.4f for random directions)", int(host[kernels.STEPS]), mean, least, outranked,
+                     affinity_routing.outrank_probability(mean, layer.width))
             return True
         return False
 

@@ -57,9 +57,10 @@ def affinity_top_k(tokens: Tensor, gate_rows: Tensor, logits: Tensor, k: int, re
 
 
 # The routing state of one layer, a float64 buffer: phase (0 token choice, 1 expert choice), observed steps, and
-# running means (bias not corrected) of the chosen pairs' mean affinity and of their smallest affinity.
-PHASE, STEPS, MEAN_AFFINITY, LEAST_AFFINITY = range(4)
-STATE_SIZE = 4
+# running means (bias not corrected) of the chosen pairs' mean and least affinity and of the measured share of
+# outranked pairs (``outranked_share``).
+PHASE, STEPS, MEAN_AFFINITY, LEAST_AFFINITY, OUTRANKED = range(5)
+STATE_SIZE = 5
 TOKEN_CHOICE, EXPERT_CHOICE = 0.0, 1.0
 SMOOTHING = 0.9  # each step's weight in the running means is 1 - SMOOTHING: about ten steps' memory
 
@@ -84,10 +85,12 @@ def observe_affinity(delta: Tensor, expert_ids: Tensor, owner: int) -> None:
     if module is None:  # the model is gone; nothing to keep
         return
     state = getattr(module, STATE)
-    chosen = delta.detach().gather(1, expert_ids).to(state.dtype)
+    delta = delta.detach()
+    chosen = delta.gather(1, expert_ids).to(state.dtype)
+    observed = torch.stack([chosen.mean(), chosen.min(), outranked_share(delta, expert_ids[:, 0]).to(state.dtype)])
     with torch.no_grad():
         state[STEPS] += 1
-        state[MEAN_AFFINITY:] = SMOOTHING * state[MEAN_AFFINITY:] + (1 - SMOOTHING) * torch.stack([chosen.mean(), chosen.min()])
+        state[MEAN_AFFINITY:] = SMOOTHING * state[MEAN_AFFINITY:] + (1 - SMOOTHING) * observed
 
 
 @observe_affinity.register_fake
@@ -98,10 +101,27 @@ def _(delta, expert_ids, owner):
 torch.fx.node.has_side_effect(torch.ops.moe_ascend.observe_affinity.default)  # its work is the state, not a value
 
 
-def running_affinity(state: Tensor) -> tuple[float, float]:
-    """(mean, least) affinity of the chosen pairs over the recent steps, bias-corrected; NaN before any step."""
+def outranked_share(delta: Tensor, first_choice: Tensor) -> Tensor:
+    """The probability that a token unrelated to an expert outranks a relevant one, measured on one step.
+
+    Relevant to expert i: the tokens whose first choice is i; unrelated: all the others. Over every expert's
+    (relevant, unrelated) pairs, the share where the unrelated token's δ is the higher (a Mann–Whitney count
+    from the ranks of each expert's column of δ); ½ when no expert has both kinds of token.
+    """
+    tokens, num_experts = delta.shape
+    relevant = torch.nn.functional.one_hot(first_choice, num_experts).to(torch.float64)
+    below = delta.argsort(dim=0).argsort(dim=0).to(torch.float64)  # how many tokens have a lower δ for the expert
+    count = relevant.sum(dim=0)
+    relevant_wins = (below * relevant).sum(dim=0) - count * (count - 1) / 2  # over unrelated tokens only
+    pairs = (count * (tokens - count)).sum()
+    return torch.where(pairs > 0, 1 - relevant_wins.sum() / pairs.clamp(min=1), torch.tensor(0.5, dtype=torch.float64))
+
+
+def running_affinity(state: Tensor) -> tuple[float, float, float]:
+    """Over the recent steps, bias-corrected: the chosen pairs' (mean, least) affinity and the outranked share
+    (``outranked_share``); NaN before any step."""
     steps = float(state[STEPS])
     if steps == 0:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
     correction = 1 - SMOOTHING ** steps
-    return float(state[MEAN_AFFINITY]) / correction, float(state[LEAST_AFFINITY]) / correction
+    return tuple(float(state[slot]) / correction for slot in (MEAN_AFFINITY, LEAST_AFFINITY, OUTRANKED))

@@ -45,6 +45,16 @@ def _top_k(probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return probs.gather(-1, order), order
 
 
+def load_balancing_loss(logits: Tensor, expert_ids: Tensor) -> Tensor:
+    """Switch Transformer's balance loss ``E · Σ_i f_i · P_i``: ``f_i`` the share of (token, choice) pairs routed to
+    expert i (no gradient), ``P_i`` the mean router probability of i. It is 1 when routing is uniform, E when one
+    expert takes everything; its gradient moves probability away from the experts that take more than their share."""
+    num_experts = logits.shape[-1]
+    pairs = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
+    pairs = pairs.index_add(0, expert_ids.flatten(), torch.ones(expert_ids.numel(), device=logits.device))
+    return num_experts * (pairs / expert_ids.numel() * _probs(logits).mean(dim=0)).sum()
+
+
 def _check_logits(logits: Tensor, k: int) -> None:
     torch._check(logits.dim() == 2, lambda: f"topk_softmax takes logits [tokens, experts], got {logits.dim()} dims")
     torch._check(1 <= k <= logits.shape[1], lambda: f"top-k needs 1 <= k <= experts ({logits.shape[1]}), got k={k}")

@@ -28,6 +28,13 @@ for dropless layers, whose exchange the compiler pass cannot rewrite (it is
 split across graphs at the host-read split sizes). Capacity layers get it from
 the ``hierarchical_a2a`` compile option as well.
 
+``aux_loss_coeff=a`` (0 by default) keeps Switch Transformer's load-balancing
+loss of each forward in ``layer.aux_loss`` (``a · kernels.routing.load_balancing_loss``
+over the pairs the router chose, also under ``torch.compile`` and with the
+routing passes, which change the choice it counts): add it to the training loss,
+as Megatron's ``moe_aux_loss_coeff`` does. Without it a router is free to send
+every token to a few experts.
+
 ``balance=True`` readies the layer for ``runtime.balance.ExpertBalancer``: it
 counts tokens per logical expert into its ``expert_load`` buffer (inside the
 graph), and routes each (token, choice) pair through a logical → physical map
@@ -50,6 +57,7 @@ import moe_ascend.kernels as ops
 import moe_ascend.kernels.exchange as ep
 from moe_ascend.kernels import hierarchical
 from moe_ascend.kernels.errors import TopologyError
+from moe_ascend.kernels.routing import load_balancing_loss
 from moe_ascend.runtime.balance.placement import Placement, physical_slots
 from moe_ascend.runtime.exchange_group import exchange_group
 from moe_ascend.runtime.topology import Topology
@@ -73,6 +81,7 @@ class MoELayer(nn.Module):
         overlap_chunks: int = 1,
         balance: bool = False,
         redundant_experts: int = 0,
+        aux_loss_coeff: float = 0.0,
     ):
         super().__init__()
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -100,6 +109,10 @@ class MoELayer(nn.Module):
                 "capacity layers are chunked by the compiler: options={'overlap': n}"
             )
         self.overlap_chunks = overlap_chunks
+        if aux_loss_coeff < 0:
+            raise ValueError(f"aux_loss_coeff must be >= 0, got {aux_loss_coeff}")
+        self.aux_loss_coeff = aux_loss_coeff
+        self.aux_loss: torch.Tensor | None = None  # the last forward's, when aux_loss_coeff > 0
 
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.w_gate_up = nn.Parameter(torch.randn(self.num_local_experts, d_model, 2 * d_ff) / math.sqrt(d_model))
@@ -179,8 +192,12 @@ class MoELayer(nn.Module):
         return out.reshape(x.shape)
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weights [T, k], expert_ids [T, k])``: the gate's softmax, top k."""
-        return ops.topk_softmax(self.gate(tokens), self.top_k, self.renormalize)
+        """``(weights [T, k], expert_ids [T, k])``: the gate's softmax, top k (and the balance loss, when asked)."""
+        logits = self.gate(tokens)
+        weights, expert_ids = ops.topk_softmax(logits, self.top_k, self.renormalize)
+        if self.aux_loss_coeff:
+            self.aux_loss = self.aux_loss_coeff * load_balancing_loss(logits, expert_ids)
+        return weights, expert_ids
 
     def _capacity_moe(self, tokens, weights, expert_ids):
         capacity = self.capacity(tokens.shape[0])

@@ -102,8 +102,8 @@ def test_token_choice_routes_by_affinity_and_observes_it(temporary_passes):
     router = lines[:lines.index("dispatched = capacity_dispatch_default[0]")]
     assert router == [
         "tokens = l_x_.reshape(-1, 8)",
-        "linear = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
-        "affinity_routing = moe_ascend_kernels_affinity_affinity_top_k(tokens, l_self_modules_gate_parameters_weight_, linear, 2, True)",
+        "logits = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
+        "affinity_routing = moe_ascend_kernels_affinity_affinity_top_k(tokens, l_self_modules_gate_parameters_weight_, logits, 2, True)",
         "delta = affinity_routing[2]",
         "weights = affinity_routing[0]",
         "expert_ids = affinity_routing[1]",
@@ -161,15 +161,49 @@ def test_the_switch_comes_from_the_observed_affinity_and_recompiles_once(tempora
     _, compiled = routed(temporary_passes, layer, x, "auto", steps=3)
     state = layer.gate.affinity_routing
     assert state[kernels.STEPS] == 3 and state[kernels.PHASE] == kernels.TOKEN_CHOICE  # a random gate: not settled
-    # What training would bring: 20 steps whose chosen pairs have affinity 0.9, which an unrelated token of 8
-    # dimensions outranks with probability q ~ 1e-4: 2·T·q = 2·12·q is well within expert choice's C = 3 slots.
-    state.copy_(torch.tensor([0, 20, 0.9 * (1 - 0.9**20), 0.5 * (1 - 0.9**20)], dtype=torch.float64))
+    # What training would bring: 20 steps in which an unrelated token outranked a relevant one with probability
+    # q = 0.01: 2·T·q = 2·12·0.01 is well within expert choice's C = 3 slots.
+    state.copy_(torch.tensor([0, 20, *(v * (1 - 0.9**20) for v in (0.9, 0.5, 0.01))], dtype=torch.float64))
     for _ in range(4):
         compiled(x).sum().backward()
     assert state[kernels.PHASE] == kernels.EXPERT_CHOICE
     assert "affinity routing switches to expert choice after 21 steps" in caplog.text
     assert caplog.text.count("routes by expert choice") == 1  # one recompile
     assert layer.state_dict()["gate.affinity_routing"][kernels.PHASE] == kernels.EXPERT_CHOICE  # checkpointed
+
+
+def test_the_switch_waits_while_unrelated_tokens_often_outrank_relevant_ones(temporary_passes):
+    layer, x = small_layer(), torch.randn(12, 8, dtype=torch.float64)
+    _, compiled = routed(temporary_passes, layer, x, "auto", steps=1)
+    state = layer.gate.affinity_routing
+    # high affinity, as before, but q = 0.2: 2·12·0.2 = 4.8 tokens would outrank, more than C = 3 slots
+    state.copy_(torch.tensor([0, 20, *(v * (1 - 0.9**20) for v in (0.9, 0.5, 0.2))], dtype=torch.float64))
+    compiled(x).sum().backward()
+    assert state[kernels.PHASE] == kernels.TOKEN_CHOICE
+
+
+def test_two_layers_of_one_graph_switch_together_under_their_own_names(temporary_passes):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoELayer(8, 16, 4, 2, capacity_factor=1.0), MoELayer(8, 16, 4, 2, capacity_factor=1.0))
+    x = torch.randn(12, 8)
+    lines, _ = routed(temporary_passes, model, x, "expert_choice")
+    assert sum(line.startswith("chosen_affinity") for line in lines) == 2
+
+
+def test_the_outranked_share_counts_unrelated_tokens_above_relevant_ones():
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.rand(40, 5, generator=generator, dtype=torch.float64) * 2 - 1
+    first = delta.argmax(dim=1)
+    above = pairs = 0
+    for expert in range(5):
+        relevant, unrelated = delta[first == expert, expert], delta[first != expert, expert]
+        above += int((unrelated[:, None] > relevant[None, :]).sum())
+        pairs += relevant.numel() * unrelated.numel()
+    assert float(kernels.outranked_share(delta, first)) == pytest.approx(above / pairs)
+    # relevant tokens on top of every column: never outranked; below every unrelated one: always
+    separated = torch.eye(4, dtype=torch.float64).repeat(3, 1)
+    assert float(kernels.outranked_share(separated, separated.argmax(1))) == 0.0
+    assert float(kernels.outranked_share(-separated, separated.argmax(1))) == 1.0
 
 
 def test_a_checkpoint_in_expert_choice_compiles_straight_to_it(temporary_passes, caplog):

@@ -27,7 +27,7 @@ def test_hierarchical_equals_flat_forward_and_backward(nodes, ranks_per_node):
 def test_golden_two_collectives_on_two_groups_in_order():
     result = launch(2, 2, SCRIPT, "golden")[0]
     assert result["pre_grad"] == [
-        "linear", "topk_softmax_default", "weights", "expert_ids",
+        "logits", "topk_softmax_default", "weights", "expert_ids",
         "hierarchical_dispatch", "expert_in", "plan",
         "grouped_mm_batched_default", "gate", "up", "silu", "mul", "expert_out",
         "hierarchical_combine",

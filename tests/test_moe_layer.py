@@ -76,3 +76,39 @@ def dropless_graph_breaks(rank, world_size):
 def test_dropless_across_ranks_breaks_the_graph_where_it_reads_split_sizes():
     """What the docstring promises: reading the exchanged counts is a graph break (capacity mode has none)."""
     assert all(breaks >= 1 for breaks in run_ranks(2, dropless_graph_breaks))
+
+
+def test_the_balance_loss_is_one_for_uniform_routing_and_e_for_one_expert():
+    from moe_ascend.kernels.routing import load_balancing_loss
+
+    uniform = torch.zeros(8, 4)
+    assert float(load_balancing_loss(uniform, torch.arange(8).reshape(4, 2) % 4)) == pytest.approx(1.0)
+    collapsed = torch.tensor([[10.0, 0, 0, 0]]).repeat(6, 1)
+    assert float(load_balancing_loss(collapsed, torch.zeros(6, 1, dtype=torch.long))) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_the_balance_loss_moves_the_gate_away_from_the_expert_that_takes_every_token():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 1, capacity_factor=1.0, aux_loss_coeff=0.01)
+    with torch.no_grad():
+        layer.gate.weight[0] = 5 * torch.ones(8)  # expert 0 wins every token of positive mean
+    x = torch.rand(16, 8)
+    layer(x)
+    assert layer.aux_loss > 0.01 * 3
+    layer.aux_loss.backward()
+    assert (layer.gate.weight.grad[0] @ x.mean(0)) > 0  # gradient descent lowers expert 0's logits
+
+
+def test_the_balance_loss_is_kept_under_compile_and_equals_eager():
+    torch.manual_seed(0)
+    layer = MoELayer(**layer_kwargs("capacity"), aux_loss_coeff=0.01)
+    x = torch.randn(12, 8)
+    layer(x)
+    expected = layer.aux_loss.detach()
+    compiled = torch.compile(layer, backend="moe_ascend", options={"target": "eager"})
+    compiled(x)
+    torch.testing.assert_close(layer.aux_loss.detach(), expected)
+    layer.aux_loss.backward()
+    assert layer.gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="aux_loss_coeff must be >= 0"):
+        MoELayer(8, 16, 4, 2, aux_loss_coeff=-1.0)

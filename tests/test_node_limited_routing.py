@@ -63,8 +63,8 @@ def test_the_router_is_rewritten_for_expert_parallel_layers(fake_two_ranks, temp
     torch.compile(layer, backend="moe_ascend", options=options)(torch.randn(12, 8)).sum().backward()
     router = [line for line in seen["lines"] if re.search(r"linear|routing|topk|^weights|^expert_ids", line)]
     assert router == [
-        "linear = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
-        "node_limited_routing = moe_ascend_kernels_node_limited_node_limited_topk_softmax(linear, 2, True, 2, 1)",
+        "logits = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
+        "node_limited_routing = moe_ascend_kernels_node_limited_node_limited_topk_softmax(logits, 2, True, 2, 1)",
         "weights = node_limited_routing[0]",
         "expert_ids = node_limited_routing[1]",
     ]
