@@ -1,4 +1,4 @@
-"""The ``moe-ascend`` command: inspect, doctor, bench, launch and plan."""
+"""The ``moe-ascend`` command: inspect, doctor, bench, launch, calibrate and plan."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")
     launch.add_argument("command_args", metavar="command", nargs=argparse.REMAINDER, help="-- script.py ARGS (or any program)")
 
+    calibrate = commands.add_parser(
+        "calibrate", help="measure this machine's emulated cluster (matmul, memory, each link's all-to-all) into a "
+                          "hardware profile for plan",
+        description="Micro-benchmarks matmul and memory on one thread, and all_to_all_single inside a node and across "
+                    "the emulated cluster's shaped link; writes the fitted profile as a hardware YAML file.")
+    calibrate.add_argument("--out", default="cpu-calibrated.yaml", help="the profile to write (default cpu-calibrated.yaml)")
+    calibrate.add_argument("--inter-node-bandwidth", default="1gbit", help="tc rate of each node's uplink (default 1gbit)")
+    calibrate.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")
+    calibrate.add_argument("--repeats", type=int, default=5, help="timed repeats of each micro-benchmark (default 5)")
+
     plan = commands.add_parser(
         "plan", help="search parallel layouts (TP/EP/PP/VPP/DP, micro-batch, recompute, overlap, hierarchy) with the step model",
         description="Evaluates every layout of MODEL on DEVICES devices of HARDWARE with the symbolic step model; prints "
@@ -61,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return _plan(args)
+    if args.command == "calibrate":
+        from moe_ascend.compiler.calibrate import calibrate, write_profile
+
+        profile, how = calibrate(args.inter_node_bandwidth, args.inter_node_latency, repeats=args.repeats)
+        write_profile(profile, Path(args.out), how)
+        print(f"wrote {args.out}: use it as moe-ascend plan --hardware {args.out}")
+        return 0
     if args.command == "inspect":
         from moe_ascend.compiler.inspect import format_table, load_summary
 

@@ -23,6 +23,10 @@ class LaunchError(MoEAscendError):
     """The emulated cluster could not be set up, or the launch command line is wrong."""
 
 
+class CalibrationError(MoEAscendError):
+    """A calibration micro-benchmark failed or measured nothing usable (``moe-ascend calibrate``)."""
+
+
 class TargetUnavailableError(MoEAscendError, RuntimeError):
     """A lowering target asked for that this machine cannot run."""
 
