@@ -9,10 +9,11 @@ starts in token choice and switches each layer to expert choice when its
 measured affinity says so (``passes.affinity_routing``).
 
 Both runs add Switch Transformer's load-balancing loss (coefficient 0.01) to the
-training loss; the validation loss is the cross-entropy alone. Tokens per expert are the slots each expert computes per step: the static
-capacity C of the graph that ran (the layer's ``ceil(1.25 · 2T / E)``, or the
-expert-choice C once a layer switched). The dropped-pair rate is measured on a
-validation batch by routing each layer's input in eager the way its graph does.
+training loss; the validation loss is the cross-entropy alone. Tokens per expert
+are the slots each expert computes per step: the static capacity C of the graph
+that ran (the layer's ``ceil(1.25 · 2T / E)``, or the expert-choice C once a
+layer switched). The dropped-pair rate is measured on a validation batch by
+routing each layer's input in eager the way its graph does.
 Writes bench/results/routing_quality.json (figure ``tokens_per_expert_reduction``
 = 1 − affinity / baseline at the last step, top-level ``val_loss_ratio``) and a
 PNG of the loss curves beside it.
@@ -147,8 +148,8 @@ def train(routing: str, args, train_data, val_data) -> dict:
         val_loss = sum(F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item() for x, y in val_batches) / len(val_batches)
         drops = dropped_pairs(model, val_batches[0][0])
     late = step_s[len(step_s) // 2:]
-    return {"routing": routing, "train_loss": losses, "balance_loss_last": balance_loss.item(), "val_loss": val_loss, "tokens_per_expert": slots[-1],
-            "tokens_per_expert_curve": slots, "dropped_pair_rate": drops, "switched_at_step": switched_at,
+    return {"routing": routing, "train_loss": losses, "balance_loss_last": balance_loss.item(), "val_loss": val_loss,
+            "tokens_per_expert": slots[-1], "tokens_per_expert_curve": slots, "dropped_pair_rate": drops, "switched_at_step": switched_at,
             "step_time_s_second_half_median": sorted(late)[len(late) // 2]}
 
 

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     calibrate = commands.add_parser(
         "calibrate", help="measure this machine's emulated cluster (matmul, memory, each link's all-to-all) into a "
                           "hardware profile for plan",
-        description="Micro-benchmarks matmul and memory on one thread, and all_to_all_single inside a node and across "
-                    "the emulated cluster's shaped link; writes the fitted profile as a hardware YAML file.")
+        description="Micro-benchmarks matmul and memory on one thread, and the MoE layers' all-to-all inside a node and "
+                    "across the emulated cluster's shaped link; writes the fitted profile as a hardware YAML file.")
     calibrate.add_argument("--out", default="cpu-calibrated.yaml", help="the profile to write (default cpu-calibrated.yaml)")
     calibrate.add_argument("--inter-node-bandwidth", default="1gbit", help="tc rate of each node's uplink (default 1gbit)")
     calibrate.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")

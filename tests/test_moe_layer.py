@@ -81,7 +81,7 @@ def test_dropless_across_ranks_breaks_the_graph_where_it_reads_split_sizes():
 def test_the_balance_loss_is_one_for_uniform_routing_and_e_for_one_expert():
     from moe_ascend.kernels.routing import load_balancing_loss
 
-    uniform = torch.zeros(8, 4)
+    uniform = torch.zeros(4, 4)  # 4 tokens, 4 experts, each expert chosen twice
     assert float(load_balancing_loss(uniform, torch.arange(8).reshape(4, 2) % 4)) == pytest.approx(1.0)
     collapsed = torch.tensor([[10.0, 0, 0, 0]]).repeat(6, 1)
     assert float(load_balancing_loss(collapsed, torch.zeros(6, 1, dtype=torch.long))) == pytest.approx(4.0, rel=1e-3)
