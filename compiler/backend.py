@@ -61,7 +61,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Options)
     target = resolve_target(opts.target, dry_run=opts.ascend_option("dry_run"))
     recorder = session_for(opts.dump_dir)
     graph_name = recorder.new_graph_name() if recorder is not None else f"graph_{next(_graph_ids)}"
-    cost_model = CostModel(topology=topology)
+    cost_model = CostModel.for_platform(topology)
     fake_mode = detect_fake_mode(example_inputs)
     training = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs)
 

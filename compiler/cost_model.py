@@ -1,19 +1,31 @@
-"""A first cost model: per-node time from a hardware profile, and a two-lane timeline.
+"""The cost model the passes read: per-node times on a two-lane timeline, and each MoE layer priced by the
+step model for the passes' ``"auto"`` choices.
 
-Compute runs on one lane in graph order; a collective starts on the
+Timeline: compute runs on one lane in graph order; a collective starts on the
 communication lane when it is issued (and the lane is free) and the compute
 lane stalls at its ``wait_tensor`` until it ends. The stalls are the exposed
-communication. The planner issue replaces the per-op formulas with a
-calibrated model; the timeline logic stays.
+communication.
+
+``"auto"`` choices (the overlap chunk count, the hierarchical exchange): the
+layer as the pass sees it (``LayerShape``: tokens, width, experts, top-k, the
+expert-parallel size and the experts' FLOPs) becomes a one-layer model of
+``step_model.StepModel`` on this platform's hardware profile (``cpu-calibrated``,
+``h100`` or ``ascend-910b``, or ``$MOE_ASCEND_HARDWARE``: a shipped name or a
+YAML path), evaluated for each choice at once; the fastest step wins.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.fx
+
+from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel
 
 from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
 
@@ -36,8 +48,51 @@ class HardwareProfile:
     op_overhead: float = 1e-5  # launching one op: what every extra chunk pays per op
 
 
+    @classmethod
+    def from_hardware(cls, hardware: Hardware) -> "HardwareProfile":
+        return cls(hardware.name, hardware.matmul_flops * hardware.matmul_efficiency, hardware.memory_bandwidth,
+                   hardware.intra_node_bandwidth, hardware.inter_node_bandwidth,
+                   max(hardware.intra_node_latency, hardware.inter_node_latency))
+
+
 # Two-core CPU ranks joined by the emulated cluster's 1 Gbit/s inter-node link.
 CPU_EMULATED = HardwareProfile("cpu-emulated", 3e10, 8e9, 2e9, 1.25e8, 1e-4)
+HARDWARE_ENV = "MOE_ASCEND_HARDWARE"
+
+
+def platform_hardware() -> Hardware:
+    """The hardware profile of the devices this process trains on: ``$MOE_ASCEND_HARDWARE`` where set, else the
+    shipped profile of an Ascend NPU, a CUDA GPU or this CPU."""
+    import importlib.util
+
+    name = os.environ.get(HARDWARE_ENV)
+    if not name:
+        if importlib.util.find_spec("torch_npu") is not None:
+            name = "ascend-910b"
+        else:
+            name = "h100" if torch.cuda.is_available() else "cpu-calibrated"
+    return Hardware.load(name)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One MoE layer's exchange as a pass sees it, on one rank: what the step model needs to price it."""
+
+    tokens: int
+    width: int
+    element_bytes: int
+    num_experts: int
+    top_k: int
+    ep_size: int
+    expert_flops: float  # the experts' matmuls, forward
+
+    def model(self) -> MoEModel:
+        """A one-layer model of this layer alone: its experts (SwiGLU of the width that gives their FLOPs), one
+        sequence of its tokens, no attention, embeddings or output layer to speak of."""
+        expert_ffn = max(1.0, self.expert_flops / (6 * self.width * self.tokens * self.top_k))
+        return MoEModel(name="layer", layers=1, hidden=self.width, heads=1, head_dim=1, vocab=1,
+                        experts=self.num_experts, top_k=self.top_k, expert_ffn=expert_ffn, sequence=self.tokens,
+                        global_batch=self.ep_size, attention_params=0.0, dtype_bytes=self.element_bytes)
 
 
 @dataclass
@@ -69,9 +124,34 @@ class Timeline:
 class CostModel:
     """Estimates node times on a ``HardwareProfile``; collectives use the inter-node link when the topology spans nodes."""
 
-    def __init__(self, profile: HardwareProfile = CPU_EMULATED, topology=None):
-        self.profile = profile
+    def __init__(self, profile: HardwareProfile | None = None, topology=None, hardware: Hardware | None = None):
+        self.hardware = hardware
+        self.profile = profile or (HardwareProfile.from_hardware(hardware) if hardware else CPU_EMULATED)
         self.topology = topology
+
+    @classmethod
+    def for_platform(cls, topology=None) -> "CostModel":
+        return cls(topology=topology, hardware=platform_hardware())
+
+    def layer_step_seconds(self, shape: LayerShape, chunks, hierarchical) -> np.ndarray:
+        """The step model's time of ``shape``'s layer, forward and backward, for each (chunks, hierarchical)."""
+        ranks_per_node = self.topology.ranks_per_node if self.topology is not None else 1
+        hardware = replace(self.hardware or platform_hardware(), ranks_per_node=ranks_per_node)
+        step_model = _layer_model(shape, hardware)
+        ep = shape.ep_size
+        return step_model.evaluate(dict(tp=1, ep=ep, pp=1, vpp=1, dp=ep, mb=1, recompute=0, chunks=chunks,
+                                        hierarchical=hierarchical))["step_s"]
+
+    def best_chunks(self, site, most: int) -> int:
+        """The overlap chunk count (1 … ``most``) with the fastest predicted step of ``site``'s layer (a
+        ``passes.analysis.exchange_sites.CapacityExchange``)."""
+        chunks = np.arange(1, most + 1)
+        return int(chunks[np.argmin(self.layer_step_seconds(layer_shape(site), chunks, 0))])
+
+    def hierarchical_pays(self, site) -> bool:
+        """Whether the two-step exchange makes ``site``'s layer's predicted step faster than the flat one."""
+        flat, two_step = self.layer_step_seconds(layer_shape(site), 1, np.array([0, 1]))
+        return bool(two_step < flat)
 
     def compute_seconds(self, node: torch.fx.Node) -> float:
         name = op_name(node)
@@ -87,40 +167,6 @@ class CostModel:
         bandwidth = self.profile.inter_node_bandwidth if spans_nodes else self.profile.intra_node_bandwidth
         factor = 2.0 if op_name(node) == "all_reduce" else 1.0  # ring all-reduce moves the data twice
         return self.profile.collective_latency + factor * _tensor_bytes(node.meta.get("val")) / bandwidth
-
-    def exchange_seconds(self, inter_node_bytes: float, intra_node_bytes: float, collectives: int) -> float:
-        """One rank's all-to-all traffic, in bytes it sends off its node and inside it.
-
-        The ranks of a node share its uplink, so the inter-node bytes of all of them queue on it.
-        """
-        ranks_per_node = self.topology.ranks_per_node if self.topology is not None else 1
-        return (collectives * self.profile.collective_latency
-                + inter_node_bytes * ranks_per_node / self.profile.inter_node_bandwidth
-                + intra_node_bytes / self.profile.intra_node_bandwidth)
-
-    def flat_exchange_seconds(self, buffer_bytes: float, ep_size: int, collectives: int = 2) -> float:
-        """A flat capacity exchange of one ``[E, C, d]`` buffer there and back over ``ep_size`` ranks.
-
-        Each rank keeps ``1/W`` of the buffer; of the rest, the share for other nodes crosses the inter-node link.
-        """
-        nodes = self.topology.nodes if self.topology is not None and ep_size == self.topology.world_size else 1
-        inter = 2 * buffer_bytes * (nodes - 1) / nodes
-        intra = 2 * buffer_bytes * (ep_size // nodes - 1) / ep_size
-        return self.exchange_seconds(inter, intra, collectives)
-
-    def overlap_chunks(self, comm_s: float, compute_s: float, ops_per_chunk: int, most: int) -> int:
-        """The chunk count with the shortest predicted pipeline of dispatch → experts → combine.
-
-        With ``n`` chunks each all-to-all moves ``1/(2n)`` of the traffic (plus its latency) and each chunk's
-        experts take ``1/n`` of the compute (plus their ops' launch overhead); the first dispatch and the last
-        combine cannot hide, and the link carries both directions: ``2a + max(2(n-1)a, n·b)``.
-        """
-        def predicted(n: int) -> float:
-            a = comm_s / (2 * n) + self.profile.collective_latency
-            b = compute_s / n + ops_per_chunk * self.profile.op_overhead
-            return 2 * a + max(2 * (n - 1) * a, n * b)
-
-        return min(range(1, most + 1), key=predicted)
 
     def timeline(self, gm: torch.fx.GraphModule) -> Timeline:
         timeline = Timeline()
@@ -146,6 +192,19 @@ class CostModel:
                     now += seconds
         timeline.step_s = max(now, comm_free)
         return timeline
+
+
+def layer_shape(site) -> LayerShape:
+    """The ``LayerShape`` of a flat capacity exchange the passes found (``CapacityExchange``)."""
+    tokens, expert_ids = (arg.meta["val"] for arg in site.dispatch.args[:2])
+    return LayerShape(tokens=int(tokens.shape[0]), width=int(tokens.shape[1]), element_bytes=tokens.element_size(),
+                      num_experts=site.num_experts, top_k=int(expert_ids.shape[1]), ep_size=site.ep_size,
+                      expert_flops=sum(_matmul_flops(node) for node in site.experts))
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_model(shape: LayerShape, hardware: Hardware) -> StepModel:
+    return StepModel(shape.model(), hardware, shape.ep_size)
 
 
 def _tensor_bytes(val) -> int:

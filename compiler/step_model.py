@@ -14,22 +14,29 @@ busiest expert-parallel rank):
 
 - compute: every matmul's FLOPs by roofline, at an efficiency that grows with
   the matmul's rows (``efficiency · m / (m + rows_at_half_efficiency)``);
-  elementwise work by memory bandwidth; backward is twice forward; full
-  recomputation runs forward again; experts are slowed by the routing
-  imbalance (busiest / mean expert load);
+  the experts' grouped matmuls and causal attention at their own rates where
+  the profile has them; elementwise work by memory bandwidth (the norms and
+  residuals per token, the dispatch, SwiGLU and combine per expert row);
+  backward is twice forward; full recomputation runs forward again; experts
+  are slowed by the routing imbalance (busiest / mean expert load);
 - communication by alpha-beta per link class, intra-node or inter-node
   (a group crosses nodes when its ranks are further apart than a node holds):
   tensor parallel all-gather / reduce-scatter (sequence parallel), the expert
   all-to-all (dispatch and combine, forward and backward), flat or
   hierarchical (a token crosses to each destination node once: the expected
   number of distinct remote nodes among its top-k), hidden under the experts
-  with ``chunks`` chunks as the overlap pass pipelines them; pipeline p2p; the
-  data-parallel gradient reduce-scatter and parameter all-gather (distributed
-  optimizer), hidden under one micro-batch's backward and forward;
+  with ``chunks`` chunks as the overlap pass pipelines them (each chunk pays
+  the latency; the device hides ``overlap_efficiency`` of what overlaps);
+  pipeline p2p; the data-parallel gradient reduce-scatter and parameter
+  all-gather (distributed optimizer), hidden under one micro-batch's backward
+  and forward unless the recipe says not to;
+- the optimizer (Adam's reads and writes of each weight it updates) and the
+  gradient buffers (zeroed once a step, added into by each micro-batch);
 - the pipeline: ``(micro-batches + (pp - 1) / vpp)`` stage times (1F1B,
   interleaved with ``vpp`` virtual stages);
-- memory: bf16 weights, fp32 gradients, Adam's fp32 master weights and
-  moments sharded over data parallel; activations per layer (Korthikanti et
+- memory: weights (bf16, or fp32 by the recipe), fp32 gradients, Adam's
+  moments and fp32 master weights (mixed precision), sharded over data
+  parallel with the distributed optimizer; activations per layer (Korthikanti et
   al.'s ``34·s·b·h`` with sequence parallel and flash attention, which keeps
   no score matrix, plus the experts' dispatched rows), ``pp`` micro-batches
   in flight on the first stage (``1 + (pp - 1)/(pp·vpp)`` times that when
@@ -105,6 +112,10 @@ class MoEModel:
     sequence: int = 4096
     global_batch: int = 1024  # sequences per step
     imbalance: float = 1.0  # busiest / mean expert load the routing leaves
+    # the training recipe (Megatron's --bf16, --use-distributed-optimizer, --overlap-grad-reduce)
+    dtype_bytes: int = 2  # 2: bf16 weights and activations with fp32 master weights; 4: fp32 throughout
+    distributed_optimizer: bool = True  # the optimizer states sharded over data parallel
+    overlap_grad_sync: bool = True  # the data-parallel collectives hidden under backward and forward
 
     @classmethod
     def load(cls, name_or_path: str) -> "MoEModel":
@@ -155,8 +166,13 @@ class Hardware:
     inter_node_bandwidth: float  # per node uplink, one direction
     intra_node_latency: float
     inter_node_latency: float
-    elementwise_bytes_per_token: float = 60.0  # bytes per hidden unit the norms, activations and residuals move
+    elementwise_bytes_per_token: float = 60.0  # bytes (bf16) per hidden unit the norms, activations and residuals move
     usable_memory: float = 0.9  # the share of memory_bytes a plan may fill
+    expert_matmul_flops: float | None = None  # the experts' grouped matmuls' best rate; None: as the dense ones
+    expert_rows_at_half_efficiency: float | None = None
+    overlap_efficiency: float = 1.0  # the share of the communication under computation that it hides
+    attention_flops: float | None = None  # causal (flash) attention forward + backward; None: as a large matmul
+    optimizer_bandwidth: float | None = None  # Adam's reads and writes per second; None: memory_bandwidth
 
     @classmethod
     def load(cls, name_or_path: str) -> "Hardware":
@@ -201,13 +217,14 @@ class StepModel:
     def _expressions(self) -> dict[str, sp.Expr]:
         m, hw = self.model, self.hardware
         tp, ep, pp, vpp, dp, mb, rc, chunks, hier = (self.symbols[n] for n in LAYOUT)
-        b = 2  # bf16
+        b = m.dtype_bytes
+        master = 4 if b < 4 else 0  # mixed precision keeps an fp32 copy of the weights
         h, s, k, f, E = m.hidden, m.sequence, m.top_k, m.expert_ffn, m.experts
         tokens = mb * s  # per micro-batch, per data-parallel replica
         microbatches = m.global_batch / (dp * mb)
 
-        def matmul(flops, rows):
-            return flops / (hw.matmul_flops * hw.matmul_efficiency * rows / (rows + hw.rows_at_half_efficiency))
+        def matmul(flops, rows, peak=hw.matmul_flops * hw.matmul_efficiency, rows_at_half=hw.rows_at_half_efficiency):
+            return flops / (peak * rows / (rows + rows_at_half))
 
         # every rank of a node runs its own group's collective at once: they share the node's uplink
         inter_per_rank = hw.inter_node_bandwidth / hw.ranks_per_node
@@ -224,12 +241,20 @@ class StepModel:
             return (size - 1) * latency + (size - 1) / size * volume / bandwidth
 
         # -- one layer, one micro-batch, forward, on one device ---------------------------------------
-        attention = matmul(2 * tokens * m.attention_params_per_layer / tp + 2 * tokens * s * m.heads * m.head_dim / tp,
-                           tokens)
-        elementwise = m.hidden * hw.elementwise_bytes_per_token * tokens / tp / hw.memory_bandwidth
+        attention_rate = hw.attention_flops or hw.matmul_flops * hw.matmul_efficiency
+        attention = (matmul(2 * tokens * m.attention_params_per_layer / tp, tokens)
+                     + 2 * tokens * s * m.heads * m.head_dim / tp / attention_rate)  # (causal: half the scores)
+        elementwise = m.hidden * hw.elementwise_bytes_per_token * b / 2 * tokens / tp / hw.memory_bandwidth
         rows_per_device = tokens * k / tp  # (token, choice) pairs one device computes, on average
         experts_per_device = E / ep
-        expert_compute = m.imbalance * matmul(6 * h * f * rows_per_device, rows_per_device / experts_per_device)
+        # each chunk's experts multiply a chunk's share of their rows, at that size's efficiency
+        expert_compute = m.imbalance * matmul(
+            6 * h * f * rows_per_device, rows_per_device / experts_per_device / chunks,
+            (hw.expert_matmul_flops or hw.matmul_flops) * hw.matmul_efficiency,
+            hw.expert_rows_at_half_efficiency or hw.rows_at_half_efficiency)
+        # each row copied in by the dispatch (h read, h written), SwiGLU's silu(gate)·up (2f read, f written), and
+        # read back by the combine (h)
+        expert_elementwise = m.imbalance * rows_per_device * (3 * h + 3 * f) * b / hw.memory_bandwidth
         shared = matmul(6 * h * f * m.shared_experts * tokens / tp, tokens) if m.shared_experts else 0
         router = matmul(2 * tokens * h * E / tp, tokens)
         dense_ffn = matmul(6 * h * m.dense_ffn * tokens / tp, tokens) if m.dense_layers else 0
@@ -241,20 +266,27 @@ class StepModel:
         pairs_bytes = rows_per_device * h * b
         remote_share = (ep - ep_per_node) / ep
         dedup = distinct_nodes_fraction(E, k, ep_nodes)  # (with one node nothing crosses: remote_share is 0)
-        inter_bytes = pairs_bytes * remote_share * (hier * dedup + (1 - hier))
+        # a row crossing nodes in two steps carries its route there (a slot and a weight per expert of the node)
+        route_bytes = 2 * 4 * E / ep_nodes / 2  # (dispatch only: half of it per direction)
+        inter_bytes = rows_per_device * remote_share * (hier * dedup * (h * b + route_bytes) + (1 - hier) * h * b)
         intra_bytes = pairs_bytes * (ep_per_node - 1) / ep
-        one_a2a = (hw.inter_node_latency * (ep_nodes - 1) + hw.intra_node_latency * (ep_per_node - 1)
-                   + inter_bytes / inter_per_rank + intra_bytes / hw.intra_node_bandwidth)
+        # the two-step exchange's dispatch sends its routes beside the tokens, on both links: three collectives
+        # per dispatch and combine on each link where the flat exchange has two
+        a2a_latency = (hw.inter_node_latency * (ep_nodes - 1) + hw.intra_node_latency * (ep_per_node - 1)) \
+            * (1 + hier / 2)
+        a2a_transfer = inter_bytes / inter_per_rank + intra_bytes / hw.intra_node_bandwidth
 
         def exposed_a2a(compute):
-            """Dispatch and combine around ``compute``, in ``chunks`` chunks: the link and the experts pipeline,
-            the first dispatch and the last combine stay exposed (the overlap pass's schedule)."""
-            per_chunk_a2a = one_a2a / chunks
-            piped = 2 * per_chunk_a2a + sp.Max(2 * (chunks - 1) * per_chunk_a2a, compute)
-            return piped - compute
+            """Dispatch and combine around ``compute``, in ``chunks`` chunks (each paying the latency): the link
+            and the experts pipeline, the first dispatch and the last combine stay exposed (the overlap pass's
+            schedule), and of the rest the device hides ``overlap_efficiency``."""
+            per_chunk_a2a = a2a_latency + a2a_transfer / chunks
+            overlapped = 2 * (chunks - 1) * per_chunk_a2a
+            return 2 * per_chunk_a2a + overlapped - hw.overlap_efficiency * sp.Min(overlapped, compute)
 
-        moe_fwd = attention + elementwise + router + shared + expert_compute + tp_comm + exposed_a2a(expert_compute)
-        moe_bwd = 2 * (attention + elementwise + router + shared + expert_compute) + tp_comm \
+        moe_fwd = attention + elementwise + expert_elementwise + router + shared + expert_compute + tp_comm \
+            + exposed_a2a(expert_compute)
+        moe_bwd = 2 * (attention + elementwise + expert_elementwise + router + shared + expert_compute) + tp_comm \
             + exposed_a2a(2 * expert_compute)
         dense_fwd = attention + elementwise + dense_ffn + tp_comm
         dense_bwd = 2 * (attention + elementwise + dense_ffn) + tp_comm
@@ -282,15 +314,24 @@ class StepModel:
         expert_per_device = m.expert_params / (ep * pp)
         grad_sync = ring(4 * dense_per_device, dp, tp) + ring(4 * expert_per_device, dp / ep, tp * ep)
         param_sync = ring(b * dense_per_device, dp, tp) + ring(b * expert_per_device, dp / ep, tp * ep)
-        dp_exposed = sp.Max(0, grad_sync - stage_bwd) + sp.Max(0, param_sync - stage_fwd)
-        optimizer = 16 * (dense_per_device / dp + expert_per_device / (dp / ep)) / hw.memory_bandwidth
-        step = pipeline + dp_exposed + optimizer
+        if m.overlap_grad_sync:
+            dp_exposed = sp.Max(0, grad_sync - stage_bwd) + sp.Max(0, param_sync - stage_fwd)
+        else:
+            dp_exposed = grad_sync + param_sync
+        # the weights each optimizer updates: its shard (distributed optimizer) or all of them
+        updated = (dense_per_device / dp + expert_per_device / (dp / ep)) if m.distributed_optimizer else \
+            dense_per_device + expert_per_device
+        # Adam reads the gradient, both moments and the (master) weight, writes them back but the gradient
+        optimizer = (28 + (b if master else 0)) * updated / (hw.optimizer_bandwidth or hw.memory_bandwidth)
+        # the gradient buffers: zeroed once a step, each micro-batch's backward adds its gradients in (fp32)
+        gradient_buffers = (4 + 12 * microbatches) * (dense_per_device + expert_per_device) / hw.memory_bandwidth
+        step = pipeline + dp_exposed + optimizer + gradient_buffers
 
         # -- memory ---------------------------------------------------------------------------------------
         params = dense_per_device + expert_per_device
-        states = b * params + 4 * params + 12 * (dense_per_device / dp + expert_per_device / (dp / ep))
+        states = b * params + 4 * params + (8 + master) * updated
         layer_input = tokens * h * b / tp
-        attention_acts = 34 * tokens * h / tp
+        attention_acts = 34 * tokens * h / tp * b / 2  # (Korthikanti et al. count bf16 bytes)
         expert_acts = m.imbalance * rows_per_device * (2 * h + 4 * f) * b
         shared_acts = tokens * (2 * h + 4 * f * m.shared_experts) * b / tp
         layer_acts = (1 - rc) * (attention_acts + expert_acts + shared_acts) + rc * layer_input

@@ -21,7 +21,7 @@ mirrors it: every combine's gradient goes back first, each dispatch's as its
 chunk's experts finish.
 
 ``n`` is ``options["overlap"]``, or under ``"auto"`` the cost model's choice
-(``CostModel.overlap_chunks``), and at most ``C``. Layers whose experts do more
+(``CostModel.best_chunks``: the step model's fastest layer), and at most ``C``. Layers whose experts do more
 than row-wise work (a reduction over slots, a reshape that mixes them) keep
 their exchange, with one line naming the node (a warning when a chunk count
 was asked for, a note under ``"auto"``).
@@ -85,7 +85,7 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             say("%s: MoE layer %d is not chunked for overlap: its expert node %s (%s) is not known to work slot by "
                 "slot", ctx.graph_name, layer.index, not_row_wise.name, op_name(not_row_wise))
             continue
-        chunks = min(_chunk_count(site, experts, ctx), site.capacity)
+        chunks = min(_chunk_count(site, ctx), site.capacity)
         if chunks < 2:
             ctx.logger.info("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index,
                             "the cost model predicts no gain" if site.capacity > 1 else "its capacity is one slot")
@@ -104,16 +104,12 @@ def _why_not(layer, reason: str) -> str:
     return reason
 
 
-def _chunk_count(site: CapacityExchange, experts: list[torch.fx.Node], ctx: PassContext) -> int:
+def _chunk_count(site: CapacityExchange, ctx: PassContext) -> int:
     if isinstance(ctx.options.overlap, int):
         return ctx.options.overlap
-    cost_model = ctx.cost_model
-    if cost_model is None:  # "auto" without a cost model: nothing to choose by
+    if ctx.cost_model is None:  # "auto" without a cost model: nothing to choose by
         return 1
-    buffer = site.dispatched.meta["val"]
-    comm_s = cost_model.flat_exchange_seconds(buffer.numel() * buffer.element_size(), site.ep_size)
-    compute_s = sum(cost_model.compute_seconds(n) for n in experts)
-    return cost_model.overlap_chunks(comm_s, compute_s, ops_per_chunk=len(experts), most=MOST_CHUNKS)
+    return ctx.cost_model.best_chunks(site, most=MOST_CHUNKS)
 
 
 def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.fx.Node], layer, chunks: int,

@@ -10,8 +10,9 @@ same input, so outputs and gradients equal the flat layer's (sums in another
 order). Shapes stay static.
 
 ``hierarchical_a2a=True`` rewrites every such layer when the topology spans
-nodes; ``"auto"`` only where the cost model predicts the two steps to be
-faster than the flat exchange; ``False`` never.
+nodes; ``"auto"`` only where the cost model predicts the two steps to make
+the layer faster (``CostModel.hierarchical_pays``: the step model's layer,
+flat and two-step); ``False`` never.
 
 Before::
 
@@ -60,7 +61,7 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 ctx.logger.warning("%s: MoE layer %d keeps the flat all-to-all: %s", ctx.graph_name, layer.index, site)
             continue
         hierarchy = topology.hierarchy()
-        if setting == "auto" and not _predicted_faster(site, hierarchy, ctx):
+        if setting == "auto" and (ctx.cost_model is None or not ctx.cost_model.hierarchical_pays(site)):
             ctx.logger.info("%s: MoE layer %d keeps the flat all-to-all: the cost model predicts no gain", ctx.graph_name, layer.index)
             continue
         _rewrite(gm, site, hierarchy, ctx, layer)
@@ -83,31 +84,6 @@ def _capacity_exchange(layer, topology) -> CapacityExchange | str:
     if dist.get_process_group_ranks(group) != list(range(topology.world_size)):
         return "its expert-parallel group is not all ranks in order; the two-step exchange needs the whole topology"
     return site
-
-
-def _predicted_faster(site: CapacityExchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext) -> bool:
-    tokens = site.dispatch.args[0].meta["val"]
-    flat_s, hier_s = predicted_exchange_seconds(tokens.shape[0], tokens.shape[1], tokens.element_size(), site.num_experts,
-                                                site.capacity, hierarchy, ctx.cost_model)
-    return hier_s < flat_s
-
-
-def predicted_exchange_seconds(tokens: int, width: int, element: int, num_experts: int, capacity: int,
-                               hierarchy: hierarchical.Hierarchy, cost_model) -> tuple[float, float]:
-    """(flat, hierarchical) dispatch + combine seconds of one rank: their bytes on the cost model's links.
-
-    Flat: the ``[E, C, d]`` buffer's remote share, there and back. Hierarchical: its step-1
-    and step-2 buffers (tokens and route), there and back.
-    """
-    nodes, per_node_ranks, world = hierarchy.nodes, hierarchy.ranks_per_node, hierarchy.world_size
-    per_node = num_experts // nodes
-    node_capacity = min(tokens, per_node * capacity)
-    rank_capacity = min(node_capacity, num_experts // world * capacity)
-    row = 2 * width * element + 2 * per_node * 4  # a token there and its sum back, plus its route
-    hier_inter = (nodes - 1) * node_capacity * row
-    hier_intra = (per_node_ranks - 1) * nodes * rank_capacity * row
-    return (cost_model.flat_exchange_seconds(num_experts * capacity * width * element, world),
-            cost_model.exchange_seconds(hier_inter, hier_intra, collectives=6))
 
 
 def _rewrite(gm: torch.fx.GraphModule, site: CapacityExchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext, layer) -> None:

@@ -1,8 +1,10 @@
-"""moe-ascend calibrate: the fits recover what they are given; a real run measures the link the launcher shaped."""
+"""moe-ascend calibrate: the fits recover what they are given; a real run measures the link the launcher shaped, and
+the step model on the profile it writes predicts measured training steps (compiler.measured)."""
 
 import pytest
 
 from moe_ascend.compiler.calibrate import calibrate, fit_link, fit_matmul, write_profile
+from moe_ascend.compiler.measured import RunConfig, measure
 from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel
 from moe_ascend.kernels.errors import CalibrationError
 from moe_ascend.runtime.launcher import parse_rate, shaping_unavailable
@@ -23,7 +25,10 @@ def test_the_link_fit_recovers_latency_and_bandwidth():
         fit_link(sent, [1e-3, 1e-3, 1e-3, 1e-3])
 
 
-@pytest.mark.skipif(shaping_unavailable() is not None, reason=f"no emulated cluster: {shaping_unavailable()}")
+needs_cluster = pytest.mark.skipif(shaping_unavailable() is not None, reason=f"no emulated cluster: {shaping_unavailable()}")
+
+
+@needs_cluster
 def test_a_calibration_measures_the_shaped_link_and_plans_with_it(tmp_path):
     profile, how = calibrate("200mbit", "100us", repeats=3, log=lambda line: None)
     shaped = parse_rate("200mbit") / 8
@@ -37,3 +42,13 @@ def test_a_calibration_measures_the_shaped_link_and_plans_with_it(tmp_path):
     step = StepModel(MoEModel.load("mixtral-8x7b"), hardware, 8).evaluate(
         {"tp": 1, "ep": 8, "pp": 1, "vpp": 1, "dp": 8, "mb": 1, "recompute": 0, "chunks": 1, "hierarchical": 0})
     assert float(step["step_s"]) > 0
+
+
+@needs_cluster
+def test_the_calibrated_step_model_predicts_measured_training_steps():
+    configs = [RunConfig("2x1", "200mbit", 1), RunConfig("2x1", "200mbit", 4, hierarchical=True)]
+    runs = measure(configs, Hardware.load("cpu-calibrated"), steps=3, log=lambda line: None)
+    for run in runs:
+        assert run["predicted_step_s"] == pytest.approx(run["step_s"], rel=0.3), run
+        assert run["predicted_memory_bytes"] == pytest.approx(run["memory_bytes"], rel=0.2), run
+    assert runs[1]["step_s"] > runs[0]["step_s"] and runs[1]["predicted_step_s"] > runs[0]["predicted_step_s"]

@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed import launch
 
-from moe_ascend.compiler.cost_model import CostModel
-from moe_ascend.kernels.hierarchical import Hierarchy
-from moe_ascend.passes.hierarchical_a2a import predicted_exchange_seconds
+from moe_ascend.compiler.cost_model import CostModel, LayerShape
+from moe_ascend.compiler.step_model import Hardware
 from moe_ascend.runtime.topology import Topology
 
 SCRIPT = str(Path(__file__).parent / "cluster" / "hierarchical.py")
@@ -56,9 +56,13 @@ def test_the_runtime_counts_bytes_per_link_for_eager_and_compiled_exchanges():
 
 
 def test_the_cost_model_picks_hierarchy_for_bandwidth_bound_exchanges_only():
-    cost_model = CostModel(topology=Topology(nodes=4, ranks_per_node=2))
-    hierarchy = Hierarchy(4, 2, "intra", "inter")
-    flat, hier = predicted_exchange_seconds(2048, 1024, 4, 64, 320, hierarchy, cost_model)  # top-8 of 64, MBs per rank
-    assert hier < flat / 2
-    flat, hier = predicted_exchange_seconds(8, 8, 4, 64, 1, hierarchy, cost_model)  # a few bytes: latency decides
-    assert hier > flat
+    cost_model = CostModel(topology=Topology(nodes=4, ranks_per_node=2), hardware=Hardware.load("cpu-calibrated"))
+    # top-8 of 64 experts, MBs per rank: each token crosses to ~4 nodes once instead of to ~6 remote experts
+    bandwidth_bound = LayerShape(tokens=2048, width=1024, element_bytes=4, num_experts=64, top_k=8, ep_size=8,
+                                 expert_flops=6 * 1024 * 1024 * 2048 * 8)
+    flat, two_step = cost_model.layer_step_seconds(bandwidth_bound, 1, np.array([0, 1]))
+    assert two_step < 0.8 * flat
+    # a few bytes: the two-step exchange's extra collectives cost more than the bytes it saves
+    latency_bound = LayerShape(tokens=8, width=8, element_bytes=4, num_experts=64, top_k=8, ep_size=8, expert_flops=1e3)
+    flat, two_step = cost_model.layer_step_seconds(latency_bound, 1, np.array([0, 1]))
+    assert two_step > flat
