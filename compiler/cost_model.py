@@ -26,7 +26,6 @@ import torch
 import torch.fx
 
 from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel
-
 from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
 
 FREE_OPS = {
@@ -45,8 +44,6 @@ class HardwareProfile:
     intra_node_bandwidth: float
     inter_node_bandwidth: float
     collective_latency: float
-    op_overhead: float = 1e-5  # launching one op: what every extra chunk pays per op
-
 
     @classmethod
     def from_hardware(cls, hardware: Hardware) -> "HardwareProfile":

@@ -267,3 +267,20 @@ def test_profile_measures_each_graph_with_its_transfers_waits_and_compute(tmp_pa
             assert 0 < measured["compute_s"] < measured["step_s"] - measured["exposed_comm_s"] + 1e-9
             assert measured["hidden_fraction"] == pytest.approx(max(0.0, 1 - measured["exposed_comm_s"] / measured["comm_s"]))
         assert len(re.findall(r"  measured: step [\d.]+ ms, exposed communication [\d.]+ ms of [\d.]+ ms \(hidden", table)) == 2
+
+
+@pytest.mark.parametrize("overlap_efficiency, chunks", [(1.0, 6), (0.0, 0)])
+def test_auto_takes_the_chunk_count_the_step_model_predicts_fastest(fake_two_ranks, temporary_passes, tmp_path,
+                                                                    monkeypatch, overlap_efficiency, chunks):
+    # Slow experts beside a link they can hide: the more chunks the better, up to the 6 slots an expert has. The
+    # same link where computation hides nothing: chunks only add latency, so the layer keeps one exchange.
+    profile = dict(name="test", matmul_flops=1e6, matmul_efficiency=1, rows_at_half_efficiency=0,
+                   expert_matmul_flops=1e6, expert_rows_at_half_efficiency=0, attention_flops=1e12,
+                   memory_bandwidth=1e12, optimizer_bandwidth=1e12, memory_bytes=1e9, ranks_per_node=2,
+                   intra_node_bandwidth=1e5, inter_node_bandwidth=1e5, intra_node_latency=1e-5,
+                   inter_node_latency=1e-5, overlap_efficiency=overlap_efficiency)
+    path = tmp_path / "profile.yaml"
+    path.write_text("".join(f"{key}: {value}\n" for key, value in profile.items()))
+    monkeypatch.setenv("MOE_ASCEND_HARDWARE", str(path))
+    lines = compiled_graphs(temporary_passes, {"overlap": "auto"})["pre_grad"]
+    assert sum(bool(re.match(r"\s*slots_\d+ = torch\.narrow", line)) for line in lines) == chunks
