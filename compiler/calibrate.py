@@ -2,7 +2,9 @@
 
     moe-ascend calibrate --out cpu-calibrated.yaml [--inter-node-bandwidth 1gbit] [--inter-node-latency 100us]
 
-Each micro-benchmark keeps the median of a few repeats:
+Each micro-benchmark runs as the ranks of a training job run (launched on the emulated cluster, one thread,
+the launcher's heap settings; the compute ones on both ranks of a node at once, which share caches and memory,
+keeping the slowest rank's figure) and keeps the median of a few repeats:
 
     matmul      [m, h] @ [h, h] in fp32 on one thread, forward and backward (3 x 2·m·h² FLOP), for m in
                 ``ROWS``: fitted to the step model's curve rate(m) = R · m / (m + m½), a line in 1/m
@@ -18,19 +20,20 @@ Each micro-benchmark keeps the median of a few repeats:
     overlap     on each link, a 4 MiB all-to-all issued before about as long of matmuls: the share of it they hide
 
 Each link's times are fitted to ``latency + bytes / bandwidth``, bytes being what one rank sends to the
-other (half its buffer). The profile's rates are what was reached, so its ``matmul_efficiency`` is 1;
+other (half its buffer); a link whose latency still sets the time at 8 MiB gets larger buffers.
+``compute_here`` and ``link_here`` measure inside any job: ``compiler.measured`` runs them beside its steps. The profile's rates are what was reached, so its ``matmul_efficiency`` is 1;
 ``memory_bytes`` is the machine's memory over the two ranks the emulated layouts run at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
