@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_ascend.compiler.calibrate import compute_here, compute_profile, link_here
 from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError, StepModel
 
 # the model every configuration trains (top-k and the batch set per configuration); fp32 as CPUs train
@@ -90,8 +91,6 @@ MEASURED_SET = _measured_set()
 def run_hardware(config: RunConfig, base: Hardware, compute: dict, link: dict | None) -> Hardware:
     """``base`` with what the run's own job measured beside its steps: the compute rates
     (``calibrate.compute_here``) and the link its ranks exchange on (``calibrate.link_here``; none on one rank)."""
-    from moe_ascend.compiler.calibrate import compute_profile
-
     changes = compute_profile(compute) | {"ranks_per_node": config.ranks_per_node}
     if link is not None:
         side = "inter" if config.nodes > 1 else "intra"
@@ -208,12 +207,10 @@ def _run(config: RunConfig, steps: int) -> dict:
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
-    from moe_ascend.compiler.calibrate import compute_here, link_here
-
     model, compiled = _workload(config)
     m = config.model()
-    experts = [p for name, p in model.named_parameters() if name.endswith(("w_gate_up", "w_down")) and config.ep > 1]
-    shared = [p for p in model.parameters() if all(p is not e for e in experts)]  # copies on every rank
+    # every rank holds a copy of these (the experts too, without expert parallelism): their gradients are summed
+    shared = [p for name, p in model.named_parameters() if config.ep == 1 or not name.endswith(("w_gate_up", "w_down"))]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(dist.get_rank())
     ids = torch.randint(0, m.vocab, (MICRO_BATCH, m.sequence + 1), generator=generator)
