@@ -140,12 +140,8 @@ def measure_attention(shape=(4, 4, 256, 64), repeats: int = 5) -> float:
     torch.set_num_threads(1)
     batch, heads, sequence, head_dim = shape
     q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
-
-    def forward_backward():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out.backward(torch.ones_like(out))
-
-    return 3 * 2 * batch * sequence * sequence * heads * head_dim / _median_seconds(forward_backward, repeats)
+    causal = _forward_backward(lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=True), q, k, v)
+    return 3 * 2 * batch * sequence * sequence * heads * head_dim / _median_seconds(causal, repeats)
 
 
 def measure_optimizer(weights: int = 4 << 20, repeats: int = 5) -> float:
@@ -156,23 +152,39 @@ def measure_optimizer(weights: int = 4 << 20, repeats: int = 5) -> float:
     return 28 * weights / _median_seconds(optimizer.step, repeats)
 
 
+def largest_over_ranks(value: float) -> float:
+    """The largest of every rank's ``value``, on every rank (a step's time is its slowest rank's)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _exchange_once(buffer: torch.Tensor, group: str):
+    """One all-to-all of ``buffer`` on ``group``, waited for."""
+    import torch.distributed._functional_collectives as fc
+
+    return fc.wait_tensor(fc.all_to_all_single(buffer, None, None, group))
+
+
+def _layers_exchange_group() -> str:
+    import torch.distributed as dist
+
+    from moe_ascend.runtime.exchange_group import exchange_group
+
+    return exchange_group(dist.group.WORLD).group_name
+
+
 def measure_exchange(sizes=SIZES, repeats: int = 5) -> list[float]:
     """On each rank of a two-rank job: the median seconds of an all-to-all of each buffer size on the group the
     MoE layers exchange on (``runtime.exchange_group``: gloo's own all-to-all takes the two directions in turns),
     the slowest rank's, so both ranks report the same."""
-    import torch.distributed as dist
-    import torch.distributed._functional_collectives as fc
-
-    from moe_ascend.runtime.exchange_group import exchange_group
-
-    group = exchange_group(dist.group.WORLD).group_name
+    group = _layers_exchange_group()
     times = []
     for size in sizes:
         buffer = torch.zeros(size // 4)
-        seconds = torch.tensor(_median_seconds(lambda: fc.wait_tensor(fc.all_to_all_single(buffer, None, None, group)),
-                                               repeats))
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        times.append(float(seconds))
+        times.append(largest_over_ranks(_median_seconds(lambda: _exchange_once(buffer, group), repeats)))
     return times
 
 
@@ -183,19 +195,12 @@ def measure_overlap(buffer_bytes: int = 4 << 20, repeats: int = 5) -> float:
     import torch.distributed as dist
     import torch.distributed._functional_collectives as fc
 
-    from moe_ascend.runtime.exchange_group import exchange_group
-
-    group = exchange_group(dist.group.WORLD).group_name
+    group = _layers_exchange_group()
     buffer = torch.zeros(buffer_bytes // 4)
     x, weight = torch.randn(256, HIDDEN), torch.randn(HIDDEN, HIDDEN)
-
-    def agreed(seconds: float) -> float:  # the slowest rank's time, so every rank sizes the same loop
-        t = torch.tensor([seconds])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-
-    exchange = agreed(_median_seconds(lambda: fc.wait_tensor(fc.all_to_all_single(buffer, None, None, group)), repeats))
-    count = max(1, round(exchange / agreed(_median_seconds(lambda: x @ weight, repeats))))
+    # every rank takes the slowest rank's times, so all of them size the same loop
+    exchange = largest_over_ranks(_median_seconds(lambda: _exchange_once(buffer, group), repeats))
+    count = max(1, round(exchange / largest_over_ranks(_median_seconds(lambda: x @ weight, repeats))))
 
     def matmuls():
         for _ in range(count):
@@ -206,8 +211,8 @@ def measure_overlap(buffer_bytes: int = 4 << 20, repeats: int = 5) -> float:
         matmuls()
         fc.wait_tensor(sent)
 
-    compute = agreed(_median_seconds(matmuls, repeats))
-    together = agreed(_median_seconds(both, repeats))
+    compute = largest_over_ranks(_median_seconds(matmuls, repeats))
+    together = largest_over_ranks(_median_seconds(both, repeats))
     hidden = torch.tensor([(exchange + compute - together) / min(exchange, compute)])
     dist.all_reduce(hidden, op=dist.ReduceOp.MIN)
     return min(1.0, max(0.0, float(hidden)))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_ascend.compiler.calibrate import compute_here, compute_profile, link_here
+from moe_ascend.compiler.calibrate import compute_here, compute_profile, link_here, largest_over_ranks
 from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError, StepModel
 
 # the model every configuration trains (top-k and the batch set per configuration); fp32 as CPUs train
@@ -239,9 +239,7 @@ def _run(config: RunConfig, steps: int) -> dict:
             dist.barrier()
             started = time.perf_counter()
             step()
-            seconds = torch.tensor([time.perf_counter() - started])
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-            times.append(float(seconds))
+            times.append(largest_over_ranks(time.perf_counter() - started))
         return times
 
     for _ in range(2):  # compile, and the optimizer's states
@@ -260,10 +258,8 @@ def _run(config: RunConfig, steps: int) -> dict:
     for event in sorted(events, key=lambda e: e.start_ns()):
         allocated += event.nbytes()
         peak = max(peak, allocated)
-    memory = torch.tensor([float(held + peak)])
-    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
     return {**dataclasses.asdict(config), "step_s": statistics.median(times), "times_s": times,
-            "memory_bytes": float(memory), "held_bytes": held, "calibration": _mean(calibrations)}
+            "memory_bytes": largest_over_ranks(float(held + peak)), "held_bytes": held, "calibration": _mean(calibrations)}
 
 
 def _mean(measured: list):
