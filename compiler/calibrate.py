@@ -15,12 +15,14 @@ keeping the slowest rank's figure) and keeps the median of a few repeats:
     attention   causal scaled-dot-product attention, forward and backward, on [4, 4, 256, 64] (3 x 2·T·s·h FLOP)
     optimizer   one Adam step over 4 M fp32 weights: the 28 bytes a weight it reads and writes, per second
     intra-node  an all-to-all between the two ranks of one node (its namespace's loopback), on the group
-                the MoE layers exchange on (``runtime.exchange_group``)
+                the MoE layers exchange on (``runtime.exchange_group``), back to back, and the small ones
+                again each after a few milliseconds of matmuls, as a step issues its exchanges
     inter-node  the same between two nodes of one rank, across the shaped uplinks
     overlap     on each link, a 4 MiB all-to-all issued before about as long of matmuls: the share of it they hide
 
 Each link's times are fitted to ``latency + bytes / bandwidth``, bytes being what one rank sends to the
-other (half its buffer); a link whose latency still sets the time at 8 MiB gets larger buffers.
+other (half its buffer): the bandwidth from the back-to-back exchanges (a link whose latency still sets the
+time at 8 MiB gets larger buffers), the latency from those after compute.
 ``compute_here`` and ``link_here`` measure inside any job: ``compiler.measured`` runs them beside its steps. The profile's rates are what was reached, so its ``matmul_efficiency`` is 1;
 ``memory_bytes`` is the machine's memory over the two ranks the emulated layouts run at once.
 """
@@ -48,13 +50,26 @@ HIDDEN = 512
 SIZES = tuple(1 << p for p in range(12, 24, 2))  # bytes of each rank's buffer: 4 KiB … 8 MiB
 LARGEST = 1 << 27  # a buffer link_here grows to at most, on a link whose latency hides 8 MiB
 RANKS_PER_MACHINE = 2  # the emulated layouts' ranks at once, one per core (DESIGN.md, "Benchmarks")
+BETWEEN_EXCHANGES = 0.005  # seconds of matmuls before each exchange that sets the latency (layers compute between)
+LATENCY_SIZES = SIZES[:4]  # buffers whose exchange time is mostly latency: 4 KiB ... 256 KiB
 
 
 @dataclass
 class Link:
-    latency: float  # seconds
+    latency: float  # seconds, of an exchange issued after compute
     bandwidth: float  # bytes per second, one direction
     overlap: float | None = None  # the share of an exchange on it that computation hides (measure_overlap)
+    samples: list = dataclasses.field(default_factory=list)  # (bytes sent, seconds) back to back: the bandwidth
+    after_compute: list = dataclasses.field(default_factory=list)  # (bytes sent, seconds) after matmuls: the latency
+
+
+def pooled(links: list[dict]) -> dict:
+    """One link fitted to the samples of several measurements of it (``Link`` as dicts), their mean overlap: the
+    fit of all the points, where a mean of fits follows the worst one."""
+    samples = [sample for link in links for sample in link["samples"]]
+    after_compute = [sample for link in links for sample in link["after_compute"]]
+    fitted = fit_link(*zip(*samples), after_compute=after_compute)
+    return dataclasses.asdict(dataclasses.replace(fitted, overlap=float(np.mean([link["overlap"] for link in links]))))
 
 
 def fit_matmul(rows, flops_per_s) -> tuple[float, float]:
@@ -66,15 +81,19 @@ def fit_matmul(rows, flops_per_s) -> tuple[float, float]:
     return 1 / intercept, max(0.0, slope / intercept)
 
 
-def fit_link(sent_bytes, seconds) -> Link:
-    """``latency + bytes / bandwidth`` through the measured times: the bandwidth from the least-squares slope (the
-    large sizes set it), the latency the median of what the bandwidth leaves unexplained (robust to one slow
-    small exchange)."""
+def fit_link(sent_bytes, seconds, after_compute=()) -> Link:
+    """``latency + bytes / bandwidth`` through the measured times: the bandwidth from the least-squares slope of
+    the back-to-back exchanges (the large sizes set it), the latency the median of what the bandwidth leaves
+    unexplained (robust to one slow small exchange), in the exchanges issued after compute where there are some."""
     sent_bytes, seconds = np.asarray(sent_bytes, float), np.asarray(seconds, float)
     per_byte = np.polyfit(sent_bytes, seconds, 1)[0]
     if per_byte * sent_bytes.max() <= 0.01 * seconds.max():  # the bytes explain (almost) none of the time
         raise CalibrationError("the exchange did not take longer for more bytes; rerun on an idle machine")
-    return Link(max(float(np.median(seconds - sent_bytes * per_byte)), 0.0), 1 / per_byte)
+    latency_bytes, latency_seconds = (np.asarray(list(zip(*after_compute)), float) if len(after_compute)
+                                      else (sent_bytes, seconds))
+    return Link(max(float(np.median(latency_seconds - latency_bytes * per_byte)), 0.0), 1 / per_byte,
+                samples=[[float(b), float(t)] for b, t in zip(sent_bytes, seconds)],
+                after_compute=[[float(b), float(t)] for b, t in after_compute])
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -161,6 +180,15 @@ def largest_over_ranks(value: float) -> float:
     return float(t)
 
 
+def mean_over_ranks(value: float) -> float:
+    """The mean of every rank's ``value``, on every rank."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value])
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
 def _exchange_once(buffer: torch.Tensor, group: str):
     """One all-to-all of ``buffer`` on ``group``, waited for."""
     import torch.distributed._functional_collectives as fc
@@ -176,15 +204,31 @@ def _layers_exchange_group() -> str:
     return exchange_group(dist.group.WORLD).group_name
 
 
-def measure_exchange(sizes=SIZES, repeats: int = 5) -> list[float]:
+def measure_exchange(sizes=SIZES, repeats: int = 5, after_compute: bool = False) -> list[float]:
     """On each rank of a two-rank job: the median seconds of an all-to-all of each buffer size on the group the
     MoE layers exchange on (``runtime.exchange_group``: gloo's own all-to-all takes the two directions in turns),
-    the slowest rank's, so both ranks report the same."""
+    averaged over the ranks (every rank returns the same times).
+
+    Back to back, or each one ``after_compute``: issued after ``BETWEEN_EXCHANGES`` of matmuls, as a step issues
+    its exchanges. Then the ranks arrive apart and the link's threads have gone idle, which back-to-back exchanges
+    hide (measured on 2 x 1 ranks at 1 Gbit/s: 128 KB took 2.2 ms back to back, 3.1-3.6 ms after 6 ms of
+    matmuls). The rank that arrives first waits for the other: the mean over the ranks counts half of that wait,
+    what a step loses on average."""
     group = _layers_exchange_group()
+    x, weight = torch.randn(256, HIDDEN), torch.randn(HIDDEN, HIDDEN)
+    count = max(1, round(BETWEEN_EXCHANGES / largest_over_ranks(_median_seconds(lambda: x @ weight, repeats))))
     times = []
     for size in sizes:
         buffer = torch.zeros(size // 4)
-        times.append(largest_over_ranks(_median_seconds(lambda: _exchange_once(buffer, group), repeats)))
+        _exchange_once(buffer, group)  # warm-up
+        mine = []
+        for _ in range(repeats):
+            for _ in range(count if after_compute else 0):
+                x @ weight
+            started = time.perf_counter()
+            _exchange_once(buffer, group)
+            mine.append(time.perf_counter() - started)
+        times.append(mean_over_ranks(statistics.median(mine)))
     return times
 
 
@@ -249,13 +293,16 @@ def measure_link(nodes: int, ranks_per_node: int, bandwidth: str, latency: str, 
 
 def link_here(sizes=SIZES, repeats: int = 5) -> Link:
     """On every rank of a two-rank job: the exchange's times fitted to ``latency + bytes / bandwidth`` (bytes: what
-    one rank sends the other, half its buffer), and the share of it computation hides. A fast link gets larger
-    buffers until the bytes, not the latency, set the largest one's time."""
+    one rank sends the other, half its buffer; the bandwidth from back-to-back exchanges, the latency from small
+    ones after compute), and the share of it computation hides. A fast link gets larger buffers until the bytes,
+    not the latency, set the largest one's time."""
     sizes, times = list(sizes), measure_exchange(sizes, repeats)
     while times[-1] < 4 * times[0] and sizes[-1] < LARGEST:
         sizes.append(4 * sizes[-1])
-        times += measure_exchange(sizes[-1:], repeats)  # every rank gets the slowest time: they loop alike
-    return dataclasses.replace(fit_link([size / 2 for size in sizes], times), overlap=measure_overlap(repeats=repeats))
+        times += measure_exchange(sizes[-1:], repeats)  # every rank gets the same times: they loop alike
+    after = measure_exchange(LATENCY_SIZES, repeats, after_compute=True)
+    link = fit_link([size / 2 for size in sizes], times, [(size / 2, t) for size, t in zip(LATENCY_SIZES, after)])
+    return dataclasses.replace(link, overlap=measure_overlap(repeats=repeats))
 
 
 def compute_here(repeats: int = 5) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_ascend.compiler.calibrate import compute_here, compute_profile, link_here, largest_over_ranks
+from moe_ascend.compiler.calibrate import compute_here, compute_profile, largest_over_ranks, link_here, pooled
 from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError, StepModel
 
 # the model every configuration trains (top-k and the batch set per configuration); fp32 as CPUs train
@@ -259,17 +259,19 @@ def _run(config: RunConfig, steps: int) -> dict:
         allocated += event.nbytes()
         peak = max(peak, allocated)
     return {**dataclasses.asdict(config), "step_s": statistics.median(times), "times_s": times,
-            "memory_bytes": largest_over_ranks(float(held + peak)), "held_bytes": held, "calibration": _mean(calibrations)}
+            "memory_bytes": largest_over_ranks(float(held + peak)), "held_bytes": held,
+            "calibration": {"compute": _mean([c["compute"] for c in calibrations]),
+                            "link": pooled([c["link"] for c in calibrations]) if config.world > 1 else None}}
 
 
 def _mean(measured: list):
-    """The element-wise mean of equally shaped measurements (dicts, lists and numbers; None stays None)."""
+    """The element-wise mean of equally shaped measurements (dicts, lists and numbers)."""
     first = measured[0]
     if isinstance(first, dict):
         return {key: _mean([m[key] for m in measured]) for key in first}
     if isinstance(first, list):
         return [_mean(list(column)) for column in zip(*measured)]
-    return None if first is None else float(np.mean(measured))
+    return float(np.mean(measured))
 
 
 def _worker(steps: str, configs: str) -> None:
