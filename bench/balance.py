@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,8 +41,8 @@ from _common import median, run_layouts, worker_arguments, write_cluster_result 
 
 import moe_ascend.kernels as ops  # noqa: E402
 from moe_ascend.runtime import MoELayer  # noqa: E402
-from moe_ascend.runtime.balance import (ExpertBalancer, Placement, greedy_placement, imbalance, plan_placement,  # noqa: E402
-                                        prediction_error)
+from moe_ascend.runtime.balance import (ExpertBalancer, Placement, Stopwatch, greedy_placement, imbalance,  # noqa: E402
+                                        plan_placement, prediction_error)
 from moe_ascend.runtime.balance.planner import moved_experts  # noqa: E402
 
 POLICIES = ("off", "static", "ours")
@@ -78,22 +77,6 @@ def skew(step: int, rank: int, args) -> torch.Tensor:
     log_p = -args.zipf * torch.log1p(distance)
     uniform = torch.rand(args.tokens, args.experts, generator=torch.Generator().manual_seed(step * 1000 + rank))
     return log_p - torch.log(-torch.log(uniform.clamp_min(1e-9)))
-
-
-class Stopwatch:
-    """Seconds spent inside ``with stopwatch:`` blocks: each policy counts only its own steps."""
-
-    def __init__(self):
-        self.total, self._since = 0.0, None
-
-    def __enter__(self):
-        self._since = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.total, self._since = self(), None
-
-    def __call__(self) -> float:
-        return self.total + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
 
 class Trainee:

@@ -35,10 +35,24 @@ RECEIVE_FIRST = exchange_group.TRANSFER_EVENT
 MEASURED_CALL = 2
 
 
+_measured: dict[str, Timeline] = {}  # "graph.role" -> its latest measured timeline
+
+
+def measured_timelines() -> dict[str, Timeline]:
+    """Every graph's latest measured timeline, by ``"<graph>.<role>"`` (a training script reads its exposed
+    communication here)."""
+    return dict(_measured)
+
+
 def measuring(compiled: Callable, graph_name: str, on_measured: Callable[[str, Timeline], None]) -> Callable:
-    """``compiled`` whose ``MEASURED_CALL``-th call is measured; ``on_measured(role, timeline)`` gets each graph's."""
+    """``compiled`` whose ``MEASURED_CALL``-th call is measured; ``on_measured(role, timeline)`` gets each graph's
+    (and ``measured_timelines()`` keeps it)."""
     calls = 0
     backward: _Window | None = None
+
+    def record(role: str, timeline: Timeline) -> None:
+        _measured[f"{graph_name}.{role}"] = timeline
+        on_measured(role, timeline)
 
     @functools.wraps(compiled)
     def run(*args):
@@ -49,14 +63,14 @@ def measuring(compiled: Callable, graph_name: str, on_measured: Callable[[str, T
         backward = None
         if calls != MEASURED_CALL:
             return compiled(*args)
-        forward = _Window(graph_name, "forward", on_measured)
+        forward = _Window(graph_name, "forward", record)
         forward.open()
         outputs = compiled(*args)
         grad_fn = backward_of(outputs)
         if grad_fn is None:
             forward.role = "inference"
         else:
-            window = backward = _Window(graph_name, "backward", on_measured)  # made before the forward closes: one session
+            window = backward = _Window(graph_name, "backward", record)  # made before the forward closes: one session
             grad_fn.register_prehook(lambda *_: window.open())
             grad_fn.register_hook(lambda *_: window.close())
         forward.close()

@@ -104,6 +104,23 @@ def finish_replica_sum(weight: torch.Tensor, started: tuple | None) -> None:
         weight.grad[slot] = total[i]
 
 
+class Stopwatch:
+    """Seconds spent inside ``with stopwatch:`` blocks: a balancer's ``clock`` where several runs take turns in one
+    process, so each counts only its own steps."""
+
+    def __init__(self):
+        self.total, self._since = 0.0, None
+
+    def __enter__(self):
+        self._since = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.total, self._since = self(), None
+
+    def __call__(self) -> float:
+        return self.total + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+
 class ExpertBalancer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group=None, interval: int = 10,
                  horizon: int = 10, min_interval: int = 50, predictor: str = "trend", policy: str = "dynamic",
@@ -140,6 +157,21 @@ class ExpertBalancer:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+    # --- checkpoints (the placement itself is in the layers' buffers, so in the model's state_dict) ----------
+
+    def state_dict(self) -> dict:
+        """What the next decisions depend on: the step count, the last migration, the predictor's state, the
+        measured migration cost and the windows (the step-time fit reads the recent ones)."""
+        return {"steps": self.steps, "last_migration": self.last_migration, "seconds_per_byte": self.seconds_per_byte,
+                "predictor": dict(vars(self.predictor)), "windows": self.windows, "started": self.window_started is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s: the window restarts at the next step (the clock is this process's)."""
+        self.steps, self.last_migration = state["steps"], state["last_migration"]
+        self.seconds_per_byte, self.windows = state["seconds_per_byte"], list(state["windows"])
+        vars(self.predictor).update(state["predictor"])
+        self.window_started = self.clock() if state["started"] else None
 
     # --- hooks ---------------------------------------------------------------------------------
 

@@ -129,6 +129,9 @@ def physical_slots(expert_ids: torch.Tensor, replica_slots: torch.Tensor, replic
     order = torch.argsort(flat, stable=True)
     pairs_per_expert = torch.zeros_like(replica_count).index_add_(0, flat, torch.ones_like(flat))
     first_pair = torch.cumsum(pairs_per_expert, 0) - pairs_per_expert
-    turn = torch.empty_like(flat).index_copy_(0, order, torch.arange(flat.numel(), device=flat.device) - first_pair[flat[order]])
+    turn_in_order = torch.arange(flat.numel(), device=flat.device) - first_pair[flat[order]]
+    # back to batch order by a gather through the inverse permutation, not a scatter into a fresh buffer: Inductor
+    # fused that scatter with the next layer's, after this layer's read of it, under keep_schedule's control deps
+    turn = turn_in_order[torch.argsort(order)]
     replica = (turn % replica_count[flat]).view_as(expert_ids)
     return replica_slots[expert_ids, replica]

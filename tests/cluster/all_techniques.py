@@ -1,0 +1,56 @@
+"""On every rank of a 2 x 1 emulated cluster: examples/train_moe.py's two-layer model with every technique on,
+compiled with the overlap schedule and without it (``disable: ["schedule_overlap"]``, which keeps numerics).
+
+Prints one ``RESULT {json}`` line per rank: the largest difference of the loss, of each block's output and of
+every gradient between the two.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import train_moe  # noqa: E402
+
+ARGS = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--seq-len", "32",
+        "--batch", "2"]
+
+
+class Probed(train_moe.MoETransformer):
+    """The model, returning each block's output beside the loss."""
+
+    def forward(self, ids, targets):
+        x, outputs = self.embed(ids) + self.position, []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        logits = self.norm(x) @ self.embed.weight.t()
+        return [torch.nn.functional.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1)), *outputs]
+
+
+def run(args, disable: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Probed(args, dist.group.WORLD, balance=True)
+    options = train_moe.backend_options(train_moe.TECHNIQUES, "2") | {"profile": False, "disable": disable}
+    ids, targets = train_moe.batch_at(train_moe.stdlib_bytes(), 0, dist.get_rank(), args)
+    outputs = torch.compile(model, backend="moe_ascend", options=options)(ids, targets)
+    outputs[0].backward()
+    return [o.detach() for o in outputs], [p.grad for p in model.parameters()]
+
+
+def main():
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    args = train_moe.parser().parse_args(ARGS)
+    unscheduled, scheduled = run(args, ["schedule_overlap"]), run(args, [])
+    differences = {kind: max(float((a - b).abs().max()) for a, b in zip(x, y))
+                   for kind, x, y in zip(("outputs", "gradients"), unscheduled, scheduled)}
+    print("RESULT " + json.dumps({"rank": dist.get_rank(), **differences}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""examples/train_moe.py: every technique on at once trains, and a run resumed from its checkpoint follows the
+uninterrupted run's loss curve exactly."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_moe
+from distributed import launch
+
+SCRIPT = str(Path(__file__).resolve().parents[1] / "examples" / "train_moe.py")
+SMALL = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--seq-len", "32",
+         "--batch", "2", "--log-every", "2", "--average", "2"]
+
+
+def train(*args: str) -> tuple[dict, str]:
+    """Rank 0's result and output of train_moe on 2 nodes x 1 rank (loopback without root)."""
+    done = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2", "--", sys.executable,
+                           SCRIPT, *SMALL, *args], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    found = re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)
+    assert len(found) == 1, done.stdout[-4000:]
+    return json.loads(found[0]), done.stdout
+
+
+def test_a_resumed_run_follows_the_uninterrupted_loss_curve(tmp_path):
+    checkpoint = str(tmp_path / "ckpt")
+    straight, output = train("--steps", "8", "--techniques", "all")
+    assert straight["techniques"] == list(train_moe.TECHNIQUES) and len(straight["losses"]) == 8
+    assert straight["losses"][-1] < straight["losses"][0]  # it learns
+    # the progress lines: loss, tokens/s and the exposed communication once the graphs were measured (second call)
+    assert re.search(r"\[r0\] step     8  loss \d\.\d{4}  +\d+ tokens/s  exposed comm \d+\.\d ms/step", output)
+
+    train("--steps", "4", "--techniques", "all", "--checkpoint", checkpoint)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["rank0-of-2.pt", "rank1-of-2.pt"]
+    resumed, output = train("--steps", "8", "--techniques", "all", "--checkpoint", checkpoint, "--resume")
+    assert "[r0] resumed at step 4" in output
+    assert resumed["compiled_at"][-1] == 4  # steps 4 to 7 ran in the new processes (they compiled again)
+    assert resumed["losses"] == straight["losses"]
+
+
+def test_the_overlap_schedule_keeps_numerics_with_every_technique_on():
+    """The schedule once let Inductor fuse one layer's scatter with the next layer's, after this layer read it."""
+    for rank in launch(2, 1, str(Path(__file__).parent / "cluster" / "all_techniques.py")):
+        assert rank["outputs"] == 0.0 and rank["gradients"] == 0.0, rank
+
+
+def test_resuming_with_other_arguments_is_refused(tmp_path, single_rank_group):
+    args = train_moe.parser().parse_args([*SMALL, "--techniques", "none", "--checkpoint", str(tmp_path)])
+    trainer = train_moe.Trainer(args)
+    trainer.save()
+    args.techniques = "affinity"
+    with pytest.raises(SystemExit, match="saved by a different run.*resume with the same arguments"):
+        train_moe.Trainer(args).resume()
+
+
+def test_unknown_techniques_say_which_are_known():
+    with pytest.raises(SystemExit, match=r"unknown \['fast'\].*'hierarchical', 'overlap', 'affinity', 'balance'"):
+        train_moe.techniques_from("overlap,fast")
