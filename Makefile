@@ -34,8 +34,9 @@ demo: setup
 	$(PY) examples/quickstart.py --steps 20 --dump-dir $(DUMPS)
 	$(VENV)/bin/moe-ascend inspect $(DUMPS)
 
+# Every bench/ script, then one report of their figures: bench/results/REPORT.md
 bench: setup
-	@for script in bench/[!_]*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	$(PY) bench/_suite.py
 
 clean:
 	rm -rf $(VENV) $(DUMPS) bench/results .pytest_cache

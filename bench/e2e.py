@@ -1,0 +1,155 @@
+"""End to end: examples/train_moe.py's MoE transformer with each technique alone and all together, against the
+inductor baseline, on the emulated cluster.
+
+    python bench/e2e.py                          # 2 x 1 ranks (the figure) and 2 x 2 beside it, 1 Gbit/s
+    python bench/e2e.py --layouts 2x1 --steps 40
+
+The variants:
+
+    baseline      backend="inductor": the flat all-to-all, token-choice top-2, no balancing
+    hierarchical  moe_ascend, the two-step all-to-all only
+    overlap       moe_ascend, chunked dispatch and the overlap schedule only ("auto" chunks)
+    affinity      moe_ascend, affinity routing only
+    balance       moe_ascend, EDPB only (two redundant expert slots per layer)
+    all           moe_ascend with all four
+
+In each layout's job every variant trains side by side in one process, a block of steps each in turn (the
+order rotating from block to block), so the machine's slow minutes fall on all of them alike. All train the
+same model from the same seed on the same bytes for the same steps. A variant's tokens/s counts its steps after
+``--warmup`` that compiled nothing (a recompile happens once in a run; migrations are counted); its loss is the
+mean training cross-entropy over the last ``--average`` steps. The figure is ``speedup_all_vs_baseline`` on the
+first layout, beside it ``loss_ratio`` (all together / baseline). Writes bench/results/e2e.json and a bar chart
+(PNG) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _common import run_layouts, worker_arguments, write_cluster_result  # noqa: E402
+from train_moe import TECHNIQUES, Trainer, parser as train_parser  # noqa: E402
+
+VARIANTS = {"baseline": ("inductor", "none"), **{t: ("moe_ascend", t) for t in TECHNIQUES}, "all": ("moe_ascend", "all")}
+
+
+def trainer_args(args, variant: str) -> argparse.Namespace:
+    """train_moe's arguments for one variant (its model and run as the bench's)."""
+    backend, techniques = VARIANTS[variant]
+    train = train_parser().parse_args([])
+    for name in vars(train):
+        if hasattr(args, name):
+            setattr(train, name, getattr(args, name))
+    train.backend, train.techniques, train.log_every, train.checkpoint = backend, techniques, 0, None
+    return train
+
+
+def worker(args) -> None:
+    torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64  # every variant compiles the same forward once (or twice)
+    dist.init_process_group("gloo")
+    variants = args.variants.split(",")
+    trainers = [Trainer(trainer_args(args, v)) for v in variants]
+    for block, first in enumerate(range(0, args.steps, args.block)):
+        turn = block % len(trainers)
+        for trainer in trainers[turn:] + trainers[:turn]:
+            trainer.train(min(first + args.block, args.steps))
+    if dist.get_rank() == 0:
+        for variant, trainer in zip(variants, trainers):
+            print("RESULT " + json.dumps(trainer.result(args.warmup) | {"variant": variant}), flush=True)
+    dist.destroy_process_group()
+
+
+def show(run: dict) -> None:
+    exposed = run["exposed_comm_s"]
+    print(f"{run['layout']} {run['variant']:>12}: {run['tokens_per_s']:8.0f} tokens/s, loss {run['final_loss']:.4f}, "
+          f"exposed comm {'-' if exposed is None else f'{exposed * 1e3:.1f} ms'}, {run['migrations']} migrations",
+          flush=True)
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per layout: each variant's tokens/s, its speedup and loss ratio over the baseline of the same job."""
+    out = {}
+    for layout in dict.fromkeys(r["layout"] for r in runs):
+        here = {r["variant"]: r for r in runs if r["layout"] == layout}
+        base = here.get("baseline")
+        out[layout] = {v: {"tokens_per_s": r["tokens_per_s"], "final_loss": r["final_loss"],
+                           "speedup": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
+                           "loss_ratio": r["final_loss"] / base["final_loss"] if base else None,
+                           "exposed_comm_ms": None if r["exposed_comm_s"] is None else r["exposed_comm_s"] * 1e3,
+                           "inter_node_mib_per_step": r["inter_node_bytes_per_step"] / 2**20,
+                           "migrations": r["migrations"]}
+                       for v, r in here.items()}
+    return out
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layouts = list(table)
+    variants = list(dict.fromkeys(v for layout in layouts for v in table[layout]))
+    figure, axis = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(layouts)
+    for i, layout in enumerate(layouts):
+        speedups = [table[layout].get(v, {}).get("speedup") or 0 for v in variants]
+        bars = axis.bar([x + i * width for x in range(len(variants))], speedups, width, label=layout)
+        axis.bar_label(bars, fmt="%.2f", fontsize=7)
+    axis.axhline(1.0, color="gray", linewidth=0.8)
+    axis.axhline(1.8, color="tab:red", linewidth=0.8, linestyle="--", label="goal: all together 1.8x")
+    axis.set_xticks([x + width * (len(layouts) - 1) / 2 for x in range(len(variants))], variants)
+    axis.set_ylabel("tokens/s over the inductor baseline")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layouts", default="2x1,2x2", help="NODESxRANKS_PER_NODE, comma separated; the first is the figure")
+    parser.add_argument("--bandwidth", default="1gbit")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma separated, of " + ", ".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--block", type=int, default=5, help="steps a variant trains before the next one's turn")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of each variant left out of tokens/s")
+    parser.add_argument("--average", type=int, default=20, help="last steps the final loss averages")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4, help="sequences of 128 bytes per rank and step")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; give some of {list(VARIANTS)}")
+    if args.worker:
+        return worker(args)
+    runs = run_layouts(os.path.abspath(__file__), args, worker_arguments(args), show)
+    table = summary(runs)
+    first = table[args.layouts.split(",")[0]]
+    together = first.get("all", {})
+    figure = {"name": "speedup_all_vs_baseline", "value": together.get("speedup"), "goal": 1.8,
+              "higher_is_better": True}
+    out = write_cluster_result("e2e", figure, runs, args)
+    data = json.loads(out.read_text())
+    data.update(speedup_all_vs_baseline=together.get("speedup"), loss_ratio=together.get("loss_ratio"), table=table)
+    out.write_text(json.dumps(data, indent=1))
+    plot(table, out.with_suffix(".png"))
+    for layout, rows in table.items():
+        print(f"{layout}: " + ", ".join(f"{v} {r['speedup']:.2f}x (loss {r['loss_ratio']:.3f})" for v, r in rows.items()
+                                        if r["speedup"] is not None))
+    print(f"speedup_all_vs_baseline {figure['value']}, loss_ratio {data['loss_ratio']}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
