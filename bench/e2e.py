@@ -49,6 +49,7 @@ def trainer_args(args, variant: str) -> argparse.Namespace:
         if hasattr(args, name):
             setattr(train, name, getattr(args, name))
     train.backend, train.techniques, train.log_every, train.checkpoint = backend, techniques, 0, None
+    train.no_profile = True  # the profiler windows of several compiled models taking turns in one process collide
     return train
 
 

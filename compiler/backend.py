@@ -36,6 +36,7 @@ from moe_ascend.runtime.topology import Topology
 
 log = logging.getLogger("moe_ascend")
 _graph_ids = itertools.count()
+graphs_compiled = 0  # in this process, recompiles for a routing phase included (a training loop times around them)
 
 
 def moe_ascend(
@@ -57,6 +58,8 @@ def moe_ascend(
 
 def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Options) -> tuple[Callable, list]:
     """Both stages and the lowering: the compiled graph, and the layers affinity routing follows."""
+    global graphs_compiled
+    graphs_compiled += 1
     topology = Topology.detect(ranks_per_node=(opts.topology or {}).get("ranks_per_node"))
     target = resolve_target(opts.target, dry_run=opts.ascend_option("dry_run"))
     recorder = session_for(opts.dump_dir)

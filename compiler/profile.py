@@ -99,6 +99,9 @@ class _Window:
     def open(self) -> None:
         if self.abandoned:
             return
+        if _Window.session is None and torch._C._autograd._profiler_enabled():
+            self.abandon()  # someone else's profiler is on (one per thread): this graph goes unmeasured
+            return
         if _Window.session is None:
             _Window.session = profile(activities=[ProfilerActivity.CPU])
             _Window.session.__enter__()

@@ -6,7 +6,10 @@ step's affinity into the state; after each call its state is copied to the host
 (without waiting, so the check reads the previous step's) and checked: once a
 layer is due for expert choice (``affinity_routing.settled``), or its state was
 loaded from a checkpoint in another phase, the state is marked and the graph is
-compiled again from the Dynamo graph as it came, once.
+compiled again from the Dynamo graph as it came, once. Under data or expert
+parallelism the check reads the statistics averaged over the ranks (one small
+all-reduce a step, from warm-up to the switch), so every rank switches at the
+same step with the same capacity.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.fx
 
 from moe_ascend.kernels import affinity as kernels
@@ -30,6 +34,16 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     copy = torch.fx.GraphModule(gm, graph)
     copy.meta = dict(gm.meta)
     return copy
+
+
+def agreed(state: torch.Tensor) -> torch.Tensor:
+    """A layer's routing statistics averaged over every rank of the job: each rank observes its own tokens, but
+    the switch and the expert-choice capacity must be the same on all of them, or their exchanges would not match."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return state
+    state = state.clone()
+    dist.all_reduce(state)
+    return state / dist.get_world_size()
 
 
 class PhaseFollowing:
@@ -53,7 +67,11 @@ class PhaseFollowing:
     def _due(self, layer: affinity_routing.RoutedLayer, host: torch.Tensor) -> bool:
         if float(host[kernels.PHASE]) != layer.phase:  # a checkpoint brought another phase
             return True
-        if layer.phase == kernels.TOKEN_CHOICE and affinity_routing.settled(layer, host):
+        if layer.phase != kernels.TOKEN_CHOICE or float(host[kernels.STEPS]) < affinity_routing.WARM_UP_STEPS:
+            return False  # (every rank has taken as many steps: all of them skip the agreement alike)
+        host = agreed(host)
+        if affinity_routing.settled(layer, host):
+            layer.state.copy_(host)  # every rank's expert-choice capacity from the same statistics
             layer.state[kernels.PHASE] = kernels.EXPERT_CHOICE
             mean, least, outranked = kernels.running_affinity(host)
             log.info("moe_ascend: affinity routing switches to expert choice after %d steps (chosen pairs' affinity: "

@@ -46,7 +46,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import stdlib_bytes  # noqa: E402  (real text on every machine)
 
-from moe_ascend.compiler import profile  # noqa: E402
+from moe_ascend.compiler import backend, profile  # noqa: E402
 from moe_ascend.passes.affinity_routing import add_routing_state  # noqa: E402
 from moe_ascend.runtime import MoELayer, traffic  # noqa: E402
 from moe_ascend.runtime.balance import ExpertBalancer, Stopwatch  # noqa: E402
@@ -66,12 +66,12 @@ def techniques_from(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def backend_options(techniques: tuple[str, ...], chunks: str = "auto") -> dict:
+def backend_options(techniques: tuple[str, ...], chunks: str = "auto", profile: bool = True) -> dict:
     """The moe_ascend options that turn on ``techniques`` and nothing else (balancing is the layers' and the
     balancer's, not the compiler's); ``chunks``: the overlap's chunk count, or "auto"."""
     overlap = (chunks if chunks == "auto" else int(chunks)) if "overlap" in techniques else False
     return {"hierarchical_a2a": "hierarchical" in techniques, "overlap": overlap,
-            "routing": "affinity" if "affinity" in techniques else "keep", "profile": True}
+            "routing": "affinity" if "affinity" in techniques else "keep", "profile": profile}
 
 
 class Block(nn.Module):
@@ -111,6 +111,11 @@ class MoETransformer(nn.Module):
         return loss, loss + sum(block.moe.aux_loss for block in self.blocks)
 
 
+def _compilations() -> int:
+    """Graphs compiled in this process so far: Dynamo's, and moe_ascend's own (a routing phase's recompile)."""
+    return counters["stats"]["unique_graphs"] + backend.graphs_compiled
+
+
 def batch_at(data: torch.Tensor, step: int, rank: int, args) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows rank ``rank`` trains on at ``step``: the same whether the run was resumed or not."""
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
@@ -139,7 +144,7 @@ class Trainer:
         self.stopwatch = Stopwatch()  # this run's steps only (the balancer's clock)
         self.balancer = ExpertBalancer(self.model, self.optimizer, interval=5, horizon=8, min_interval=20,
                                        clock=self.stopwatch) if "balance" in self.techniques else None
-        options = {} if args.backend == "inductor" else {"options": backend_options(self.techniques, args.chunks)}
+        options = {} if args.backend == "inductor" else {"options": backend_options(self.techniques, args.chunks, not args.no_profile)}
         self.compiled = torch.compile(self.model, backend=args.backend, **options)
         self.data = stdlib_bytes()
         self.step, self.losses, self.seconds = 0, [], []  # seconds: each step's, slowest rank
@@ -151,10 +156,10 @@ class Trainer:
         """Train up to step ``until``."""
         while self.step < until:
             graphs, sent = set(profile.measured_timelines()), traffic.read().inter_node
-            compiled = counters["stats"]["unique_graphs"]
+            compiled = _compilations()
             with self.stopwatch:
                 seconds, loss = self._step()
-            if counters["stats"]["unique_graphs"] != compiled:
+            if _compilations() != compiled:
                 self.compiled_at.append(self.step)
             self.graphs |= set(profile.measured_timelines()) - graphs  # (other runs may share this process)
             self.inter_node_bytes += traffic.read().inter_node - sent
@@ -277,6 +282,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--techniques", default="all", help=f"all, none, or a comma-separated subset of {TECHNIQUES}")
     p.add_argument("--backend", default="moe_ascend", choices=("moe_ascend", "inductor"))
     p.add_argument("--chunks", default="auto", help="the overlap's chunk count (2 or more), or auto")
+    p.add_argument("--no-profile", action="store_true", help="do not measure the exposed communication")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
