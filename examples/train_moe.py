@@ -207,7 +207,8 @@ class Trainer:
 
     def tokens_per_s(self, since: int = 0) -> float:
         """Every rank's tokens over the slowest rank's seconds, the steps from ``since`` on that compiled nothing
-        (a recompile is once per run; a migration, counted, is the balancer's running cost)."""
+        (a compile happens once a run, and once a layer when affinity routing switches; a migration, counted, is
+        the balancer's running cost)."""
         seconds = [t for step, t in enumerate(self.seconds) if step >= since and step not in self.compiled_at]
         if not seconds:
             return float("nan")
