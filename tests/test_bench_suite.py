@@ -1,0 +1,29 @@
+"""bench/_suite.py: `make bench`'s report puts every benchmark's figure beside its goal, and the raw runs below."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SUITE = Path(__file__).resolve().parents[1] / "bench" / "_suite.py"
+
+
+def load_suite(results: Path):
+    spec = importlib.util.spec_from_file_location("bench_suite", SUITE)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    suite.RESULTS = results
+    return suite
+
+
+def test_the_report_says_which_figures_meet_their_goals(tmp_path):
+    figures = {"e2e": {"name": "speedup_all_vs_baseline", "value": 0.87, "goal": 1.8, "higher_is_better": True},
+               "planner": {"name": "mean_abs_error", "value": 0.062, "goal": 0.1, "higher_is_better": False}}
+    for name, figure in figures.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"figure": figure, "loss_ratio": 1.004, "runs": [{"variant": "all", "tokens_per_s": 1411.0}],
+             "machine": {"cpus": 2}, "config": {"steps": 60}}))
+    report = load_suite(tmp_path).report({"e2e": 660.0})
+    assert "| e2e | speedup_all_vs_baseline | 0.87 | >= 1.8 | not met |" in report
+    assert "| planner | mean_abs_error | 0.062 | <= 0.1 | met |" in report
+    assert "Wall time: 11.0 min." in report and "- loss_ratio: 1.004" in report
+    assert '"tokens_per_s": 1411.0' in report  # the raw runs, as written
