@@ -189,6 +189,18 @@ def mean_over_ranks(value: float) -> float:
     return float(t) / dist.get_world_size()
 
 
+def _matmuls_lasting(seconds: float, repeats: int):
+    """A function that runs as many [256, h] @ [h, h] matmuls as take about ``seconds`` on the slowest rank (every
+    rank runs the same count)."""
+    x, weight = torch.randn(256, HIDDEN), torch.randn(HIDDEN, HIDDEN)
+    count = max(1, round(seconds / largest_over_ranks(_median_seconds(lambda: x @ weight, repeats))))
+
+    def matmuls():
+        for _ in range(count):
+            x @ weight
+    return matmuls
+
+
 def _exchange_once(buffer: torch.Tensor, group: str):
     """One all-to-all of ``buffer`` on ``group``, waited for."""
     import torch.distributed._functional_collectives as fc
@@ -215,16 +227,14 @@ def measure_exchange(sizes=SIZES, repeats: int = 5, after_compute: bool = False)
     matmuls). The rank that arrives first waits for the other: the mean over the ranks counts half of that wait,
     what a step loses on average."""
     group = _layers_exchange_group()
-    x, weight = torch.randn(256, HIDDEN), torch.randn(HIDDEN, HIDDEN)
-    count = max(1, round(BETWEEN_EXCHANGES / largest_over_ranks(_median_seconds(lambda: x @ weight, repeats))))
+    compute = _matmuls_lasting(BETWEEN_EXCHANGES, repeats) if after_compute else (lambda: None)
     times = []
     for size in sizes:
         buffer = torch.zeros(size // 4)
         _exchange_once(buffer, group)  # warm-up
         mine = []
         for _ in range(repeats):
-            for _ in range(count if after_compute else 0):
-                x @ weight
+            compute()
             started = time.perf_counter()
             _exchange_once(buffer, group)
             mine.append(time.perf_counter() - started)
@@ -241,14 +251,9 @@ def measure_overlap(buffer_bytes: int = 4 << 20, repeats: int = 5) -> float:
 
     group = _layers_exchange_group()
     buffer = torch.zeros(buffer_bytes // 4)
-    x, weight = torch.randn(256, HIDDEN), torch.randn(HIDDEN, HIDDEN)
     # every rank takes the slowest rank's times, so all of them size the same loop
     exchange = largest_over_ranks(_median_seconds(lambda: _exchange_once(buffer, group), repeats))
-    count = max(1, round(exchange / largest_over_ranks(_median_seconds(lambda: x @ weight, repeats))))
-
-    def matmuls():
-        for _ in range(count):
-            x @ weight
+    matmuls = _matmuls_lasting(exchange, repeats)
 
     def both():
         sent = fc.all_to_all_single(buffer, None, None, group)

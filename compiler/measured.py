@@ -33,6 +33,7 @@ import numpy as np
 
 from moe_ascend.compiler.calibrate import compute_here, compute_profile, largest_over_ranks, link_here, pooled
 from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError, StepModel
+from moe_ascend.runtime.data_parallel import average_gradients
 
 # the model every configuration trains (top-k and the batch set per configuration); fp32 as CPUs train
 WORKLOAD = MoEModel(name="emulated-moe", layers=2, hidden=256, heads=4, head_dim=64, vocab=256, experts=8, top_k=2,
@@ -218,13 +219,7 @@ def _run(config: RunConfig, steps: int) -> dict:
     def step() -> None:
         logits = compiled(ids[:, :-1])
         F.cross_entropy(logits.reshape(-1, m.vocab), ids[:, 1:].reshape(-1)).backward()
-        if config.world > 1:  # the copies' gradients summed, one bucket
-            flat = torch.cat([p.grad.reshape(-1) for p in shared])
-            dist.all_reduce(flat)
-            offset = 0
-            for p in shared:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p).div_(config.world))
-                offset += p.numel()
+        average_gradients(shared)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradient buffers held, as Megatron's are
 

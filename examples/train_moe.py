@@ -50,6 +50,7 @@ from moe_ascend.compiler import backend, profile  # noqa: E402
 from moe_ascend.passes.affinity_routing import add_routing_state  # noqa: E402
 from moe_ascend.runtime import MoELayer, traffic  # noqa: E402
 from moe_ascend.runtime.balance import ExpertBalancer, Stopwatch  # noqa: E402
+from moe_ascend.runtime.data_parallel import average_gradients  # noqa: E402
 
 TECHNIQUES = ("hierarchical", "overlap", "affinity", "balance")
 CAPACITY_FACTOR, AUX_LOSS_COEFF, REDUNDANT_EXPERTS = 1.25, 0.01, 2
@@ -193,13 +194,7 @@ class Trainer:
         bucket); each rank's experts already have every rank's tokens' gradients, summed, so divided by the ranks."""
         if self.world == 1:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in self.shared])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in self.shared:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        average_gradients(self.shared)
         for p in self.experts:
             p.grad /= self.world
 
