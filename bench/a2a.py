@@ -9,6 +9,11 @@ exchanges hand to the inter-node links (tokens and routes; the counts are a
 few bytes), counted from their split sizes; the node's uplink counter (``tx_bytes``, headers
 included) is read beside them.
 
+Beside the two, ``link_only`` sends the hierarchical exchange's step-1 rows (tokens and routes) to the other nodes
+and their sums back, with nothing else: the time this machine's shaped link and TCP need for those bytes, the
+ceiling of the hierarchical exchange here (its other work is the intra-node step and the host-side gathers and
+sums, on cores the ranks share).
+
 The predicted byte ratio is the expected number of distinct remote nodes of a
 token over its expected number of remote experts, for uniform routing.
 
@@ -46,14 +51,14 @@ def main() -> None:
         return worker(args)
 
     print(f"{'layout':<7}{'top-k':>6}{'flat ms':>10}{'hier ms':>10}{'speedup':>9}{'bytes h/f':>11}{'predicted':>11}"
-          f"{'goodput':>9}", flush=True)
+          f"{'goodput':>9}{'link only':>11}", flush=True)
     worker_args = ["--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
                    "--width", str(args.width), "--repeats", str(args.repeats), "--chunks", str(args.chunks)]
 
     def show(run: dict) -> None:
         print(f"{run['layout']:<7}{run['top_k']:>6}{run['flat_s'] * 1e3:>10.1f}{run['hierarchical_s'] * 1e3:>10.1f}"
               f"{run['speedup']:>9.2f}{run['inter_bytes_ratio']:>11.3f}{run['predicted_bytes_ratio']:>11.3f}"
-              f"{run['hierarchical_goodput']:>9.2f}", flush=True)
+              f"{run['hierarchical_goodput']:>9.2f}{run['link_only_goodput']:>11.2f}", flush=True)
 
     runs = run_layouts(__file__, args, worker_args, show)
     figure = anchored_figure(runs, "speedup_top8_e64_4x2", "speedup", 2.0,
@@ -68,6 +73,7 @@ def worker(args) -> None:
 
     import moe_ascend.kernels as ops
     from moe_ascend.kernels import exchange as flat
+    from moe_ascend.kernels.exchange import exchange
     from moe_ascend.kernels import hierarchical
     from moe_ascend.runtime import Topology
     from moe_ascend.runtime.exchange_group import exchange_group
@@ -106,8 +112,17 @@ def worker(args) -> None:
             rows, _, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, args.experts, h, args.chunks)
             return hierarchical.dropless_combine(rows, plan, h), plan
 
-        contenders = {"flat": run_flat, "hierarchical": run_hierarchical}
-        outputs = {name: fn()[0] for name, fn in contenders.items()}  # warm-up, and the two must agree
+        row_width = args.width + 2 * args.experts // topology.nodes  # a step-1 row: the token and its route
+        _, _, step1 = hierarchical.dropless_dispatch(tokens, expert_ids, weights, args.experts, h, args.chunks)
+        step1_sent = [sum(sizes) for sizes in zip(*(chunk.inter_splits[0] for chunk in step1.chunks))]
+        step1_received = [sum(sizes) for sizes in zip(*(chunk.inter_splits[1] for chunk in step1.chunks))]
+
+        def run_link_only():  # the step-1 bytes there and back on the inter-node group, nothing else
+            there = exchange(tokens.new_empty(sum(step1_sent), row_width), h.inter_group, step1_received, step1_sent)
+            return exchange(there, h.inter_group, step1_sent, step1_received), step1
+
+        contenders = {"flat": run_flat, "hierarchical": run_hierarchical, "link_only": run_link_only}
+        outputs = {name: fn()[0] for name, fn in contenders.items()}  # warm-up, and the two exchanges must agree
         agree = torch.allclose(outputs["flat"], outputs["hierarchical"], rtol=1e-5, atol=1e-5)
         times = {name: [] for name in contenders}
         wire = {name: [] for name in contenders}
@@ -125,12 +140,13 @@ def worker(args) -> None:
         flat_bytes = node_sum(flat_inter_bytes(plans["flat"], topology, args.width, element))
         route_bytes = 2 * args.experts // topology.nodes * weights.element_size()  # (present, weight) per node expert
         hier_bytes = node_sum(hierarchical_inter_bytes(plans["hierarchical"], topology, args.width, element, route_bytes))
-        flat_s, hier_s = median(times["flat"]), median(times["hierarchical"])
+        flat_s, hier_s, link_s = (median(times[name]) for name in contenders)
         if rank == 0:
             print("RESULT " + json.dumps({
                 "num_experts": args.experts, "top_k": top_k, "tokens_per_rank": args.tokens, "width": args.width,
                 "flat_s": flat_s, "hierarchical_s": hier_s, "speedup": flat_s / hier_s,
                 "flat_times_s": times["flat"], "hierarchical_times_s": times["hierarchical"],
+                "link_only_s": link_s, "link_only_times_s": times["link_only"],
                 "flat_inter_bytes_node0": flat_bytes, "hierarchical_inter_bytes_node0": hier_bytes,
                 "inter_bytes_ratio": hier_bytes / flat_bytes,
                 "predicted_bytes_ratio": predicted_ratio(args.experts, top_k, topology.nodes),
@@ -138,6 +154,7 @@ def worker(args) -> None:
                 # a node's inter-node bytes over the exchange's time, as a share of its uplink's rate
                 "hierarchical_goodput": hier_bytes * 8 / hier_s / link_bits,
                 "flat_goodput": flat_bytes * 8 / flat_s / link_bits,
+                "link_only_goodput": hier_bytes * 8 / link_s / link_bits,
                 "outputs_agree": agree, "shaped": cluster["shaped"],
             }), flush=True)
     dist.destroy_process_group()
