@@ -185,7 +185,9 @@ class DroplessPlan(NamedTuple):
     row_of_pair: Tensor  # [P]: the received step-2 row (all chunks in order) each expert row carries
     pair_weights: Tensor  # [P]: its routing weight
     num_tokens: int
-    pairs_of_chunk: tuple[Tensor, ...]  # the expert rows whose step-2 row is in each chunk
+    # Per chunk, the expert rows whose step-2 row is in it: one (start, stop) run per local expert, since expert
+    # rows are grouped by expert and, within one, ordered by step-2 row, which chunks number in order.
+    runs_of_chunk: tuple[tuple[tuple[int, int], ...], ...]
 
 
 def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, hierarchy: Hierarchy,
@@ -238,8 +240,11 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
     # The combine returns chunk by chunk, each as soon as its rows are summed: it needs each chunk's expert rows.
     chunk_ends = torch.tensor(list(itertools.accumulate(sum(c.intra_splits[1]) for c in plans)), device=row_of_pair.device)
     chunk_of_pair = torch.searchsorted(chunk_ends, row_of_pair, right=True)
-    pairs_of_chunk = torch.argsort(chunk_of_pair, stable=True).split(torch.bincount(chunk_of_pair, minlength=chunks).tolist())
-    plan = DroplessPlan(tuple(plans), row_of_pair, pair_weights, num_tokens, pairs_of_chunk)
+    run_lengths = torch.bincount(local_expert * len(plans) + chunk_of_pair, minlength=per_rank * len(plans)).tolist()
+    run_stops = list(itertools.accumulate(run_lengths))
+    runs = [(stop - length, stop) for length, stop in zip(run_lengths, run_stops)]  # expert-major, then chunk
+    runs_of_chunk = tuple(tuple(runs[expert * len(plans) + c] for expert in range(per_rank)) for c in range(len(plans)))
+    plan = DroplessPlan(tuple(plans), row_of_pair, pair_weights, num_tokens, runs_of_chunk)
     return payload[row_of_pair], tokens_per_expert, plan
 
 
@@ -251,17 +256,22 @@ def dropless_combine(expert_out: Tensor, plan: DroplessPlan, hierarchy: Hierarch
     soon as they are added.
     """
     returned, first_row = [], 0
-    for chunk, pairs in zip(plan.chunks, plan.pairs_of_chunk):
+    for chunk, runs in zip(plan.chunks, plan.runs_of_chunk):
         rows = sum(chunk.intra_splits[1])
-        weighted = expert_out[pairs] * plan.pair_weights[pairs].unsqueeze(-1).to(expert_out.dtype)
-        part = _add_rows(weighted, plan.row_of_pair[pairs] - first_row, rows)
+        part = expert_out.new_zeros(rows, expert_out.shape[-1])
+        for start, stop in runs:  # slices, not gathers: one pass less over the expert rows
+            weights = plan.pair_weights[start:stop].unsqueeze(-1).to(expert_out.dtype)
+            part.index_add_(0, plan.row_of_pair[start:stop] - first_row, expert_out[start:stop] * weights)
         returned.append(issue(part, hierarchy.intra_group, chunk.intra_splits[0], chunk.intra_splits[1]))
         first_row += rows
     homes = []
     for part, chunk in zip(returned, plan.chunks):
         node_sum = _add_rows(part, chunk.row_of_forward, sum(chunk.inter_splits[1]))
         homes.append(issue(node_sum, hierarchy.inter_group, chunk.inter_splits[0], chunk.inter_splits[1]))
-    return _add_rows(torch.cat(homes), torch.cat([chunk.token_of_row for chunk in plan.chunks]), plan.num_tokens)
+    tokens = homes[0].new_zeros(plan.num_tokens, homes[0].shape[-1])
+    for home, chunk in zip(homes, plan.chunks):  # each chunk is added as it lands, with no copy of them all first
+        tokens.index_add_(0, chunk.token_of_row, home)
+    return tokens
 
 
 def _send_order(hit: Tensor, group: str) -> tuple[Tensor, Tensor, tuple[list[int], list[int]]]:
