@@ -77,7 +77,7 @@ def worker(args) -> None:
     from moe_ascend.kernels import hierarchical
     from moe_ascend.runtime import Topology
     from moe_ascend.runtime.exchange_group import exchange_group
-    from moe_ascend.runtime.launcher import cluster_from_environment
+    from moe_ascend.runtime.launcher import cluster_from_environment, end_process_group
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -157,7 +157,7 @@ def worker(args) -> None:
                 "link_only_goodput": hier_bytes * 8 / link_s / link_bits,
                 "outputs_agree": agree, "shaped": cluster["shaped"],
             }), flush=True)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def flat_inter_bytes(plan, topology, width: int, element: int) -> float:

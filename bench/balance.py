@@ -44,6 +44,7 @@ from moe_ascend.runtime import MoELayer  # noqa: E402
 from moe_ascend.runtime.balance import (ExpertBalancer, Placement, Stopwatch, greedy_placement, imbalance,  # noqa: E402
                                         plan_placement, prediction_error)
 from moe_ascend.runtime.balance.planner import moved_experts  # noqa: E402
+from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
 POLICIES = ("off", "static", "ours")
 
@@ -135,7 +136,7 @@ def worker(args) -> None:
         if dist.get_rank() == 0:
             for trainee in trainees:
                 print("RESULT " + json.dumps(trainee.result() | {"round": round_}), flush=True)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def compare_planners(trace: torch.Tensor, args, ranks: int) -> dict:

@@ -10,7 +10,7 @@ The variants:
     hierarchical  moe_ascend, the two-step all-to-all only
     overlap       moe_ascend, chunked dispatch and the overlap schedule only ("auto" chunks)
     affinity      moe_ascend, affinity routing only
-    balance       moe_ascend, EDPB only (two redundant expert slots per layer)
+    balance       moe_ascend, EDPB only (one redundant expert slot per rank and layer)
     all           moe_ascend with all four
 
 In each layout's job every variant trains side by side in one process, a block of steps each in turn (the
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import run_layouts, worker_arguments, write_cluster_result  # noqa: E402
 from train_moe import TECHNIQUES, Trainer, parser as train_parser  # noqa: E402
+from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
 VARIANTS = {"baseline": ("inductor", "none"), **{t: ("moe_ascend", t) for t in TECHNIQUES}, "all": ("moe_ascend", "all")}
 
@@ -66,7 +67,7 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         for variant, trainer in zip(variants, trainers):
             print("RESULT " + json.dumps(trainer.result(args.warmup) | {"variant": variant}), flush=True)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def show(run: dict) -> None:

@@ -84,7 +84,7 @@ def worker(args) -> None:
     import moe_ascend.compiler.backend  # noqa: F401  (registers the backend)
     from moe_ascend.passes import PassResult, register_pass
     from moe_ascend.passes.analysis.ops import collective_group, is_collective, is_wait, op_name
-    from moe_ascend.runtime.launcher import cluster_from_environment
+    from moe_ascend.runtime.launcher import cluster_from_environment, end_process_group
 
     torch.set_num_threads(1)
     torch._dynamo.config.recompile_limit = 64  # eleven compiled versions of one forward
@@ -179,7 +179,7 @@ def worker(args) -> None:
                         "step_over_max": t[name] / max(compute, comm),
                         "T_compute_only_all_s": times[name + " compute"], "T_comm_only_all_s": times[name + " comm"]}
             print("RESULT " + json.dumps(run), flush=True)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 class _Chunks:

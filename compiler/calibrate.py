@@ -279,7 +279,7 @@ def _launched(nodes: int, ranks_per_node: int, bandwidth: str, latency: str, job
         with open(log, "w") as written:
             code = launch(ClusterSpec(nodes, ranks_per_node, bandwidth, latency), command, out=written)
         if code != 0 or not out.exists():
-            tail = "\n".join(log.read_text().splitlines()[-6:])
+            tail = "\n".join(log.read_text().splitlines()[-12:])
             raise CalibrationError(f"the {job[0]} benchmark on {nodes} x {ranks_per_node} failed (exit {code}):\n"
                                    f"{tail}")
         return json.loads(out.read_text())
@@ -368,7 +368,7 @@ def _worker(job: str, out: str, repeats: str = "5", *sizes: str) -> None:
     """One rank of a ``_launched`` job: ``exchange`` (``measure_link``'s) or ``compute`` (``calibrate``'s)."""
     import torch.distributed as dist
 
-    from moe_ascend.runtime.launcher import cluster_from_environment
+    from moe_ascend.runtime.launcher import cluster_from_environment, end_process_group
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -381,7 +381,7 @@ def _worker(job: str, out: str, repeats: str = "5", *sizes: str) -> None:
         if dist.get_rank() == 0:
             Path(out).write_text(json.dumps(measured))
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def _slowest(rates: dict) -> dict:

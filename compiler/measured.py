@@ -34,6 +34,7 @@ import numpy as np
 from moe_ascend.compiler.calibrate import compute_here, compute_profile, largest_over_ranks, link_here, pooled
 from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError, StepModel
 from moe_ascend.runtime.data_parallel import average_gradients
+from moe_ascend.runtime.launcher import end_process_group
 
 # the model every configuration trains (top-k and the batch set per configuration); fp32 as CPUs train
 WORKLOAD = MoEModel(name="emulated-moe", layers=2, hidden=256, heads=4, head_dim=64, vocab=256, experts=8, top_k=2,
@@ -282,7 +283,7 @@ def _worker(steps: str, configs: str) -> None:
                 print("RESULT " + json.dumps(run), flush=True)
             torch._dynamo.reset()
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

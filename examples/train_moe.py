@@ -18,7 +18,7 @@ averaged by one all-reduce after backward.
     hierarchical  the two-step all-to-all across nodes        options["hierarchical_a2a"] = True
     overlap       chunked dispatch hidden under the experts   options["overlap"] = "auto"
     affinity      affinity routing (token, then expert choice) options["routing"] = "affinity"
-    balance       EDPB: MoELayer(balance=True, redundant_experts=2) and runtime.balance.ExpertBalancer
+    balance       EDPB: MoELayer(balance=True, one redundant slot per expert-parallel rank), runtime.balance.ExpertBalancer
 
 ``--backend inductor`` is the baseline: plain Inductor, the flat all-to-all, token-choice top-2, no balancing.
 
@@ -51,9 +51,10 @@ from moe_ascend.passes.affinity_routing import add_routing_state  # noqa: E402
 from moe_ascend.runtime import MoELayer, traffic  # noqa: E402
 from moe_ascend.runtime.balance import ExpertBalancer, Stopwatch  # noqa: E402
 from moe_ascend.runtime.data_parallel import average_gradients  # noqa: E402
+from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
 TECHNIQUES = ("hierarchical", "overlap", "affinity", "balance")
-CAPACITY_FACTOR, AUX_LOSS_COEFF, REDUNDANT_EXPERTS = 1.25, 0.01, 2
+CAPACITY_FACTOR, AUX_LOSS_COEFF = 1.25, 0.01
 
 
 def techniques_from(text: str) -> tuple[str, ...]:
@@ -84,7 +85,8 @@ class Block(nn.Module):
         self.proj = nn.Linear(args.width, args.width, bias=False)
         self.moe = MoELayer(args.width, args.ffn, args.experts, top_k=2, capacity_factor=CAPACITY_FACTOR,
                             ep_group=ep_group, num_shared_experts=1, aux_loss_coeff=AUX_LOSS_COEFF, balance=balance,
-                            redundant_experts=REDUNDANT_EXPERTS if balance else 0)
+                            # one spare slot per rank: the slots must split evenly over the ranks
+                            redundant_experts=(dist.get_world_size(ep_group) if ep_group is not None else 1) if balance else 0)
 
     def forward(self, x):
         b, s, d = x.shape
@@ -312,7 +314,7 @@ def main(argv=None) -> None:
         if trainer.rank == 0:
             print("RESULT " + json.dumps(trainer.result(warmup=min(3, max(0, trainer.step - 1)))), flush=True)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

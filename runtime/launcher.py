@@ -214,21 +214,19 @@ def launch(spec: ClusterSpec, command: list[str], out=None) -> int:
         return _supervise(spec, command, cluster, out)
 
 
-def rank_environment(spec: ClusterSpec, rank: int, cluster: EmulatedCluster | None) -> dict[str, str]:
+def rank_environment(spec: ClusterSpec, rank: int, cluster: EmulatedCluster | None, master_port: int) -> dict[str, str]:
     node, local = divmod(rank, spec.ranks_per_node)
     env = dict(os.environ)
     env.update(
         RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(spec.world_size),
         LOCAL_WORLD_SIZE=str(spec.ranks_per_node), GROUP_RANK=str(node), NODE_RANK=str(node),
         GROUP_WORLD_SIZE=str(spec.nodes), ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(spec.world_size),
-        MASTER_ADDR=cluster.address(0) if cluster else "127.0.0.1", MASTER_PORT=str(MASTER_PORT),
+        MASTER_ADDR=cluster.address(0) if cluster else "127.0.0.1", MASTER_PORT=str(master_port),
         GLOO_SOCKET_IFNAME=UPLINK if cluster else "lo", MOE_ASCEND_CLUSTER=spec.to_json(),
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
     )
     for name, value in HEAP_RETAINING_ENV.items():
         env.setdefault(name, value)
-    if cluster is None:  # loopback: one machine, so a free port rather than the fixed one
-        env["MASTER_PORT"] = str(free_port())
     return env
 
 
@@ -257,10 +255,11 @@ def _supervise(spec: ClusterSpec, command: list[str], cluster: EmulatedCluster |
         relay_thread.join()
         exits.put((rank, code))
 
+    master_port = MASTER_PORT if cluster else free_port()  # loopback shares the host's ports: one free one, for all
     try:
         for rank in range(spec.world_size):
             netns = ["ip", "netns", "exec", cluster.node_ns[rank // spec.ranks_per_node]] if cluster else []
-            proc = subprocess.Popen([*netns, *command], env=rank_environment(spec, rank, cluster),
+            proc = subprocess.Popen([*netns, *command], env=rank_environment(spec, rank, cluster, master_port),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(proc)
             relay_thread = threading.Thread(target=relay, args=(rank, proc), daemon=True)
@@ -354,3 +353,37 @@ def cluster_from_environment() -> dict | None:
     """The launcher's description of the cluster this rank runs in (None outside ``moe-ascend launch``)."""
     text = os.environ.get("MOE_ASCEND_CLUSTER")
     return json.loads(text) if text else None
+
+
+def end_process_group(timeout_s: float = 10.0) -> None:
+    """Destroy the default process group, then wait, with the GIL free, until gloo's worker threads are gone.
+
+    A gloo worker thread drops a finished collective's tensors after ``wait()`` has returned, and dropping
+    them takes the GIL. Were the interpreter already finalizing, that thread would be killed holding a
+    C++ frame and the whole rank abort ("terminate called without an active exception", once in about
+    eight two-rank runs measured here), after every result was written. So a rank ends here, not at exit.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    deadline = time.monotonic() + timeout_s
+    while _gloo_threads() and time.monotonic() < deadline:
+        gc.collect()  # a group kept alive by a reference cycle goes now, its threads with it
+        time.sleep(0.01)
+
+
+def _gloo_threads() -> list[str]:
+    """This process's gloo worker and transport threads, by name (Linux names them in /proc)."""
+    names = []
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if name.startswith(("pt_gloo", "gloo_")):
+            names.append(name)
+    return names

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_ascend.runtime.launcher import free_port
+from moe_ascend.runtime.launcher import end_process_group, free_port
 
 
 def _rank_main(rank, world_size, port, fn, args, results, collective_timeout):
@@ -27,8 +27,7 @@ def _rank_main(rank, world_size, port, fn, args, results, collective_timeout):
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 240.0, collective_timeout: float = 120.0) -> list:

@@ -46,10 +46,32 @@ def test_rates_and_times_read_as_tc_writes_them():
 def test_without_root_every_rank_runs_on_loopback_and_says_so(monkeypatch):
     monkeypatch.setattr(launcher, "shaping_unavailable", lambda: "not running as root")
     out = io.StringIO()
-    code = launcher.launch(ClusterSpec(2, 1), [sys.executable, "-c", "import os; print(os.environ['RANK'], os.environ['MASTER_ADDR'])"], out)
+    code = launcher.launch(ClusterSpec(2, 1), [sys.executable, "-c", "import os; print(os.environ['RANK'], os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'])"], out)
     assert code == 0
     assert "shaping is off (not running as root); running 2 ranks on loopback" in out.getvalue()
-    assert sorted(re.findall(r"^\[r\d\] (\d) 127.0.0.1$", out.getvalue(), flags=re.M)) == ["0", "1"]
+    ranks = sorted(re.findall(r"^\[r\d\] (\d) 127.0.0.1 (\d+)$", out.getvalue(), flags=re.M))
+    assert [rank for rank, _ in ranks] == ["0", "1"]
+    assert len({port for _, port in ranks}) == 1  # every rank meets at the same rendezvous
+
+
+ENDING_RANK = """
+import torch, torch.distributed as dist
+from moe_ascend.runtime import launcher
+dist.init_process_group("gloo")
+everyone = [None, None]
+dist.all_gather_object(everyone, torch.ones(4))  # a last collective whose work holds tensors
+launcher.end_process_group()
+print("gloo threads left:", launcher._gloo_threads(), "initialized:", dist.is_initialized())
+"""
+
+
+def test_a_rank_ends_its_group_before_the_interpreter_does(monkeypatch):
+    # A gloo thread still dropping a collective's tensors while Python finalizes aborts the rank.
+    monkeypatch.setattr(launcher, "shaping_unavailable", lambda: "not running as root")
+    out = io.StringIO()
+    assert launcher.launch(ClusterSpec(1, 2), [sys.executable, "-c", ENDING_RANK], out) == 0, out.getvalue()
+    assert re.findall(r"^\[r\d\] (gloo threads left: .*)$", out.getvalue(), flags=re.M) == \
+        ["gloo threads left: [] initialized: False"] * 2
 
 
 @needs_shaping

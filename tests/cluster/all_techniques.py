@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_moe  # noqa: E402
+from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
 ARGS = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--seq-len", "32",
         "--batch", "2"]
@@ -49,7 +50,7 @@ def main():
     differences = {kind: max(float((a - b).abs().max()) for a, b in zip(x, y))
                    for kind, x, y in zip(("outputs", "gradients"), unscheduled, scheduled)}
     print("RESULT " + json.dumps({"rank": dist.get_rank(), **differences}), flush=True)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

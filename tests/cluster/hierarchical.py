@@ -9,6 +9,7 @@ import torch.distributed as dist
 import moe_ascend.kernels as ops
 from moe_ascend.kernels import hierarchical
 from moe_ascend.runtime import MoELayer, Topology
+from moe_ascend.runtime.launcher import end_process_group
 
 
 def layer_and_tokens(num_experts=16, top_k=4, tokens=24, d=8, policy="position", capacity_factor=1.0,
@@ -153,4 +154,4 @@ def traffic() -> dict:
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     print("RESULT " + json.dumps(globals()[sys.argv[1]]()), flush=True)
-    dist.destroy_process_group()
+    end_process_group()

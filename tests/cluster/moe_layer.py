@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ascend.runtime import MoELayer
+from moe_ascend.runtime.launcher import end_process_group
 
 MODES = {"capacity": 1.0, "dropless": None}
 
@@ -61,4 +62,4 @@ if __name__ == "__main__":
               **{f"{mode}{'_compiled' if compiled else ''}": largest_difference(mode, compiled)
                  for mode, compiled in [("capacity", False), ("dropless", False), ("capacity", True)]}}
     print("RESULT " + json.dumps(result), flush=True)
-    dist.destroy_process_group()
+    end_process_group()

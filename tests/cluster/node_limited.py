@@ -13,6 +13,7 @@ import torch.distributed as dist
 from moe_ascend.kernels.node_limited import node_limited_topk_softmax, nodes_reached
 from moe_ascend.runtime import MoELayer, Topology
 from moe_ascend.runtime import traffic as counter
+from moe_ascend.runtime.launcher import end_process_group
 
 NUM_EXPERTS, TOP_K, MAX_NODES = 8, 4, 1
 
@@ -61,4 +62,4 @@ def check() -> dict:
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     print("RESULT " + json.dumps(globals()[sys.argv[1]]()), flush=True)
-    dist.destroy_process_group()
+    end_process_group()

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ascend.runtime.topology import Topology
+from moe_ascend.runtime.launcher import end_process_group
 
 
 def groups() -> dict:
@@ -55,4 +56,4 @@ def sleep() -> dict:
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     print("RESULT " + json.dumps(globals()[sys.argv[1]]()), flush=True)
-    dist.destroy_process_group()
+    end_process_group()
