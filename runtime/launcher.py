@@ -373,6 +373,9 @@ def end_process_group(timeout_s: float = 10.0) -> None:
     while _gloo_threads() and time.monotonic() < deadline:
         gc.collect()  # a group kept alive by a reference cycle goes now, its threads with it
         time.sleep(0.01)
+    if left := _gloo_threads():  # a group still referenced somewhere: say so, the abort at exit would not
+        print(f"moe-ascend: gloo threads {left} still run {timeout_s:g} s after destroy_process_group; this rank "
+              f"may abort at exit: drop the references to its process groups first", file=sys.stderr, flush=True)
 
 
 def _gloo_threads() -> list[str]:
