@@ -108,14 +108,14 @@ def worker(args) -> None:
             rows, _, plan = flat.dropless_dispatch(tokens, expert_ids, args.experts, world, world_group)
             return flat.dropless_combine(rows, plan, weights, world_group), plan
 
-        def run_hierarchical():
-            rows, _, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, args.experts, h, args.chunks)
-            return hierarchical.dropless_combine(rows, plan, h), plan
+        def run_hierarchical():  # the experts are the identity: what is timed is the exchange
+            out = hierarchical.dropless_moe(tokens, expert_ids, weights, args.experts, h, identity, args.chunks)
+            return out, step1
 
         row_width = args.width + 2 * args.experts // topology.nodes  # a step-1 row: the token and its route
-        _, _, step1 = hierarchical.dropless_dispatch(tokens, expert_ids, weights, args.experts, h, args.chunks)
-        step1_sent = [sum(sizes) for sizes in zip(*(chunk.inter_splits[0] for chunk in step1.chunks))]
-        step1_received = [sum(sizes) for sizes in zip(*(chunk.inter_splits[1] for chunk in step1.chunks))]
+        step1 = hierarchical.step1_plan(expert_ids, args.experts, h, args.chunks)
+        step1_sent = [sum(sizes) for sizes in zip(*(chunk.splits[0] for chunk in step1))]
+        step1_received = [sum(sizes) for sizes in zip(*(chunk.splits[1] for chunk in step1))]
 
         def run_link_only():  # the step-1 bytes there and back on the inter-node group, nothing else
             there = exchange(tokens.new_empty(sum(step1_sent), row_width), h.inter_group, step1_received, step1_sent)
@@ -160,15 +160,19 @@ def worker(args) -> None:
     end_process_group()
 
 
+def identity(rows, tokens_per_expert):
+    return rows
+
+
 def flat_inter_bytes(plan, topology, width: int, element: int) -> float:
     """This rank's inter-node bytes, dispatch + combine: the rows it sent to ranks of other nodes, there and back."""
     remote_rows = sum(rows for rank, rows in enumerate(plan.send_splits) if rank // topology.ranks_per_node != topology.node)
     return 2 * remote_rows * width * element
 
 
-def hierarchical_inter_bytes(plan, topology, width: int, element: int, route_bytes: int) -> float:
+def hierarchical_inter_bytes(step1, topology, width: int, element: int, route_bytes: int) -> float:
     """The rows it sent to other nodes in step 1: there with their route, and their sums back."""
-    remote_rows = sum(rows for chunk in plan.chunks for node, rows in enumerate(chunk.inter_splits[0]) if node != topology.node)
+    remote_rows = sum(rows for chunk in step1 for node, rows in enumerate(chunk.splits[0]) if node != topology.node)
     return remote_rows * (2 * width * element + route_bytes)
 
 

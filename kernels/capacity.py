@@ -146,7 +146,7 @@ def _combine_backward(ctx, grad_out: Tensor):
     pair_grad, grad_weights = weighted_sum_backward(gather_from_slots(expert_out, slots), weights, grad_out)
     total = ctx.buffer_shape[0] * ctx.buffer_shape[1]
     rows = torch.where(slots >= 0, slots, total).reshape(-1)
-    grad_buffer = grad_out.new_zeros(total + 1, grad_out.shape[-1]).index_add(0, rows, pair_grad.reshape(-1, grad_out.shape[-1]))
+    grad_buffer = grad_out.new_zeros(total + 1, grad_out.shape[-1]).index_add_(0, rows, pair_grad.reshape(-1, grad_out.shape[-1]))
     return grad_buffer[:total].reshape(ctx.buffer_shape), None, grad_weights
 
 

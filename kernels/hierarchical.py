@@ -22,10 +22,11 @@ Capacity mode keeps static shapes: a rank sends a destination node at most
 pairs each), and a forwarding rank sends a peer at most ``min(that, E_rank·C)``
 per source node, so nothing the flat dispatch keeps is ever dropped.
 
-The dropless exchange can go in chunks of tokens, pipelined: every chunk's
-step 1 is issued at once, and each chunk is forwarded inside the node as it
-lands, so the inter-node link does not wait for step 2 (nor the combine's
-return for the node sums of later chunks).
+The dropless exchange runs the experts in between (``dropless_moe``) and can
+go in chunks of tokens, pipelined: every chunk's step 1 is issued at once, and
+each chunk is forwarded, run and returned as it lands, so the inter-node link
+carries the return of early chunks while later ones still arrive, rather than
+falling idle between a whole dispatch and a whole combine.
 
 Experts are numbered rank-major over ranks numbered node-major, as ``MoELayer``
 places them: expert ``e`` lives on rank ``e // E_rank``, node ``e // E_node``.
@@ -35,8 +36,7 @@ means no pair) beside the tokens, which keep their dtype.
 
 from __future__ import annotations
 
-import itertools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -169,35 +169,40 @@ def gather_rows(buffer: Tensor, rows: Tensor) -> Tensor:
     return padded[rows]
 
 
-class DroplessChunk(NamedTuple):
-    """One chunk of tokens' way through the two steps; sizes are host ints."""
+class Step1(NamedTuple):
+    """One chunk's rows over the inter-node link: a row per (token, destination node), grouped by node."""
 
-    token_of_row: Tensor  # [S]: the token each step-1 row carries
-    row_of_forward: Tensor  # [F]: the chunk's received step-1 row each step-2 row carries
-    inter_splits: tuple[list[int], list[int]]  # (sent, received) per node
-    intra_splits: tuple[list[int], list[int]]  # (sent, received) per rank of the node
-
-
-class DroplessPlan(NamedTuple):
-    """Where each row came from, kept by the dropless dispatch for the combine."""
-
-    chunks: tuple[DroplessChunk, ...]
-    row_of_pair: Tensor  # [P]: the received step-2 row (all chunks in order) each expert row carries
-    pair_weights: Tensor  # [P]: its routing weight
-    num_tokens: int
-    # Per chunk, the expert rows whose step-2 row is in it: one (start, stop) run per local expert, since expert
-    # rows are grouped by expert and, within one, ordered by step-2 row, which chunks number in order.
-    runs_of_chunk: tuple[tuple[tuple[int, int], ...], ...]
+    token_of_row: Tensor  # [S]: the token each row carries
+    node_of_row: Tensor  # [S]: the node it goes to
+    splits: tuple[list[int], list[int]]  # (sent, received) per node
 
 
-def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, hierarchy: Hierarchy,
-                      chunks: int = 1) -> tuple[Tensor, Tensor, DroplessPlan]:
-    """``tokens [T, d]`` → (this rank's rows grouped by local expert, tokens per local expert, plan), hierarchically.
+def step1_plan(expert_ids: Tensor, num_experts: int, hierarchy: Hierarchy, chunks: int = 1) -> list[Step1]:
+    """Each chunk's step-1 rows; the received split sizes come from one exchange of every chunk's counts."""
+    per_node = num_experts // hierarchy.nodes
+    node_hit = torch.zeros(expert_ids.shape[0], hierarchy.nodes, dtype=torch.bool, device=expert_ids.device)
+    node_hit[torch.arange(expert_ids.shape[0], device=expert_ids.device).unsqueeze(1), expert_ids // per_node] = True
+    hits = node_hit.tensor_split(chunks)
+    counts = torch.stack([hit.sum(dim=0) for hit in hits])  # [K, N]
+    received = exchange(counts.t().contiguous(), hierarchy.inter_group).t().tolist()
+    plans, start = [], 0
+    for hit, sent, got in zip(hits, counts.tolist(), received):
+        row, node = hit.t().nonzero(as_tuple=True)[::-1]
+        plans.append(Step1(row + start, node, (sent, got)))
+        start += len(hit)
+    return plans
 
-    As the flat dropless dispatch, each step first exchanges its counts and reads them as split sizes.
-    Every buffer is its source gathered along a row → source-row map; the combine adds back along the same maps.
-    The tokens go in ``chunks`` pieces, pipelined: every chunk's step 1 is issued at once, so the inter-node link
-    carries chunk i+1 while step 2 forwards chunk i (functional collectives wait at first use, in eager).
+
+def dropless_moe(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, hierarchy: Hierarchy,
+                 experts: Callable[[Tensor, Tensor], Tensor], chunks: int = 1) -> Tensor:
+    """``tokens [T, d]`` → ``Σ_k weights[t, k] · expert_k(tokens[t])``, the experts run on their ranks, dropless.
+
+    ``experts(rows, tokens_per_expert)`` maps this rank's rows grouped by local expert to their outputs, row for
+    row. The tokens go in ``chunks`` pieces, pipelined: every chunk's step 1 is issued at once; then, in step
+    ``s``, chunk ``s`` is forwarded inside the node, chunk ``s - 1`` runs its experts and starts back, and chunk
+    ``s - 2``'s node sums leave for home, so the inter-node link carries the dispatch of later chunks and the
+    return of earlier ones together (functional collectives wait at first use, in eager). As the flat dropless
+    exchange, each step first exchanges its counts and reads them as split sizes.
     """
     nodes, per_node_ranks = hierarchy.nodes, hierarchy.ranks_per_node
     per_node, per_rank = num_experts // nodes, num_experts // hierarchy.world_size
@@ -208,70 +213,47 @@ def dropless_dispatch(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_e
     weight = torch.zeros(num_tokens, num_experts, dtype=weights.dtype, device=tokens.device).scatter(1, expert_ids, weights)
     route = torch.stack([present, weight], dim=1).reshape(num_tokens, 2, nodes, per_node).transpose(1, 2)
 
-    # Step 1: a row per (token, destination node), rows grouped by node, every chunk's counts in one exchange.
-    node_hit = present.reshape(num_tokens, nodes, per_node).sum(-1) > 0
-    hits = node_hit.tensor_split(chunks)
-    starts = itertools.accumulate([len(hit) for hit in hits[:-1]], initial=0)
-    sends = [hit.t().nonzero(as_tuple=True)[::-1] for hit in hits]  # (row, node) grouped by node
-    counts = torch.stack([hit.sum(dim=0) for hit in hits])  # [K, N]
-    inter_splits = list(zip(counts.tolist(), exchange(counts.t().contiguous(), hierarchy.inter_group).t().tolist()))
-    step1 = []
-    for start, (row, node), (sent, received) in zip(starts, sends, inter_splits):
-        token_of_row = row + start
-        step1.append((token_of_row,
-                      issue(tokens[token_of_row], hierarchy.inter_group, received, sent),
-                      issue(route[token_of_row, node].reshape(-1, 2 * per_node), hierarchy.inter_group, received, sent)))
+    step1 = step1_plan(expert_ids, num_experts, hierarchy, chunks)
+    in_flight = [(issue(tokens[c.token_of_row], hierarchy.inter_group, c.splits[1], c.splits[0]),
+                  issue(route[c.token_of_row, c.node_of_row].reshape(-1, 2 * per_node), hierarchy.inter_group,
+                        c.splits[1], c.splits[0])) for c in step1]
 
-    # Step 2: each received row to the ranks of this node that own one of its experts, a chunk as it lands.
-    plans, payloads, routes = [], [], []
-    for (token_of_row, payload, node_route), splits in zip(step1, inter_splits):
+    def forward(c: int):
+        """Step 2: each received row to the ranks of this node that own one of its experts."""
+        payload, node_route = in_flight[c]
         node_route = node_route.reshape(-1, 2, per_node_ranks, per_rank).transpose(1, 2)  # [R, G, 2, E_rank]
-        row_of_forward, peer, intra_splits = _send_order(node_route[:, :, 0].sum(-1) > 0, hierarchy.intra_group)
-        payloads.append(issue(payload[row_of_forward], hierarchy.intra_group, intra_splits[1], intra_splits[0]))
-        routes.append(issue(node_route[row_of_forward, peer].reshape(-1, 2 * per_rank), hierarchy.intra_group,
-                            intra_splits[1], intra_splits[0]))
-        plans.append(DroplessChunk(token_of_row, row_of_forward, splits, intra_splits))
-    payload, route = torch.cat(payloads), torch.cat(routes)
+        row_of_forward, peer, splits = _send_order(node_route[:, :, 0].sum(-1) > 0, hierarchy.intra_group)
+        return (row_of_forward, splits, issue(payload[row_of_forward], hierarchy.intra_group, splits[1], splits[0]),
+                issue(node_route[row_of_forward, peer].reshape(-1, 2 * per_rank), hierarchy.intra_group,
+                      splits[1], splits[0]))
 
-    # One expert row per (row, local expert) pair, grouped by expert.
-    row_of_pair, local_expert = (route[:, :per_rank] > 0).t().nonzero(as_tuple=True)[::-1]
-    pair_weights = route[:, per_rank:][row_of_pair, local_expert]
-    tokens_per_expert = (route[:, :per_rank] > 0).sum(dim=0)
-    # The combine returns chunk by chunk, each as soon as its rows are summed: it needs each chunk's expert rows.
-    chunk_ends = torch.tensor(list(itertools.accumulate(sum(c.intra_splits[1]) for c in plans)), device=row_of_pair.device)
-    chunk_of_pair = torch.searchsorted(chunk_ends, row_of_pair, right=True)
-    run_lengths = torch.bincount(local_expert * len(plans) + chunk_of_pair, minlength=per_rank * len(plans)).tolist()
-    run_stops = list(itertools.accumulate(run_lengths))
-    runs = [(stop - length, stop) for length, stop in zip(run_lengths, run_stops)]  # expert-major, then chunk
-    runs_of_chunk = tuple(tuple(runs[expert * len(plans) + c] for expert in range(per_rank)) for c in range(len(plans)))
-    plan = DroplessPlan(tuple(plans), row_of_pair, pair_weights, num_tokens, runs_of_chunk)
-    return payload[row_of_pair], tokens_per_expert, plan
+    def run_experts(forwarded):
+        """One expert row per (row, local expert) pair, grouped by expert; their weighted sum per row goes back."""
+        row_of_forward, splits, payload, rank_route = forwarded
+        row_of_pair, local_expert = (rank_route[:, :per_rank] > 0).t().nonzero(as_tuple=True)[::-1]
+        pair_weights = rank_route[:, per_rank:][row_of_pair, local_expert].unsqueeze(-1)
+        out = experts(payload[row_of_pair], (rank_route[:, :per_rank] > 0).sum(dim=0))
+        part = _add_rows(out * pair_weights.to(out.dtype), row_of_pair, payload.shape[0])
+        return row_of_forward, issue(part, hierarchy.intra_group, splits[0], splits[1])
 
+    def go_home(c: int, returned):
+        """The node's sum of each step-1 row, back over the inter-node link."""
+        row_of_forward, part = returned
+        node_sum = _add_rows(part, row_of_forward, sum(step1[c].splits[1]))
+        return issue(node_sum, hierarchy.inter_group, step1[c].splits[0], step1[c].splits[1])
 
-def dropless_combine(expert_out: Tensor, plan: DroplessPlan, hierarchy: Hierarchy) -> Tensor:
-    """Expert rows → ``[T, d]``: summed per step-2 row on the expert's rank, per node on the forwarding rank, then home.
-
-    Pipelined as the dispatch: each chunk's intra-node return is issued as soon as its rows are summed (the
-    next chunk's are summed while it travels), and each chunk's node sums go home over the inter-node link as
-    soon as they are added.
-    """
-    returned, first_row = [], 0
-    for chunk, runs in zip(plan.chunks, plan.runs_of_chunk):
-        rows = sum(chunk.intra_splits[1])
-        part = expert_out.new_zeros(rows, expert_out.shape[-1])
-        for start, stop in runs:  # slices, not gathers: one pass less over the expert rows
-            weights = plan.pair_weights[start:stop].unsqueeze(-1).to(expert_out.dtype)
-            part.index_add_(0, plan.row_of_pair[start:stop] - first_row, expert_out[start:stop] * weights)
-        returned.append(issue(part, hierarchy.intra_group, chunk.intra_splits[0], chunk.intra_splits[1]))
-        first_row += rows
-    homes = []
-    for part, chunk in zip(returned, plan.chunks):
-        node_sum = _add_rows(part, chunk.row_of_forward, sum(chunk.inter_splits[1]))
-        homes.append(issue(node_sum, hierarchy.inter_group, chunk.inter_splits[0], chunk.inter_splits[1]))
-    tokens = homes[0].new_zeros(plan.num_tokens, homes[0].shape[-1])
-    for home, chunk in zip(homes, plan.chunks):  # each chunk is added as it lands, with no copy of them all first
-        tokens.index_add_(0, chunk.token_of_row, home)
-    return tokens
+    forwarded, returned, homes = {}, {}, []
+    for s in range(chunks + 2):  # the same order on every rank: its collectives match
+        if s < chunks:
+            forwarded[s] = forward(s)
+        if 0 <= s - 1 < chunks:
+            returned[s - 1] = run_experts(forwarded.pop(s - 1))
+        if 0 <= s - 2 < chunks:
+            homes.append(go_home(s - 2, returned.pop(s - 2)))
+    out = homes[0].new_zeros(num_tokens, homes[0].shape[-1])
+    for home, c in zip(homes, step1):  # each chunk is added as it lands, with no copy of them all first
+        out.index_add_(0, c.token_of_row, home)
+    return out
 
 
 def _send_order(hit: Tensor, group: str) -> tuple[Tensor, Tensor, tuple[list[int], list[int]]]:
@@ -286,4 +268,4 @@ def _send_order(hit: Tensor, group: str) -> tuple[Tensor, Tensor, tuple[list[int
 
 def _add_rows(rows: Tensor, index: Tensor, num_rows: int) -> Tensor:
     """``[num_rows, d]``: row ``index[i]`` accumulates ``rows[i]``."""
-    return rows.new_zeros(num_rows, rows.shape[-1]).index_add(0, index, rows)
+    return rows.new_zeros(num_rows, rows.shape[-1]).index_add_(0, index, rows)  # in place: no copy of the zeros

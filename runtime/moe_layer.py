@@ -216,9 +216,8 @@ class MoELayer(nn.Module):
             rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_slots)
             return ops.unpermute(self._experts_grouped(rows, tokens_per_expert), row_map, weights)
         if self.hierarchy is not None:
-            rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(tokens, expert_ids, weights, self.num_slots,
-                                                                           self.hierarchy, self.overlap_chunks)
-            return hierarchical.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, self.hierarchy)
+            return hierarchical.dropless_moe(tokens, expert_ids, weights, self.num_slots, self.hierarchy,
+                                             self._experts_grouped, self.overlap_chunks)
         if self.overlap_chunks > 1:
             return self._dropless_pipelined(tokens, weights, expert_ids)
         rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_slots, self.ep_size, self.ep_group_name)

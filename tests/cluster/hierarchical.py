@@ -25,8 +25,7 @@ def layer_and_tokens(num_experts=16, top_k=4, tokens=24, d=8, policy="position",
 def hierarchical_forward(layer, x, h, chunks=1):
     weights, ids = ops.topk_softmax(layer.gate(x), layer.top_k, layer.renormalize)
     if layer.capacity_factor is None:
-        rows, tokens_per_expert, plan = hierarchical.dropless_dispatch(x, ids, weights, layer.num_experts, h, chunks)
-        return hierarchical.dropless_combine(layer._experts_grouped(rows, tokens_per_expert), plan, h)
+        return hierarchical.dropless_moe(x, ids, weights, layer.num_experts, h, layer._experts_grouped, chunks)
     expert_in, plan = hierarchical.capacity_dispatch(x, ids, weights, weights, layer.num_experts, layer.capacity(x.shape[0]),
                                                      layer.drop_policy, h)
     return hierarchical.capacity_combine(layer._experts_batched(expert_in), plan, h)
