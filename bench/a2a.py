@@ -12,7 +12,8 @@ included) is read beside them.
 Beside the two, ``link_only`` sends the hierarchical exchange's step-1 rows (tokens and routes) to the other nodes
 and their sums back, with nothing else: the time this machine's shaped link and TCP need for those bytes, the
 ceiling of the hierarchical exchange here (its other work is the intra-node step and the host-side gathers and
-sums, on cores the ranks share).
+sums, on cores the ranks share). Each contender's ``cpu_s`` is every rank's CPU time (user and system) over the
+machine's cores: where it comes near the wall time, the cores, not the link, set the pace.
 
 The predicted byte ratio is the expected number of distinct remote nodes of a
 token over its expected number of remote experts, for uniform routing.
@@ -26,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -51,14 +54,15 @@ def main() -> None:
         return worker(args)
 
     print(f"{'layout':<7}{'top-k':>6}{'flat ms':>10}{'hier ms':>10}{'speedup':>9}{'bytes h/f':>11}{'predicted':>11}"
-          f"{'goodput':>9}{'link only':>11}", flush=True)
+          f"{'goodput':>9}{'link only':>11}{'hier cpu ms':>13}", flush=True)
     worker_args = ["--experts", str(args.experts), "--top-k", args.top_k, "--tokens", str(args.tokens),
                    "--width", str(args.width), "--repeats", str(args.repeats), "--chunks", str(args.chunks)]
 
     def show(run: dict) -> None:
         print(f"{run['layout']:<7}{run['top_k']:>6}{run['flat_s'] * 1e3:>10.1f}{run['hierarchical_s'] * 1e3:>10.1f}"
               f"{run['speedup']:>9.2f}{run['inter_bytes_ratio']:>11.3f}{run['predicted_bytes_ratio']:>11.3f}"
-              f"{run['hierarchical_goodput']:>9.2f}{run['link_only_goodput']:>11.2f}", flush=True)
+              f"{run['hierarchical_goodput']:>9.2f}{run['link_only_goodput']:>11.2f}"
+              f"{run['hierarchical_cpu_s'] * 1e3:>13.1f}", flush=True)
 
     runs = run_layouts(__file__, args, worker_args, show)
     figure = anchored_figure(runs, "speedup_top8_e64_4x2", "speedup", 2.0,
@@ -94,10 +98,12 @@ def worker(args) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
-    def node_sum(value: float) -> float:
+    def node_sum(value: float, group=groups.intra) -> float:
         t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, group=groups.intra)
+        dist.all_reduce(t, group=group)
         return t.item()
+
+    cores = len(os.sched_getaffinity(0))  # the emulated nodes share this machine's cores
 
     for top_k in (int(k) for k in args.top_k.split(",")):
         generator = torch.Generator().manual_seed(1000 * top_k + rank)
@@ -126,15 +132,17 @@ def worker(args) -> None:
         agree = torch.allclose(outputs["flat"], outputs["hierarchical"], rtol=1e-5, atol=1e-5)
         times = {name: [] for name in contenders}
         wire = {name: [] for name in contenders}
+        cpu = {name: [] for name in contenders}  # every rank's CPU seconds over this machine's cores
         plans = {}
         for repeat in range(args.repeats):
             for name in (list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]):
                 dist.barrier()
-                before = uplink_tx_bytes()
+                before, cpu_before = uplink_tx_bytes(), cpu_seconds()
                 started = time.perf_counter()
                 _, plans[name] = contenders[name]()
                 elapsed = time.perf_counter() - started
                 times[name].append(slowest(elapsed))
+                cpu[name].append(node_sum(cpu_seconds() - cpu_before, dist.group.WORLD) / cores)
                 wire[name].append(node_sum(uplink_tx_bytes() - before if topology.local_rank == 0 else 0))
         element = tokens.element_size()
         flat_bytes = node_sum(flat_inter_bytes(plans["flat"], topology, args.width, element))
@@ -155,6 +163,9 @@ def worker(args) -> None:
                 "hierarchical_goodput": hier_bytes * 8 / hier_s / link_bits,
                 "flat_goodput": flat_bytes * 8 / flat_s / link_bits,
                 "link_only_goodput": hier_bytes * 8 / link_s / link_bits,
+                # every rank's CPU time over the machine's cores: near the wall time, the CPUs, not the link, set the pace
+                "flat_cpu_s": median(cpu["flat"]), "hierarchical_cpu_s": median(cpu["hierarchical"]),
+                "link_only_cpu_s": median(cpu["link_only"]), "cores": cores,
                 "outputs_agree": agree, "shaped": cluster["shaped"],
             }), flush=True)
     end_process_group()
@@ -181,6 +192,12 @@ def predicted_ratio(num_experts: int, top_k: int, nodes: int) -> float:
     per_node = num_experts // nodes
     miss = math.comb(num_experts - per_node, top_k) / math.comb(num_experts, top_k)
     return (nodes - 1) * (1 - miss) / (top_k * (nodes - 1) / nodes)
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far, user and system, all its threads (gloo's among them)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def uplink_tx_bytes() -> int:
