@@ -105,7 +105,8 @@ class ReceiveFirstGroup(dist.ProcessGroup):
             torch.ops.profiler._record_function_exit._RecordFunction(torch.ops.profiler._record_function_enter_new(marker, None))
         issued = time.perf_counter()
         peers = [(me + step) % size for step in range(1, size)]
-        shared = [p for p in peers if p in self.shared_peers]
+        # A block is copied out of shared memory into its rows of the output: they must be one run of memory.
+        shared = [p for p in peers if p in self.shared_peers] if output.is_contiguous() else []
         notes = {p: torch.empty(NOTE_SIZE, dtype=torch.int64) for p in shared if received[p].numel()}
         works = [self.transport.recv([notes[p] if p in notes else received[p]], p, tag)
                  for p in peers if received[p].numel()]

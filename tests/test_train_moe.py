@@ -27,6 +27,7 @@ def train(*args: str) -> tuple[dict, str]:
     return json.loads(found[0]), done.stdout
 
 
+@pytest.mark.timeout(600)  # three trainer runs of two ranks, each compiling its graphs three times: 250 s on 2 cores
 def test_a_resumed_run_follows_the_uninterrupted_loss_curve(tmp_path):
     checkpoint = str(tmp_path / "ckpt")
     straight, output = train("--steps", "16", "--techniques", "all")
