@@ -1,10 +1,8 @@
 """The exchange's process group: on gloo, a companion whose all-to-all receives before it sends."""
 
 import gc
-import os
 import weakref
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
@@ -13,13 +11,10 @@ from moe_ascend.runtime.exchange_group import ReceiveFirstGroup, exchange_group
 from tests.distributed import run_ranks
 
 
-def _exchanges_like_gloo(rank, world_size, shared_memory):
-    os.environ["MOE_ASCEND_SHARED_MEMORY"] = str(int(shared_memory))
+def _exchanges_like_gloo(rank, world_size):
     world = dist.group.WORLD
     group = exchange_group(world)
     assert isinstance(group, ReceiveFirstGroup) and exchange_group(world) is group
-    # Ranks of one node exchange through shared memory unless told not to; then every peer is on TCP.
-    assert group.shared_peers == (set(range(world_size)) - {rank} if shared_memory else set())
     assert group.group_name != world.group_name and dist.get_process_group_ranks(group) == list(range(world_size))
 
     # Uneven splits, one of them empty: rank r sends (r + p) % 3 rows to peer p.
@@ -52,9 +47,8 @@ def _exchanges_like_gloo(rank, world_size, shared_memory):
     return held() is None
 
 
-@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared_memory", "tcp"])
-def test_gloo_exchanges_run_on_a_receive_first_companion_that_matches_gloos_all_to_all(shared_memory):
-    assert run_ranks(3, _exchanges_like_gloo, shared_memory) == [True, True, True]
+def test_gloo_exchanges_run_on_a_receive_first_companion_that_matches_gloos_all_to_all():
+    assert run_ranks(3, _exchanges_like_gloo) == [True, True, True]
 
 
 def test_the_companion_posts_every_receive_before_its_first_send():
