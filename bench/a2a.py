@@ -163,7 +163,6 @@ def worker(args) -> None:
                 "hierarchical_goodput": hier_bytes * 8 / hier_s / link_bits,
                 "flat_goodput": flat_bytes * 8 / flat_s / link_bits,
                 "link_only_goodput": hier_bytes * 8 / link_s / link_bits,
-                # every rank's CPU time over the machine's cores: near the wall time, the CPUs, not the link, set the pace
                 "flat_cpu_s": median(cpu["flat"]), "hierarchical_cpu_s": median(cpu["hierarchical"]),
                 "link_only_cpu_s": median(cpu["link_only"]), "cores": cores,
                 "outputs_agree": agree, "shaped": cluster["shaped"],

@@ -19,7 +19,7 @@ no sizes are exchanged and dropless compiles to one graph too.
 
 ``overlap_chunks=n`` (dropless) sends the tokens in ``n`` chunks, so each chunk's
 experts compute while the other chunks' rows are on the wire; with
-``hierarchical_a2a=True`` the chunks pipeline the two steps of the exchange.
+``hierarchical_a2a=True`` the chunks pipeline both steps of the exchange, there and back.
 Capacity layers are chunked by the compiler (``options={"overlap": n}``).
 
 ``hierarchical_a2a=True`` runs the two-step exchange of
