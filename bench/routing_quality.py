@@ -9,11 +9,15 @@ starts in token choice and switches each layer to expert choice when its
 measured affinity says so (``passes.affinity_routing``).
 
 Both runs add Switch Transformer's load-balancing loss (coefficient 0.01) to the
-training loss; the validation loss is the cross-entropy alone. Tokens per expert
+training loss; the validation loss is the cross-entropy alone, of the compiled
+model, so each run is judged with the router it trained with (the uncompiled
+module would route the affinity run's tokens by plain top-2 of the logits in the
+layer's own capacity: ``val_loss_plain_router``, beside it). Tokens per expert
 are the slots each expert computes per step: the static capacity C of the graph
 that ran (the layer's ``ceil(1.25 · 2T / E)``, or the expert-choice C once a
-layer switched). The dropped-pair rate is measured on a validation batch by
-routing each layer's input in eager the way its graph does.
+layer switched). The dropped-pair rate (of (token, choice) pairs, no slot) and
+the dropped-token rate (tokens with none of their choices kept) are measured on
+a validation batch by routing each layer's input in eager the way its graph does.
 Writes bench/results/routing_quality.json (figure ``tokens_per_expert_reduction``
 = 1 − affinity / baseline at the last step, top-level ``val_loss_ratio``) and a
 PNG of the loss curves beside it.
@@ -88,8 +92,9 @@ def slots_per_expert(model: ByteLM, tokens: int) -> list[int]:
     return per_layer
 
 
-def dropped_pairs(model: ByteLM, tokens_in: torch.Tensor) -> float:
-    """The share of (token, choice) pairs that get no slot, each layer routed in eager as its graph routes."""
+def dropped(model: ByteLM, tokens_in: torch.Tensor) -> tuple[float, float]:
+    """The share of (token, choice) pairs that get no slot, and of tokens that get none of their choices (the
+    residual alone carries them), each layer routed in eager as its graph routes."""
     seen = []
     hooks = [block.moe.register_forward_pre_hook(lambda m, args: seen.append((m, args[0].reshape(-1, D_MODEL))))
              for block in model.blocks]
@@ -97,7 +102,7 @@ def dropped_pairs(model: ByteLM, tokens_in: torch.Tensor) -> float:
         model(tokens_in)
     for hook in hooks:
         hook.remove()
-    dropped = total = 0
+    pairs_dropped = tokens_dropped = pairs = tokens = 0
     for layer, x in seen:
         state = getattr(layer.gate, kernels.STATE, None)
         if state is None:
@@ -110,9 +115,15 @@ def dropped_pairs(model: ByteLM, tokens_in: torch.Tensor) -> float:
                 slots = ops.capacity_slots(ids, delta.gather(1, ids), EXPERTS, capacity, "score")
             else:
                 slots = ops.capacity_slots(ids, delta.gather(1, ids), EXPERTS, layer.capacity(x.shape[0]), "position")
-        dropped += int((slots < 0).sum())
-        total += slots.numel()
-    return dropped / total
+        pairs_dropped += int((slots < 0).sum())
+        tokens_dropped += int((slots < 0).all(dim=1).sum())
+        pairs += slots.numel()
+        tokens += slots.shape[0]
+    return pairs_dropped / pairs, tokens_dropped / tokens
+
+
+def validation_loss(model: nn.Module, val_batches: list) -> float:
+    return sum(F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item() for x, y in val_batches) / len(val_batches)
 
 
 def train(routing: str, args, train_data, val_data) -> dict:
@@ -145,11 +156,14 @@ def train(routing: str, args, train_data, val_data) -> dict:
     val = batches(val_data, args.batch, args.sequence, seed=2)
     with torch.no_grad():
         val_batches = [next(val) for _ in range(args.val_batches)]
-        val_loss = sum(F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item() for x, y in val_batches) / len(val_batches)
-        drops = dropped_pairs(model, val_batches[0][0])
+        val_loss = validation_loss(compiled, val_batches)
+        val_loss_plain_router = validation_loss(model, val_batches)
+        pair_drops, token_drops = dropped(model, val_batches[0][0])
     late = step_s[len(step_s) // 2:]
     return {"routing": routing, "train_loss": losses, "balance_loss_last": balance_loss.item(), "val_loss": val_loss,
-            "tokens_per_expert": slots[-1], "tokens_per_expert_curve": slots, "dropped_pair_rate": drops, "switched_at_step": switched_at,
+            "val_loss_plain_router": val_loss_plain_router,
+            "tokens_per_expert": slots[-1], "tokens_per_expert_curve": slots, "dropped_pair_rate": pair_drops,
+            "dropped_token_rate": token_drops, "switched_at_step": switched_at,
             "step_time_s_second_half_median": sorted(late)[len(late) // 2]}
 
 
@@ -193,8 +207,8 @@ def main() -> None:
                        val_loss_ratio=val_loss_ratio)
     plot(runs, out.with_suffix(".png"))
     for run in runs:
-        print(f"{run['routing']:>8}: val loss {run['val_loss']:.4f}, tokens per expert {run['tokens_per_expert']:.0f}, "
-              f"dropped pairs {run['dropped_pair_rate']:.3f}, switched at {run['switched_at_step']}, "
+        print(f"{run['routing']:>8}: val loss {run['val_loss']:.4f} (plain router {run['val_loss_plain_router']:.4f}), tokens per expert {run['tokens_per_expert']:.0f}, "
+              f"dropped pairs {run['dropped_pair_rate']:.3f}, tokens {run['dropped_token_rate']:.3f}, switched at {run['switched_at_step']}, "
               f"step {run['step_time_s_second_half_median'] * 1e3:.0f} ms")
     print(f"tokens_per_expert_reduction {reduction:.3f}, val_loss_ratio {val_loss_ratio:.4f}; wrote {out}")
 

@@ -80,9 +80,10 @@ def observe_affinity(delta: Tensor, expert_ids: Tensor, owner: int) -> None:
     """Fold one step's affinity of the chosen (token, expert) pairs into the owner's state: its mean and its least.
 
     The state is the owner's buffer, read at each call (a checkpoint loaded with ``assign=True`` replaces it).
+    Only a training step counts: evaluation neither moves the statistics nor brings the switch nearer.
     """
     module = _owners.get(owner)
-    if module is None:  # the model is gone; nothing to keep
+    if module is None or not module.training:  # the model is gone, or being evaluated
         return
     state = getattr(module, STATE)
     delta = delta.detach()

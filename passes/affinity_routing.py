@@ -221,7 +221,8 @@ def _expert_choice(gm, layer, router: Router, dispatch, owner, delta, expert_ids
     if isinstance(site, CapacityExchange):
         _rebuild_exchange(gm.graph, site, layer)
     _shapes_follow(gm, dispatch, layer, ctx)
-    ctx.logger.info("%s: MoE layer %d routes by expert choice, %d slots per expert", ctx.graph_name, layer.index, capacity)
+    ctx.logger.info("%s: MoE layer %d routes by expert choice, %d slots per expert (%s)", ctx.graph_name, layer.index,
+                    capacity, _bounds_line(tokens, width, router.num_experts, layer_capacity, state))
 
 
 def expert_choice_capacity(tokens: int, width: int, num_experts: int, layer_capacity: int, state, form: str = "exact") -> int:
@@ -230,6 +231,15 @@ def expert_choice_capacity(tokens: int, width: int, num_experts: int, layer_capa
     least = kernels.running_affinity(state)[1] if state is not None else float("nan")
     bound = math.ceil(capacity_lower_bound(least, width, num_experts, form)) if 0 < least < 1 else 0
     return min(layer_capacity, max(floor, bound))
+
+
+def _bounds_line(tokens: int, width: int, num_experts: int, layer_capacity: int, state) -> str:
+    """What C was chosen from: LocMoE's bound in both forms at the least chosen affinity, the floor and the ceiling."""
+    least = kernels.running_affinity(state)[1] if state is not None else float("nan")
+    bounds = (", ".join(f"{form} {capacity_lower_bound(least, width, num_experts, form):.4g}" for form in FORMS)
+              if 0 < least < 1 else "none: no affinity observed in (0, 1)")
+    return (f"LocMoE's bound at the least chosen affinity {least:.3f}: {bounds}; floor ceil(T/E) = "
+            f"{math.ceil(tokens / num_experts)}, the layer's own {layer_capacity}")
 
 
 def _rebuild_exchange(graph: torch.fx.Graph, site: CapacityExchange, layer) -> None:

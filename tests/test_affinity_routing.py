@@ -169,6 +169,12 @@ def test_the_switch_comes_from_the_observed_affinity_and_recompiles_once(tempora
     assert state[kernels.PHASE] == kernels.EXPERT_CHOICE
     assert "affinity routing switches to expert choice after 21 steps" in caplog.text
     assert caplog.text.count("routes by expert choice") == 1  # one recompile
+    # both forms of LocMoE's bound (d = 8, 4 experts) are under one slot here: the floor ceil(12 / 4) wins
+    least, exact, exp = map(float, re.search(r"3 slots per expert \(LocMoE's bound at the least chosen affinity "
+                                             r"([\d.]+): exact ([\d.]+), exp ([\d.]+); floor ceil\(T/E\) = 3, "
+                                             r"the layer's own 6\)", caplog.text).groups())
+    assert exact == pytest.approx(capacity_lower_bound(least, 8, 4), rel=2e-3)
+    assert exp == pytest.approx(capacity_lower_bound(least, 8, 4, form="exp"), rel=2e-3)
     assert layer.state_dict()["gate.affinity_routing"][kernels.PHASE] == kernels.EXPERT_CHOICE  # checkpointed
 
 
@@ -180,6 +186,20 @@ def test_the_switch_waits_while_unrelated_tokens_often_outrank_relevant_ones(tem
     state.copy_(torch.tensor([0, 20, *(v * (1 - 0.9**20) for v in (0.9, 0.5, 0.2))], dtype=torch.float64))
     compiled(x).sum().backward()
     assert state[kernels.PHASE] == kernels.TOKEN_CHOICE
+
+
+def test_evaluation_leaves_the_routing_state_as_training_left_it(temporary_passes):
+    layer, x = small_layer(), torch.randn(12, 8, dtype=torch.float64)
+    _, compiled = routed(temporary_passes, layer, x, "auto", steps=2)
+    trained = layer.gate.affinity_routing.clone()
+    layer.eval()
+    with torch.no_grad():
+        compiled(x)
+        compiled(x)
+    assert torch.equal(layer.gate.affinity_routing, trained)
+    layer.train()
+    compiled(x).sum().backward()
+    assert layer.gate.affinity_routing[kernels.STEPS] == 3
 
 
 def test_two_layers_of_one_graph_switch_together_under_their_own_names(temporary_passes):
