@@ -27,8 +27,15 @@ def machine() -> dict:
     }
 
 
+FIGURE_KEYS = ("name", "value", "goal", "higher_is_better")
+
+
 def write_result(name: str, figure: dict, runs: list, config: dict, path: str | None = None, **top_level) -> Path:
-    """Write ``{"figure", "runs", "machine", "config", ...}`` to ``path`` (default bench/results/NAME.json)."""
+    """Write ``{"figure", "runs", "machine", "config", ...}`` to ``path`` (default bench/results/NAME.json); the figure
+    names itself, its value and its goal (``make bench``'s report reads them)."""
+    missing = [key for key in FIGURE_KEYS if key not in figure]
+    if missing:
+        raise ValueError(f"{name}'s figure {figure} lacks {missing}: give it {list(FIGURE_KEYS)}")
     out = Path(path) if path else RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"figure": figure, **top_level, "runs": runs, "machine": machine(), "config": config}, indent=1))

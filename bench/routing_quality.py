@@ -203,7 +203,8 @@ def main() -> None:
     baseline, affine = runs
     reduction = 1 - affine["tokens_per_expert"] / baseline["tokens_per_expert"]
     val_loss_ratio = affine["val_loss"] / baseline["val_loss"]
-    out = write_result("routing_quality", {"tokens_per_expert_reduction": reduction}, runs, vars(args), args.json,
+    figure = {"name": "tokens_per_expert_reduction", "value": reduction, "goal": 0.60, "higher_is_better": True}
+    out = write_result("routing_quality", figure, runs, vars(args), args.json,
                        val_loss_ratio=val_loss_ratio)
     plot(runs, out.with_suffix(".png"))
     for run in runs:

@@ -27,3 +27,17 @@ def test_the_report_says_which_figures_meet_their_goals(tmp_path):
     assert "| planner | mean_abs_error | 0.062 | <= 0.1 | met |" in report
     assert "Wall time: 11.0 min." in report and "- loss_ratio: 1.004" in report
     assert '"tokens_per_s": 1411.0' in report  # the raw runs, as written
+
+
+def test_a_benchmark_figure_without_its_name_or_goal_is_refused_before_it_is_written(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_common", SUITE.parent / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    out = tmp_path / "routing_quality.json"
+    try:
+        common.write_result("routing_quality", {"tokens_per_expert_reduction": 0.6}, [], {}, str(out))
+    except ValueError as error:
+        assert "lacks ['name', 'value', 'goal', 'higher_is_better']" in str(error)
+    else:
+        raise AssertionError("a figure the report cannot read was written")
+    assert not out.exists()
