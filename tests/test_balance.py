@@ -11,6 +11,7 @@ import moe_ascend.kernels as ops
 from moe_ascend.runtime import MoELayer
 from moe_ascend.runtime.balance import (ExpertBalancer, Placement, PlacementError, greedy_placement, imbalance, migrate,
                                         plan_placement, prediction_error)
+from moe_ascend.runtime.balance.balancer import _replica_rows, spanning_replicas
 from moe_ascend.runtime.balance.placement import physical_slots
 from moe_ascend.runtime.balance.planner import moved_experts
 
@@ -52,6 +53,15 @@ def test_a_rank_routes_to_the_replicas_on_itself_else_on_its_node_else_to_all():
     slots, count = placement.tables(rank=0, node_of=node_of)
     assert count.tolist() == [1, 1, 1, 2] and slots[3, :2].tolist() == [4, 7]
     assert placement.tables()[1].tolist() == [2, 2, 2, 2]
+
+
+def test_only_experts_with_replicas_on_several_ranks_have_their_gradients_summed_across_ranks():
+    # expert 1 on both ranks: its row crosses ranks (first); expert 0's two copies on rank 0 are summed there alone
+    placement = Placement((0, 0, 1, 2, 3, 1), 4, 2)
+    assert _replica_rows(placement, 0) == (2, 1, [(0, 1), (1, 1), (2, 0)])
+    assert _replica_rows(placement, 1) == (1, 1, [(2, 0)])
+    assert spanning_replicas(placement) == 1
+    assert spanning_replicas(Placement.initial(8, 2, redundant=2)) == 0  # each rank copies its own experts
 
 
 # --- planning and prediction -------------------------------------------------------------------
@@ -255,3 +265,30 @@ def test_migration_is_lossless_all_or_nothing_and_training_continues_as_if_place
     assert first["committed"] and all(first["committed"]), "the skewed load should have been rebalanced"
     assert first["placement"] == second["placement"] and first["decisions"] == second["decisions"]
     assert first["imbalance"][-1] < first["imbalance"][0] - 0.2
+
+
+def test_the_balancer_takes_the_link_rate_from_the_emulated_cluster_it_runs_in(monkeypatch):
+    import json
+
+    from moe_ascend.runtime.balance.balancer import link_bytes_per_s
+    monkeypatch.setenv("MOE_ASCEND_CLUSTER", json.dumps({"shaped": True, "bandwidth_bits_per_s": 1e10}))
+    assert link_bytes_per_s() == 1.25e9
+    monkeypatch.setenv("MOE_ASCEND_CLUSTER", json.dumps({"shaped": False, "bandwidth_bits_per_s": 1e10}))
+    assert link_bytes_per_s() == 125e6  # loopback: nothing shaped, so no rate to trust
+    monkeypatch.delenv("MOE_ASCEND_CLUSTER")
+    assert link_bytes_per_s() == 125e6
+
+
+def test_a_placement_pays_each_step_for_the_replicas_it_spreads_across_ranks():
+    layer = MoELayer(D, F, E, K, balance=True, redundant_experts=2)
+    balancer = ExpertBalancer(layer, torch.optim.SGD(layer.parameters(), lr=0.0), bandwidth=1e6)
+    balancer.ranks = 2  # the model as on two ranks: a ring all_reduce sends 2(W-1)/W = once the bytes
+    expert_bytes = sum(w[0].numel() * w.element_size() for w in (layer.w_gate_up, layer.w_down))
+    spread, kept_home = Placement((0, 1, 2, 3, 0, 1), E, 2), Placement((0, 1, 0, 2, 3, 2), E, 2)
+    assert balancer._replica_sum_seconds([spread]) == pytest.approx(2 * expert_bytes / 1e6)
+    assert balancer._replica_sum_seconds([kept_home]) == 0.0
+    balancer.windows = [{"busiest": 100.0, "step_time_s": 1.0}]  # half of a second per step is expert compute
+    # even load: both balance the ranks alike (50 tokens each), so spreading the replicas only costs their sums
+    load = torch.tensor([[25.0, 25.0, 25.0, 25.0]])
+    assert balancer._seconds_saved([spread], load) - balancer._seconds_saved([kept_home], load) == \
+        pytest.approx(-2 * expert_bytes / 1e6)

@@ -6,9 +6,10 @@
     step = torch.compile(model, backend="moe_ascend")   # train as usual: the balancer hooks optimizer.step()
 
 It sums the gradients of replicated experts over their replicas (so replicas
-stay equal and the update is that of one expert): each weight's all_reduce
-starts as soon as backward has its gradient, under the rest of backward, and
-is waited for before the optimizer step (with gradient accumulation, the sum
+stay equal and the update is that of one expert): copies on one rank locally,
+and for experts with replicas on several ranks each weight's all_reduce starts
+as soon as backward has its gradient, under the rest of backward, and is
+waited for before the optimizer step (with gradient accumulation, the sum
 waits for the step).
 After every ``interval`` steps it reads the tokens per expert the layers
 counted on device (one all_reduce: the only host sync), updates the load
@@ -17,11 +18,15 @@ prediction, plans a placement for the predicted load and migrates when
     horizon · (step time now − predicted step time after) > migration cost
 
 and at least ``min_interval`` steps have passed since the last migration.
-Step time is modelled as ``a + b · Σ_layers (busiest rank's tokens)``, ``b``
+Step time is modelled as ``a + b · Σ_layers (busiest rank's tokens)`` plus
+the all_reduce of the gradients of experts replicated across ranks (their
+bytes at ``bandwidth``: a replica whose compute saving does not pay for its
+gradients' sum is not worth a migration), ``b``
 fitted on the windows measured so far (until two windows differ in load,
 ``b`` assumes half of the step is expert compute). The migration cost is
 measured on the previous migration (seconds per byte moved), and before the
-first from ``bandwidth``. ``clock`` times the steps (``time.perf_counter``;
+first from ``bandwidth`` (bytes per second; by default the inter-node link
+``moe-ascend launch`` shaped, else 1 Gbit/s). ``clock`` times the steps (``time.perf_counter``;
 a benchmark that interleaves several models gives each its own stopwatch).
 
 ``policy``: ``"dynamic"`` (the above), ``"static"`` (the EPLB-style baseline:
@@ -50,6 +55,15 @@ POLICIES = ("dynamic", "static", "observe")
 _AT_THE_STEP = object()  # a replica sum that waits for the optimizer step (not started in backward)
 
 
+def link_bytes_per_s() -> float:
+    """The inter-node link's rate in bytes per second: ``moe-ascend launch``'s shaping when it shaped one, else
+    1 Gbit/s."""
+    from moe_ascend.runtime.launcher import cluster_from_environment
+
+    cluster = cluster_from_environment() or {}
+    return cluster["bandwidth_bits_per_s"] / 8 if cluster.get("shaped") else 125e6
+
+
 def balanced_layers(model: torch.nn.Module) -> list:
     from moe_ascend.runtime.moe_layer import MoELayer
 
@@ -71,26 +85,40 @@ def read_loads(layers, group=None, step_time: float = 0.0) -> tuple[torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
-def _replica_rows(placement: Placement, rank: int) -> tuple[int, list[tuple[int, int]]]:
-    """How many experts have replicas, and ``(local slot, that expert's index among them)`` for this rank's replicas
+def _replica_rows(placement: Placement, rank: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """``(rows, spanning, local)``: the rows of this rank's replica sums, of which the first ``spanning`` are the
+    experts with replicas on more than one rank (the same on every rank, so only they cross ranks); the others are
+    experts whose replicas all live here; ``local`` is ``(local slot, row)`` for each of this rank's replicas
     (once per placement: every weight of every backward asks)."""
-    replicated = sorted(e for e, copies in Counter(placement.slot_experts).items() if copies > 1)
-    index = {e: i for i, e in enumerate(replicated)}
-    mine = placement.slot_experts[rank * placement.slots_per_rank:(rank + 1) * placement.slots_per_rank]
-    return len(replicated), [(slot, index[e]) for slot, e in enumerate(mine) if e in index]
+    per_rank = placement.slots_per_rank
+    ranks_holding: dict[int, set[int]] = {}
+    for slot, expert in enumerate(placement.slot_experts):
+        ranks_holding.setdefault(expert, set()).add(slot // per_rank)
+    copies = Counter(placement.slot_experts)
+    spanning = sorted(e for e, held in ranks_holding.items() if len(held) > 1)
+    here_only = sorted(e for e, held in ranks_holding.items() if held == {rank} and copies[e] > 1)
+    row = {e: i for i, e in enumerate(spanning + here_only)}
+    mine = placement.slot_experts[rank * per_rank:(rank + 1) * per_rank]
+    return len(row), len(spanning), [(slot, row[e]) for slot, e in enumerate(mine) if e in row]
+
+
+def spanning_replicas(placement: Placement) -> int:
+    """How many experts have replicas on more than one rank: their gradients are summed across ranks every step."""
+    return _replica_rows(placement, 0)[1]
 
 
 def start_replica_sum(layer, weight: torch.Tensor, group=None) -> tuple | None:
-    """Sum ``weight.grad`` over the replicas of each replicated expert: this rank's replicas locally, then an
-    all_reduce that runs asynchronously (``finish_replica_sum`` waits for it). None when nothing is replicated."""
+    """Sum ``weight.grad`` over the replicas of each replicated expert: this rank's replicas locally, then, for the
+    experts with replicas on other ranks too, an all_reduce that runs asynchronously (``finish_replica_sum`` waits
+    for it). None when nothing is replicated."""
     distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-    replicated, local = _replica_rows(layer.placement, dist.get_rank(group) if distributed else 0)
-    if not replicated:
+    rows, spanning, local = _replica_rows(layer.placement, dist.get_rank(group) if distributed else 0)
+    if not rows:
         return None
-    total = weight.grad.new_zeros(replicated, *weight.shape[1:])
+    total = weight.grad.new_zeros(rows, *weight.shape[1:])
     for slot, i in local:
         total[i] += weight.grad[slot]
-    work = dist.all_reduce(total, group=group, async_op=True) if distributed else None
+    work = dist.all_reduce(total[:spanning], group=group, async_op=True) if distributed and spanning else None
     return local, total, work
 
 
@@ -124,7 +152,7 @@ class Stopwatch:
 class ExpertBalancer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group=None, interval: int = 10,
                  horizon: int = 10, min_interval: int = 50, predictor: str = "trend", policy: str = "dynamic",
-                 ranks_per_node: int | None = None, bandwidth: float = 125e6,
+                 ranks_per_node: int | None = None, bandwidth: float | None = None,
                  fault: Callable[[str], None] | None = None, clock: Callable[[], float] = time.perf_counter):
         self.layers = balanced_layers(model)
         if not self.layers:
@@ -142,7 +170,8 @@ class ExpertBalancer:
         self.interval, self.horizon, self.min_interval = interval, horizon, min_interval
         self.policy, self.ranks_per_node, self.fault, self.clock = policy, ranks_per_node, fault, clock
         self.predictor = PREDICTORS[predictor]()
-        self.seconds_per_byte = 1 / bandwidth
+        self.bandwidth = bandwidth or link_bytes_per_s()
+        self.seconds_per_byte = 1 / self.bandwidth
         self.steps, self.last_migration, self.window_started = 0, -min_interval, None
         self.windows: list[dict] = []  # one per interval: what was measured, predicted and decided
         self.migrations: list[MigrationReport] = []
@@ -229,8 +258,7 @@ class ExpertBalancer:
         new = [plan_placement(load, p) for load, p in zip(predicted, self.placements)]
         if all(a == b for a, b in zip(new, self.placements)):
             return
-        saved = self._seconds_per_token() * (self._busiest(self.placements, predicted) - self._busiest(new, predicted))
-        gain, cost = self.horizon * self.interval * saved, self._migration_cost(new)
+        gain, cost = self.horizon * self.interval * self._seconds_saved(new, predicted), self._migration_cost(new)
         window.update(predicted_gain_s=gain, predicted_cost_s=cost)
         if gain > cost:
             self._migrate(new, window)
@@ -271,6 +299,19 @@ class ExpertBalancer:
             if slope > 0:
                 return slope
         return 0.5 * mean_y / mean_x if mean_x else 0.0
+
+    def _seconds_saved(self, new: list[Placement], predicted) -> float:
+        """Per step: the busiest ranks' tokens that ``new`` takes off, less the replica sums it adds across ranks."""
+        compute = self._seconds_per_token() * (self._busiest(self.placements, predicted) - self._busiest(new, predicted))
+        return compute - (self._replica_sum_seconds(new) - self._replica_sum_seconds(self.placements))
+
+    def _replica_sum_seconds(self, placements: list[Placement]) -> float:
+        """A step's all_reduce of the gradients of experts replicated across ranks: a ring's 2(W−1)/W of their bytes
+        at ``bandwidth``, counted whole (backward hides part of it; a measured wait would time the ranks' skew too)."""
+        per_byte = 2 * (self.ranks - 1) / self.ranks / self.bandwidth
+        return per_byte * sum(
+            spanning_replicas(p) * sum(w[0].numel() * w.element_size() for w in (layer.w_gate_up, layer.w_down))
+            for layer, p in zip(self.layers, placements))
 
     def _bytes_to_move(self, new: list[Placement]) -> int:
         return sum(slot_bytes(slot_tensors(layer, self.optimizer)) * len(transfers(old, placement))
