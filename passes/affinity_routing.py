@@ -228,14 +228,19 @@ def _expert_choice(gm, layer, router: Router, dispatch, owner, delta, expert_ids
 def expert_choice_capacity(tokens: int, width: int, num_experts: int, layer_capacity: int, state, form: str = "exact") -> int:
     """C for expert choice: LocMoE's bound at the least chosen affinity, at least ceil(T / E), at most the layer's."""
     floor = math.ceil(tokens / num_experts)
-    least = kernels.running_affinity(state)[1] if state is not None else float("nan")
+    least = _least_affinity(state)
     bound = math.ceil(capacity_lower_bound(least, width, num_experts, form)) if 0 < least < 1 else 0
     return min(layer_capacity, max(floor, bound))
 
 
+def _least_affinity(state) -> float:
+    """The chosen pairs' least affinity over the recent steps, where the bound is taken (NaN with no state)."""
+    return kernels.running_affinity(state)[1] if state is not None else float("nan")
+
+
 def _bounds_line(tokens: int, width: int, num_experts: int, layer_capacity: int, state) -> str:
     """What C was chosen from: LocMoE's bound in both forms at the least chosen affinity, the floor and the ceiling."""
-    least = kernels.running_affinity(state)[1] if state is not None else float("nan")
+    least = _least_affinity(state)
     bounds = (", ".join(f"{form} {capacity_lower_bound(least, width, num_experts, form):.4g}" for form in FORMS)
               if 0 < least < 1 else "none: no affinity observed in (0, 1)")
     return (f"LocMoE's bound at the least chosen affinity {least:.3f}: {bounds}; floor ceil(T/E) = "
