@@ -12,6 +12,7 @@ from moe_ascend.runtime import MoELayer
 from moe_ascend.runtime.balance import (ExpertBalancer, Placement, PlacementError, greedy_placement, imbalance, migrate,
                                         plan_placement, prediction_error)
 from moe_ascend.runtime.balance.balancer import _replica_rows, spanning_replicas
+from moe_ascend.runtime.balance.migrate import slot_bytes
 from moe_ascend.runtime.balance.placement import physical_slots
 from moe_ascend.runtime.balance.planner import moved_experts
 
@@ -283,7 +284,7 @@ def test_a_placement_pays_each_step_for_the_replicas_it_spreads_across_ranks():
     layer = MoELayer(D, F, E, K, balance=True, redundant_experts=2)
     balancer = ExpertBalancer(layer, torch.optim.SGD(layer.parameters(), lr=0.0), bandwidth=1e6)
     balancer.ranks = 2  # the model as on two ranks: a ring all_reduce sends 2(W-1)/W = once the bytes
-    expert_bytes = sum(w[0].numel() * w.element_size() for w in (layer.w_gate_up, layer.w_down))
+    expert_bytes = slot_bytes([layer.w_gate_up, layer.w_down])  # one expert's two weights
     spread, kept_home = Placement((0, 1, 2, 3, 0, 1), E, 2), Placement((0, 1, 0, 2, 3, 2), E, 2)
     assert balancer._replica_sum_seconds([spread]) == pytest.approx(2 * expert_bytes / 1e6)
     assert balancer._replica_sum_seconds([kept_home]) == 0.0

@@ -310,8 +310,7 @@ class ExpertBalancer:
         at ``bandwidth``, counted whole (backward hides part of it; a measured wait would time the ranks' skew too)."""
         per_byte = 2 * (self.ranks - 1) / self.ranks / self.bandwidth
         return per_byte * sum(
-            spanning_replicas(p) * sum(w[0].numel() * w.element_size() for w in (layer.w_gate_up, layer.w_down))
-            for layer, p in zip(self.layers, placements))
+            spanning_replicas(p) * slot_bytes([layer.w_gate_up, layer.w_down]) for layer, p in zip(self.layers, placements))
 
     def _bytes_to_move(self, new: list[Placement]) -> int:
         return sum(slot_bytes(slot_tensors(layer, self.optimizer)) * len(transfers(old, placement))
