@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
 from moe_ascend.runtime.exchange_group import ReceiveFirstGroup, exchange_group
-from tests.distributed import run_ranks
+from distributed import run_ranks
 
 
 def _exchanges_like_gloo(rank, world_size):
