@@ -90,8 +90,9 @@ def test_ranks_see_their_node_and_the_hierarchy_groups():
 def test_inter_node_throughput_matches_the_shaping():
     done = run_launch("--nodes", "2", "--inter-node-bandwidth", "200mbit", "--", PROBE, "throughput")
     assert done.returncode == 0, done.stdout + done.stderr
-    measured = results(done.stdout)[1]["bits_per_s"]
-    assert measured == pytest.approx(200e6, rel=0.2)
+    receiver = results(done.stdout)[1]
+    assert receiver["bits_per_s"] == pytest.approx(200e6, rel=0.2)
+    assert receiver["uplink_mtu"] == launcher.UPLINK_MTU
 
 
 @needs_shaping

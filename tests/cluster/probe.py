@@ -35,7 +35,8 @@ def throughput(nbytes: int = 10_000_000) -> dict:
             dist.recv(message, 0)
         dist.barrier()
         seconds = time.perf_counter() - started
-    return {"rank": dist.get_rank(), "bits_per_s": nbytes * 8 / seconds}
+    mtu = int(open("/sys/class/net/uplink/mtu").read())
+    return {"rank": dist.get_rank(), "bits_per_s": nbytes * 8 / seconds, "uplink_mtu": mtu}
 
 
 def crash() -> dict:
