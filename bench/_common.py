@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -82,6 +83,12 @@ def worker_arguments(args) -> list[str]:
             continue
         flags.append(f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}"))
     return flags
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far, user and system, all its threads (gloo's among them)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict], None]) -> list[dict]:

@@ -28,13 +28,12 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import anchored_figure, median, run_layouts, write_cluster_result  # noqa: E402
+from _common import anchored_figure, cpu_seconds, median, run_layouts, write_cluster_result  # noqa: E402
 
 
 def main() -> None:
@@ -191,12 +190,6 @@ def predicted_ratio(num_experts: int, top_k: int, nodes: int) -> float:
     per_node = num_experts // nodes
     miss = math.comb(num_experts - per_node, top_k) / math.comb(num_experts, top_k)
     return (nodes - 1) * (1 - miss) / (top_k * (nodes - 1) / nodes)
-
-
-def cpu_seconds() -> float:
-    """This process's CPU time so far, user and system, all its threads (gloo's among them)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def uplink_tx_bytes() -> int:

@@ -18,6 +18,13 @@ rank's; the median over rounds is reported.
 
     hidden fraction = (T_serial - T_step) / (T_serial - T_compute_only)
 
+Beside it, the CPU time the replayed all-to-alls take on the busiest rank
+(``comm_cpu_s``: gloo's threads and the kernel's TCP work, which a NIC's DMA
+does on real hardware) bounds what this machine can hide: with one core per
+rank that CPU time cannot run under the rank's compute, so
+
+    hidden_fraction_ceiling = 1 - comm_cpu_s / (T_serial - T_compute_only)
+
 hierarchical_a2a is off throughout: this measures overlap alone (the two-step
 exchange has bench/a2a.py). The figure is auto's hidden fraction on 2 nodes x
 1 rank at 1 Gbit/s; 2 x 2 (four ranks on two cores, DESIGN.md) is reported beside it.
@@ -36,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import anchored_figure, median, run_layouts, worker_arguments, write_cluster_result  # noqa: E402
+from _common import anchored_figure, cpu_seconds, median, run_layouts, worker_arguments, write_cluster_result  # noqa: E402
 
 CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto"}
 
@@ -59,13 +66,14 @@ def main() -> None:
         return worker(args)
 
     print(f"{'layout':<7}{'config':<10}{'chunks':>7}{'T_step ms':>11}{'compute ms':>12}{'comm ms':>9}{'hidden':>8}"
-          f"{'/max':>7}", flush=True)
+          f"{'/max':>7}{'comm cpu ms':>13}{'ceiling':>9}", flush=True)
     worker_args = worker_arguments(args)
 
     def show(run: dict) -> None:
         print(f"{run['layout']:<7}{run['config']:<10}{run['chunks'] or '':>7}{run['T_step'] * 1e3:>11.1f}"
               + (f"{run['T_compute_only'] * 1e3:>12.1f}{run['T_comm_only'] * 1e3:>9.1f}{run['hidden_fraction']:>8.3f}"
-                 f"{run['step_over_max']:>7.2f}" if "T_compute_only" in run else ""), flush=True)
+                 f"{run['step_over_max']:>7.2f}{run['comm_cpu_s'] * 1e3:>13.1f}{run['hidden_fraction_ceiling']:>9.3f}"
+                 if "T_compute_only" in run else ""), flush=True)
 
     runs = run_layouts(__file__, args, worker_args, show)
     figure = anchored_figure(runs, "hidden_fraction", "hidden_fraction", 0.90,
@@ -155,15 +163,17 @@ def worker(args) -> None:
     timed = {**{n: (lambda f=f: step(f)) for n, f in steps.items()},
              **{n + " comm": (lambda n=n: replay(n)) for n, o in CONFIGS.items() if o is not None}}
     times: dict[str, list[float]] = {n: [] for n in timed}
+    cpu: dict[str, list[float]] = {n: [] for n in timed}  # the busiest rank's CPU seconds (all its threads)
     names = list(timed)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             dist.barrier()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds()
             timed[name]()
-            elapsed = torch.tensor([time.perf_counter() - started])
+            elapsed = torch.tensor([time.perf_counter() - started, cpu_seconds() - cpu_started])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            times[name].append(elapsed.item())
+            times[name].append(elapsed[0].item())
+            cpu[name].append(elapsed[1].item())
 
     if rank == 0:
         t = {n: median(v) for n, v in times.items()}
@@ -174,8 +184,11 @@ def worker(args) -> None:
                    "shaped": cluster["shaped"], "ranks": dist.get_world_size()}
             if overlap is not None:
                 compute, comm = t[name + " compute"], t[name + " comm"]
+                comm_cpu = median(cpu[name + " comm"])
                 run |= {"T_compute_only": compute, "T_comm_only": comm, "T_serial": serial,
                         "hidden_fraction": (serial - t[name]) / (serial - compute),
+                        # A rank has one core: the CPU its transfers need cannot hide under its compute.
+                        "comm_cpu_s": comm_cpu, "hidden_fraction_ceiling": 1 - comm_cpu / (serial - compute),
                         "step_over_max": t[name] / max(compute, comm),
                         "T_compute_only_all_s": times[name + " compute"], "T_comm_only_all_s": times[name + " comm"]}
             print("RESULT " + json.dumps(run), flush=True)
