@@ -47,7 +47,7 @@ MASTER_PORT = 29500
 HEAP_RETAINING_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 UPLINK = "uplink"
 # Jumbo frames, as data-centre fabrics run: at 1500 bytes the per-packet work of veth, bridge and tc on the shared
-# cores held the bare inter-node transfer to 0.79-0.83 of the shaped rate here, at 9000 it reaches 0.86-0.89.
+# cores held bench/a2a's bare 4 x 2 top-8 transfer to 0.79-0.83 of the shaped rate here; at 9000 it gave 0.82-0.89.
 UPLINK_MTU = 9000
 
 
