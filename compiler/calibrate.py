@@ -127,10 +127,19 @@ def measure_matmul(rows=ROWS, hidden: int = HIDDEN, repeats: int = 5) -> dict:
 
 def measure_expert_matmul(rows=EXPERT_ROWS, experts: int = 4, hidden: int = HIDDEN, ffn: int = HIDDEN,
                           repeats: int = 5) -> dict:
+    rates = [expert_matmul_rate(m, experts, hidden, ffn, repeats) for m in rows]
+    peak, half = fit_matmul(rows, rates)
+    return {"rows": list(rows), "flops_per_s": rates, "expert_matmul_flops": peak, "expert_rows_at_half_efficiency": half}
+
+
+def expert_matmul_rate(rows: int, experts: int = 4, hidden: int = HIDDEN, ffn: int = HIDDEN, repeats: int = 5) -> float:
+    """FLOP/s of SwiGLU experts as the MoE layer runs them (``grouped_mm_batched``), forward and backward, ``rows``
+    rows for each of ``experts``, on one thread."""
     import torch.nn.functional as F
 
     import moe_ascend.kernels as ops
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     w_gate_up = torch.randn(experts, hidden, 2 * ffn, requires_grad=True)
     w_down = torch.randn(experts, ffn, hidden, requires_grad=True)
@@ -139,12 +148,11 @@ def measure_expert_matmul(rows=EXPERT_ROWS, experts: int = 4, hidden: int = HIDD
         gate, up = ops.grouped_mm_batched(x, w_gate_up).chunk(2, dim=-1)
         return ops.grouped_mm_batched(F.silu(gate) * up, w_down)
 
-    rates = []
-    for m in rows:
-        x = torch.randn(experts, m, hidden, requires_grad=True)
-        rates.append(18 * experts * m * hidden * ffn / _median_seconds(_forward_backward(swiglu, x), repeats))
-    peak, half = fit_matmul(rows, rates)
-    return {"rows": list(rows), "flops_per_s": rates, "expert_matmul_flops": peak, "expert_rows_at_half_efficiency": half}
+    x = torch.randn(experts, rows, hidden, requires_grad=True)
+    try:
+        return 18 * experts * rows * hidden * ffn / _median_seconds(_forward_backward(swiglu, x), repeats)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measure_memory(megabytes: int = 64, repeats: int = 5) -> float:

@@ -8,7 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from moe_ascend.kernels.errors import MoEAscendError
+from moe_ascend.kernels.errors import LaunchError, MoEAscendError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
                     "each node is a network namespace and tc shapes its uplink; otherwise every rank runs on loopback.")
     launch.add_argument("--nodes", type=int, required=True)
     launch.add_argument("--ranks-per-node", type=int, default=1)
-    launch.add_argument("--inter-node-bandwidth", default="1gbit", help="tc rate of each node's uplink (default 1gbit)")
+    launch.add_argument("--inter-node-bandwidth", default=None,
+                        help="tc rate of each node's uplink (default 1gbit; not with --scale-to)")
     launch.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")
+    launch.add_argument("--scale-to", metavar="TARGET", default=None,
+                        help="shape the uplinks and each node's loopback so that this host's compute rate over each link's "
+                             "rate equals TARGET's (a hardware YAML file, or a shipped one: " + ", ".join(_shipped("hardware")) + ")")
+    launch.add_argument("--host-flops", type=float, default=None,
+                        help="with --scale-to: this host's per-rank compute rate in FLOP/s (default: measured now)")
     launch.add_argument("command_args", metavar="command", nargs=argparse.REMAINDER, help="-- script.py ARGS (or any program)")
 
     calibrate = commands.add_parser(
@@ -85,11 +91,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1) if args.json else format_table(summary))
         return 0
     if args.command == "launch":
-        from moe_ascend.runtime.launcher import ClusterSpec, launch
+        from moe_ascend.runtime.launcher import launch
 
         command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
-        spec = ClusterSpec(args.nodes, args.ranks_per_node, args.inter_node_bandwidth, args.inter_node_latency)
-        return launch(spec, command)
+        return launch(_cluster_spec(args), command)
     if args.command == "doctor":
         if args.ascend_check is not None:
             from moe_ascend.compiler.ascend_coverage import check_dump, format_check
@@ -110,6 +115,26 @@ def _run(args: argparse.Namespace) -> int:
         runpy.run_path(str(script), run_name="__main__")
         return 0
     raise AssertionError(args.command)
+
+
+def _cluster_spec(args: argparse.Namespace):
+    """The emulated cluster ``launch`` asked for: explicit rates, or rates scaled to a target's balance."""
+    from moe_ascend.runtime.launcher import ClusterSpec
+
+    if args.scale_to is None:
+        if args.host_flops is not None:
+            raise LaunchError("--host-flops sets the rate --scale-to scales from: give --scale-to TARGET too")
+        return ClusterSpec(args.nodes, args.ranks_per_node, args.inter_node_bandwidth or "1gbit", args.inter_node_latency)
+    if args.inter_node_bandwidth is not None:
+        raise LaunchError("--scale-to sets the inter-node bandwidth itself: give one of --scale-to and "
+                             "--inter-node-bandwidth, not both")
+    from moe_ascend.compiler.scaling import scale_to
+
+    links = scale_to(args.scale_to, args.host_flops)
+    print(f"moe-ascend launch: {links.describe(args.ranks_per_node)}", flush=True)
+    return ClusterSpec(args.nodes, args.ranks_per_node, f"{links.uplink_bits(args.ranks_per_node):.0f}bit",
+                       args.inter_node_latency, intra_node_bandwidth=f"{links.loopback_bits(args.ranks_per_node):.0f}bit",
+                       scaled_to=links.to_json())
 
 
 def _shipped(kind: str) -> list[str]:

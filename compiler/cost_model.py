@@ -27,6 +27,7 @@ import torch.fx
 
 from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel
 from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
+from moe_ascend.runtime.launcher import cluster_from_environment
 
 FREE_OPS = {
     "view", "_unsafe_view", "reshape", "permute", "expand", "t", "transpose", "unsqueeze",
@@ -59,16 +60,28 @@ HARDWARE_ENV = "MOE_ASCEND_HARDWARE"
 
 def platform_hardware() -> Hardware:
     """The hardware profile of the devices this process trains on: ``$MOE_ASCEND_HARDWARE`` where set, else the
-    shipped profile of an Ascend NPU, a CUDA GPU or this CPU."""
+    shipped profile of an Ascend NPU or a CUDA GPU, else this CPU's with the links of the emulated cluster it runs
+    in (``moe-ascend launch`` shaped them: the ``"auto"`` choices must price the link in force)."""
     import importlib.util
 
-    name = os.environ.get(HARDWARE_ENV)
-    if not name:
-        if importlib.util.find_spec("torch_npu") is not None:
-            name = "ascend-910b"
-        else:
-            name = "h100" if torch.cuda.is_available() else "cpu-calibrated"
-    return Hardware.load(name)
+    if name := os.environ.get(HARDWARE_ENV):
+        return Hardware.load(name)
+    if importlib.util.find_spec("torch_npu") is not None:
+        return Hardware.load("ascend-910b")
+    if torch.cuda.is_available():
+        return Hardware.load("h100")
+    return with_shaped_links(Hardware.load("cpu-calibrated"), cluster_from_environment())
+
+
+def with_shaped_links(hardware: Hardware, cluster: dict | None) -> Hardware:
+    """``hardware`` with the link rates the launcher shaped (``cluster``: its ``MOE_ASCEND_CLUSTER``), where it
+    shaped them: the node's uplink, and each rank's share of the node's loopback."""
+    if not cluster or not cluster.get("shaped"):
+        return hardware
+    links = {"inter_node_bandwidth": cluster["bandwidth_bits_per_s"] / 8}
+    if cluster.get("intra_bandwidth_bits_per_s"):
+        links["intra_node_bandwidth"] = cluster["intra_bandwidth_bits_per_s"] / 8 / cluster["ranks_per_node"]
+    return replace(hardware, name=f"{hardware.name} on the shaped links", **links)
 
 
 @dataclass(frozen=True)

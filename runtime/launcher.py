@@ -11,8 +11,10 @@ veth (jumbo frames) into a bridge that lives in a namespace of its own. ``tc`` s
 directions of every uplink (a token bucket at the link rate, plus a delay
 where the kernel has ``netem``), so traffic between nodes crosses a slow link
 while ranks of one node talk over that namespace's loopback, as NVLink/HCCS
-beside a slower NIC. Every address lives inside these namespaces; the host's
-network is untouched. The namespaces are removed on every exit path: normal
+beside a slower NIC. Where the spec gives an intra-node rate (``moe-ascend launch
+--scale-to``), a token bucket on each node's loopback holds the node's ranks to
+it together: every byte between two ranks of a node crosses that loopback once.
+Every address lives inside these namespaces; the host's network is untouched. The namespaces are removed on every exit path: normal
 end, a failed rank, Ctrl-C or SIGTERM, and, for a launcher that was killed
 outright, by the next launch (namespaces named after a dead launcher's pid).
 
@@ -49,6 +51,7 @@ UPLINK = "uplink"
 # Jumbo frames, as data-centre fabrics run: at 1500 bytes the per-packet work of veth, bridge and tc on the shared
 # cores held bench/a2a's bare 4 x 2 top-8 transfer to 0.79-0.83 of the shaped rate here; at 9000 it gave 0.82-0.89.
 UPLINK_MTU = 9000
+LOOPBACK_MTU = 65536  # Linux's default for lo
 
 
 @dataclass
@@ -57,6 +60,8 @@ class ClusterSpec:
     ranks_per_node: int
     inter_node_bandwidth: str = "1gbit"
     inter_node_latency: str = "100us"
+    intra_node_bandwidth: str | None = None  # each node's loopback, all its ranks together; None: unshaped
+    scaled_to: dict | None = None  # the target whose balance the rates give (compiler.scaling.ScaledLinks)
     shaped: bool = False  # set once the links are really shaped
     latency_shaped: bool = False
     notes: list[str] = field(default_factory=list)
@@ -67,6 +72,7 @@ class ClusterSpec:
         if self.nodes > 200:
             raise LaunchError(f"--nodes {self.nodes}: the emulated cluster has room for 200 nodes")
         self.bandwidth_bits = parse_rate(self.inter_node_bandwidth)
+        self.intra_bandwidth_bits = parse_rate(self.intra_node_bandwidth) if self.intra_node_bandwidth else None
         self.latency_s = parse_time(self.inter_node_latency)
 
     @property
@@ -74,7 +80,8 @@ class ClusterSpec:
         return self.nodes * self.ranks_per_node
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self) | {"bandwidth_bits_per_s": self.bandwidth_bits, "latency_s": self.latency_s})
+        return json.dumps(asdict(self) | {"bandwidth_bits_per_s": self.bandwidth_bits, "latency_s": self.latency_s,
+                                          "intra_bandwidth_bits_per_s": self.intra_bandwidth_bits})
 
 
 def parse_rate(text: str) -> float:
@@ -142,6 +149,8 @@ class EmulatedCluster:
             with open(f"/etc/netns/{ns}/hosts", "w") as f:
                 f.write(hosts)
             _ip("-n", ns, "link", "set", "lo", "up")
+            if self.spec.intra_bandwidth_bits:  # ranks of the node reach each other through this loopback only
+                _tc("-n", ns, "qdisc", "add", "dev", "lo", "root", *_token_bucket(self.spec.intra_bandwidth_bits, LOOPBACK_MTU))
             _ip("-n", ns, "link", "add", UPLINK, "mtu", str(UPLINK_MTU), "type", "veth",
                 "peer", "name", port, "mtu", str(UPLINK_MTU), "netns", self.switch)
             _ip("-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", UPLINK)
@@ -155,8 +164,7 @@ class EmulatedCluster:
 
     def _shape(self, ns: str, dev: str) -> None:
         """A token bucket at the link rate, under a netem delay where the kernel has netem."""
-        burst = max(64 * 1024, int(self.spec.bandwidth_bits / 8 / 1000))  # about 1 ms at the link rate
-        bucket = ["tbf", "rate", f"{int(self.spec.bandwidth_bits)}bit", "burst", str(burst), "latency", "50ms"]
+        bucket = _token_bucket(self.spec.bandwidth_bits, UPLINK_MTU)
         if self._delay(ns, dev):
             _tc("-n", ns, "qdisc", "add", "dev", dev, "parent", "1:", *bucket)
         else:
@@ -182,6 +190,13 @@ class EmulatedCluster:
         """Deleting a namespace deletes its veth ends and, with them, their peers and the bridge ports."""
         for ns in [*self.node_ns, self.switch]:
             _remove_namespace(ns)
+
+
+def _token_bucket(bits_per_s: float, mtu: int) -> list[str]:
+    """tc's token bucket at ``bits_per_s``: a burst of about 1 ms at that rate, and never under a few packets
+    (tbf drops a packet larger than its burst)."""
+    burst = max(64 * 1024, 4 * mtu, int(bits_per_s / 8 / 1000))
+    return ["tbf", "rate", f"{int(bits_per_s)}bit", "burst", str(burst), "latency", "50ms"]
 
 
 def remove_stale_namespaces() -> list[str]:

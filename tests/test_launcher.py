@@ -96,6 +96,28 @@ def test_inter_node_throughput_matches_the_shaping():
 
 
 @needs_shaping
+def test_scaled_links_give_each_rank_the_rates_the_launcher_printed():
+    done = run_launch("--nodes", "2", "--ranks-per-node", "2", "--scale-to", "ascend-910b", "--host-flops", "1e11",
+                      "--", PROBE, "rates")
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = re.search(r"each rank gets ([\d.]+) MB/s across nodes .* and ([\d.]+) MB/s inside its node", done.stdout)
+    inter, intra = float(printed[1]) * 1e6, float(printed[2]) * 1e6
+    # 910B: 203 TFLOP/s over 25 GB/s per NPU across nodes, 196 GB/s inside; this "host" 100 GFLOP/s a rank
+    assert inter == pytest.approx(1e11 / (313e12 * 0.65 / 25e9), rel=1e-3)
+    assert intra == pytest.approx(1e11 / (313e12 * 0.65 / 196e9), rel=1e-3)
+    for rank in results(done.stdout):
+        assert rank["inter_bytes_per_s"] == pytest.approx(inter, rel=0.15)
+        assert rank["intra_bytes_per_s"] == pytest.approx(intra, rel=0.15)
+    assert our_namespaces() == []
+
+
+def test_scaled_links_are_asked_for_once():
+    for flags in (["--scale-to", "h100", "--inter-node-bandwidth", "1gbit"], ["--host-flops", "1e11"]):
+        done = run_launch("--nodes", "2", *flags, "--", "true")
+        assert done.returncode == 2 and "--scale-to" in done.stderr
+
+
+@needs_shaping
 def test_a_crashing_rank_ends_the_job_with_its_error_and_leaves_nothing_behind():
     links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count("\n")
     done = run_launch("--nodes", "2", "--", PROBE, "crash")

@@ -11,6 +11,7 @@ from graphs import code_lines
 from moe_ascend.passes import PassResult
 from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
 from moe_ascend.runtime import MoELayer
+from moe_ascend.runtime.launcher import ClusterSpec
 
 EXPERT_MATMULS = ("grouped_mm_batched", "bmm")
 
@@ -20,7 +21,7 @@ def small_layer(**kwargs):
     return MoELayer(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD, **kwargs)
 
 
-def compiled_graphs(temporary_passes, options, layer=None):
+def compiled_graphs(temporary_passes, options, layer=None, x=None):
     """Run one training step; return the code after chunk_for_overlap and each post-grad graph's nodes."""
     seen = {}
 
@@ -34,7 +35,7 @@ def compiled_graphs(temporary_passes, options, layer=None):
         seen[ctx.role] = list(gm.graph.nodes)
         return PassResult(gm, False)
 
-    x = torch.randn(12, 8, requires_grad=True)
+    x = torch.randn(12, 8, requires_grad=True) if x is None else x
     torch.compile(layer or small_layer(), backend="moe_ascend", options={"target": "eager", **options})(x).sum().backward()
     return seen
 
@@ -283,4 +284,20 @@ def test_auto_takes_the_chunk_count_the_step_model_predicts_fastest(fake_two_ran
     path.write_text("".join(f"{key}: {value}\n" for key, value in profile.items()))
     monkeypatch.setenv("MOE_ASCEND_HARDWARE", str(path))
     lines = compiled_graphs(temporary_passes, {"overlap": "auto"})["pre_grad"]
+    assert sum(bool(re.match(r"\s*slots_\d+ = torch\.narrow", line)) for line in lines) == chunks
+
+
+@pytest.mark.parametrize("uplink, chunks", [("10gbit", 0), ("100mbit", 2)])
+def test_auto_prices_the_link_the_launcher_shaped(fake_two_ranks, temporary_passes, monkeypatch, uplink, chunks):
+    # Two nodes of one rank as `moe-ascend launch` describes them to each rank. Over a fast uplink a second
+    # exchange costs more than it hides; over a slow one the chunked exchange is faster.
+    cluster = ClusterSpec(nodes=2, ranks_per_node=1, inter_node_bandwidth=uplink)
+    cluster.shaped = True
+    monkeypatch.setenv("MOE_ASCEND_CLUSTER", cluster.to_json())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("MOE_ASCEND_HARDWARE", raising=False)
+    torch.manual_seed(0)
+    layer = MoELayer(512, 1024, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD)
+    x = torch.randn(1024, 512, requires_grad=True)
+    lines = compiled_graphs(temporary_passes, {"overlap": "auto", "hierarchical_a2a": False}, layer, x)["pre_grad"]
     assert sum(bool(re.match(r"\s*slots_\d+ = torch\.narrow", line)) for line in lines) == chunks
