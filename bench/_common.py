@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,6 +11,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -43,11 +45,11 @@ def write_result(name: str, figure: dict, runs: list, config: dict, path: str | 
     return out
 
 
-def write_cluster_result(name: str, figure: dict, runs: list, args) -> Path:
+def write_cluster_result(name: str, figure: dict, runs: list, args, **top_level) -> Path:
     """``write_result`` for a ``run_on_cluster`` benchmark: its config is its arguments, less the worker flag and
     the output path."""
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
-    return write_result(name, figure, runs, config, args.json)
+    return write_result(name, figure, runs, config, args.json, **top_level)
 
 
 def retain_freed_memory() -> None:
@@ -63,23 +65,71 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
-def run_on_cluster(script: str, layout: str, bandwidth: str, worker_args: list[str]) -> list[dict]:
-    """``script --worker ARGS`` on the emulated cluster of ``layout`` (``NODESxRANKS_PER_NODE``); rank 0's
-    ``RESULT {json}`` lines, each with its layout. A failed run ends the benchmark with its output."""
+# Every benchmark runs the scaled regime (the figure's) and reports the 1 Gbit/s run beside it.
+REGIMES = "ascend-910b,1gbit"
+# host_comm_share above these (CPU seconds in communication over its wire seconds, busiest rank) means this host's
+# TCP and gloo work, not the shaped link, sets the pace: one core per rank, or more ranks than cores.
+HOST_COMM_SHARE_LIMIT = {"own_core": 0.05, "shared_cores": 0.10}
+
+
+def add_regime_arguments(parser: argparse.ArgumentParser, layouts: str) -> None:
+    """``--layouts`` and ``--regimes`` (the links each layout runs on), and ``--host-flops``."""
+    parser.add_argument("--layouts", default=layouts, help=f"NODESxRANKS_PER_NODE, comma separated (default {layouts})")
+    parser.add_argument("--regimes", default=REGIMES,
+                        help="comma separated: a target whose compute-to-link balance the links are scaled to (moe-ascend "
+                             "launch --scale-to: ascend-910b, h100 or a hardware YAML), or an inter-node rate such as "
+                             f"1gbit; the first is the figure's (default {REGIMES})")
+    parser.add_argument("--host-flops", type=float, default=None,
+                        help="this host's per-rank compute rate the scaled regimes scale from (default: measured once)")
+
+
+def run_on_cluster(script: str, layout: str, regime: str, worker_args: list[str], host_flops: float | None = None
+                   ) -> list[dict]:
+    """``script --worker ARGS`` on the emulated cluster of ``layout`` (``NODESxRANKS_PER_NODE``) in ``regime`` (a
+    target to scale the links to, with this host's ``host_flops``, or an inter-node rate); rank 0's ``RESULT {json}``
+    lines, each with its layout and regime. A failed run ends the benchmark with its output."""
     nodes, per_node = (int(v) for v in layout.lower().split("x"))
     command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
-               str(per_node), "--inter-node-bandwidth", bandwidth, "--", script, "--worker", *worker_args]
+               str(per_node), *_regime_flags(regime, host_flops), "--", script, "--worker", *worker_args]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"the {layout} run failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
-    return [json.loads(line) | {"layout": layout} for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)]
+        sys.exit(f"the {layout} run ({regime}) failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
+    for line in re.findall(r"^moe-ascend launch: (scaled to .*)$", done.stdout, flags=re.M):
+        print(f"  {layout}: {line}", flush=True)
+    return [json.loads(line) | {"layout": layout, "regime": regime}
+            for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)]
+
+
+def _regime_flags(regime: str, host_flops: float | None) -> list[str]:
+    if _is_rate(regime):
+        return ["--inter-node-bandwidth", regime]
+    return ["--scale-to", regime] + (["--host-flops", str(host_flops)] if host_flops is not None else [])
+
+
+def _is_rate(regime: str) -> bool:
+    return re.fullmatch(r"[0-9.]+[kmg]?bit", regime.lower()) is not None
+
+
+def host_comm_share_checked(share: float | None, layout: str) -> float | None:
+    """``share`` (busiest rank's CPU seconds in communication over their wire seconds), with a warning where it is
+    above the fidelity limit for ``layout``'s ranks on this machine's cores (None: not measured)."""
+    if share is None:
+        return None
+    nodes, per_node = (int(v) for v in layout.lower().split("x"))
+    ranks, cores = nodes * per_node, len(os.sched_getaffinity(0))
+    limit = HOST_COMM_SHARE_LIMIT["own_core" if ranks <= cores else "shared_cores"]
+    if share > limit:
+        print(f"WARNING: host_comm_share {share:.3f} is above {limit}: this host's CPU work of moving the bytes, not "
+              f"the shaped link, sets much of the communication time; read the figure as this machine's, not the "
+              f"target's", file=sys.stderr, flush=True)
+    return share
 
 
 def worker_arguments(args) -> list[str]:
     """The command line that gives a worker ``args`` (less what only the launching side reads)."""
     flags = []
     for name, value in vars(args).items():
-        if name in ("worker", "json", "layouts", "bandwidth") or value is False:
+        if name in ("worker", "json", "layouts", "regimes", "host_flops") or value is False:
             continue
         flags.append(f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}"))
     return flags
@@ -91,18 +141,57 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def replayed_host_comm_share(inter_node_bytes: float, repeats: int = 3) -> float | None:
+    """On every rank of a training job, after its steps: one step's inter-node bytes (``inter_node_bytes``, the
+    largest over the ranks is used) sent again as one even all-to-all on the group the MoE layers exchange on, with
+    nothing else running; the busiest rank's CPU seconds over the exchange's wall seconds, median of ``repeats``."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as fc
+
+    from moe_ascend.runtime import Topology
+    from moe_ascend.runtime.exchange_group import exchange_group
+
+    topology = Topology.detect()
+    world, remote = topology.world_size, topology.world_size - topology.ranks_per_node
+    largest = torch.tensor([float(inter_node_bytes)])
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    if remote == 0 or largest.item() == 0:  # nothing crossed nodes: nothing to measure
+        return None
+    rows = max(1, int(largest.item() / 4 / 1024 / remote))  # rows of 1024 fp32 each rank sends each peer
+    buffer = torch.zeros(world * rows, 1024)
+    group = exchange_group(dist.group.WORLD).group_name
+    shares = []
+    for _ in range(repeats + 1):  # the first warms the companion group up
+        dist.barrier()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
+        fc.wait_tensor(fc.all_to_all_single(buffer, None, None, group))
+        measured = torch.tensor([time.perf_counter() - started, cpu_seconds() - cpu_started])
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+        shares.append(measured[1].item() / measured[0].item())
+    return median(shares[1:])
+
+
 def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict], None]) -> list[dict]:
-    """``run_on_cluster`` on each of ``args.layouts`` (comma-separated) at ``args.bandwidth``; each run is shown
-    with ``show(run)`` as it comes in."""
+    """``run_on_cluster`` on each of ``args.layouts`` in each of ``args.regimes`` (comma-separated; the figure's
+    regime first); each run is shown with ``show(run)`` as it comes in."""
+    regimes = args.regimes.split(",")
+    if args.host_flops is None and not all(map(_is_rate, regimes)):  # once, so every scaled run gets the same links
+        from moe_ascend.compiler.scaling import host_compute_rate
+
+        args.host_flops = host_compute_rate()
     runs = []
-    for layout in args.layouts.split(","):
-        for run in run_on_cluster(script, layout, args.bandwidth, worker_args):
-            runs.append(run)
-            show(run)
+    for regime in regimes:
+        print(f"-- {regime}", flush=True)
+        for layout in args.layouts.split(","):
+            for run in run_on_cluster(script, layout, regime, worker_args, args.host_flops):
+                runs.append(run)
+                show(run)
     return runs
 
 
 def anchored_figure(runs: list[dict], name: str, key: str, goal: float, is_anchor: Callable[[dict], bool]) -> dict:
-    """The headline figure: ``key`` of the first run ``is_anchor`` picks (None when no run is one)."""
+    """The headline figure: ``key`` of the first run ``is_anchor`` picks (None when no run is one): in the first
+    regime, where ``run_layouts`` ran them."""
     anchor = next((r for r in runs if is_anchor(r)), None)
     return {"name": name, "value": anchor[key] if anchor else None, "goal": goal, "higher_is_better": True}

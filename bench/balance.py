@@ -16,7 +16,9 @@ rank and every policy sees the same schedule.
 The three train side by side in one process, taking turns a block of steps at
 a time, so the machine's noisy minutes fall on all of them alike; each policy's
 tokens/s counts its own steps after the first (its migrations included), on
-rank 0. The figure is ``throughput_gain`` = ours / off − 1. Writes
+rank 0. The figure is ``throughput_gain`` = ours / off − 1, in the first of ``--regimes`` (links scaled to
+ascend-910b; the 1 Gbit/s runs beside it), with ``host_comm_share`` (a replay of a step's inter-node bytes:
+the busiest rank's CPU seconds over their wire seconds). Writes
 bench/results/balance.json and a PNG of the imbalance (max / mean rank load)
 over time.
 
@@ -37,7 +39,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, run_layouts, worker_arguments, write_cluster_result  # noqa: E402
+from _common import (add_regime_arguments, host_comm_share_checked, median, replayed_host_comm_share,  # noqa: E402
+                     run_layouts, worker_arguments, write_cluster_result)
 
 import moe_ascend.kernels as ops  # noqa: E402
 from moe_ascend.runtime import MoELayer  # noqa: E402
@@ -133,10 +136,21 @@ def worker(args) -> None:
             turn = block % len(trainees)
             for trainee in trainees[turn:] + trainees[:turn]:
                 trainee.train(range(first, min(first + args.block, args.steps + 1)))
+        share = replayed_host_comm_share(step_inter_node_bytes(args))  # the regime's fidelity
         if dist.get_rank() == 0:
             for trainee in trainees:
-                print("RESULT " + json.dumps(trainee.result() | {"round": round_}), flush=True)
+                print("RESULT " + json.dumps(trainee.result() | {"round": round_, "host_comm_share": share}), flush=True)
     end_process_group()
+
+
+def step_inter_node_bytes(args) -> float:
+    """What a rank sends to other nodes in a step with even routing: each layer's dispatch and combine, forward and
+    backward, of its tokens' top-k rows (fp32), the share of them whose expert is on another node."""
+    from moe_ascend.runtime import Topology
+
+    topology = Topology.detect()
+    remote = 1 - topology.ranks_per_node / topology.world_size
+    return 4 * args.layers * args.tokens * args.top_k * args.width * 4 * remote
 
 
 def compare_planners(trace: torch.Tensor, args, ranks: int) -> dict:
@@ -174,8 +188,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", default="2x1", help="NODESxRANKS_PER_NODE")
-    parser.add_argument("--bandwidth", default="10gbit")
+    add_regime_arguments(parser, "2x1")
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank and step")
@@ -199,13 +212,16 @@ def main() -> None:
     if args.worker:
         return worker(args)
     runs = run_layouts(os.path.abspath(__file__), args, worker_arguments(args), lambda run: print(
-        f"{run['layout']} round {run['round']} {run['policy']:>6}: {run['tokens_per_s']:8.0f} tokens/s "
+        f"{run['layout']} {run['regime']} round {run['round']} {run['policy']:>6}: {run['tokens_per_s']:8.0f} tokens/s "
         f"({run['seconds']:.1f} s), mean imbalance "
         f"{sum(i for _, i in run['imbalance']) / max(1, len(run['imbalance'])):.3f}, "
         f"{sum(m['committed'] for m in run['migrations'])} migrations", flush=True))
-    per_policy = {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p]) for p in POLICIES
-                  if any(r["policy"] == p for r in runs)}
-    trace = torch.tensor(next(r for r in runs if r["policy"] == "off")["trace"])
+    by_regime = {regime: {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p and r["regime"] == regime])
+                          for p in POLICIES if any(r["policy"] == p and r["regime"] == regime for r in runs)}
+                 for regime in dict.fromkeys(r["regime"] for r in runs)}
+    first = [r for r in runs if r["regime"] == runs[0]["regime"]]  # the figure's regime
+    per_policy = by_regime[runs[0]["regime"]]
+    trace = torch.tensor(next(r for r in first if r["policy"] == "off")["trace"])
     errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend")}
     nodes, per_node = (int(v) for v in args.layouts.split(",")[0].lower().split("x"))
     planners = compare_planners(trace, args, nodes * per_node)
@@ -213,12 +229,13 @@ def main() -> None:
         return per_policy[policy] / per_policy["off"] - 1 if {policy, "off"} <= per_policy.keys() else float("nan")
     gain = gain_over_off("ours")
     figure = {"name": "throughput_gain", "value": gain, "goal": 0.25, "higher_is_better": True}
-    out = write_cluster_result("balance", figure, runs, args)
+    share = host_comm_share_checked(runs[0]["host_comm_share"], runs[0]["layout"])
+    out = write_cluster_result("balance", figure, runs, args, host_comm_share=share, regime=runs[0]["regime"])
     data = json.loads(out.read_text())
-    data.update(throughput_gain=gain, static_gain=gain_over_off("static"),
-                tokens_per_s=per_policy, prediction_error=errors, planners_on_trace=planners)
+    data.update(throughput_gain=gain, static_gain=gain_over_off("static"), tokens_per_s=per_policy,
+                tokens_per_s_by_regime=by_regime, prediction_error=errors, planners_on_trace=planners)
     out.write_text(json.dumps(data, indent=1))
-    plot(runs, out.with_suffix(".png"))
+    plot(first, out.with_suffix(".png"))
     print(f"tokens/s {per_policy}; throughput_gain {gain:+.3f}, static {data['static_gain']:+.3f}; "
           f"prediction error (horizon {args.horizon} windows) ema {errors['ema']:.3f}, trend {errors['trend']:.3f}; "
           f"planners on the trace {planners}; wrote {out}")

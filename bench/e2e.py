@@ -1,7 +1,7 @@
 """End to end: examples/train_moe.py's MoE transformer with each technique alone and all together, against the
 inductor baseline, on the emulated cluster.
 
-    python bench/e2e.py                          # 2 x 1 ranks (the figure) and 2 x 2 beside it, 1 Gbit/s
+    python bench/e2e.py                          # 2 x 1 ranks (the figure) and 2 x 2 beside it, scaled and 1 Gbit/s
     python bench/e2e.py --layouts 2x1 --steps 40
 
 The variants:
@@ -18,7 +18,9 @@ order rotating from block to block), so the machine's slow minutes fall on all o
 same model from the same seed on the same bytes for the same steps. A variant's tokens/s counts its steps after
 ``--warmup`` that compiled nothing (a recompile happens once in a run; migrations are counted); its loss is the
 mean training cross-entropy over the last ``--average`` steps. The figure is ``speedup_all_vs_baseline`` on the
-first layout, beside it ``loss_ratio`` (all together / baseline). Writes bench/results/e2e.json and a bar chart
+first layout in the first regime (``--regimes``: links scaled to ascend-910b, then 1 Gbit/s), beside it
+``loss_ratio`` (all together / baseline) and ``host_comm_share`` (a replay of the most inter-node bytes a
+variant's step sent: the busiest rank's CPU seconds over their wire seconds). Writes bench/results/e2e.json and a bar chart
 (PNG) beside it.
 """
 
@@ -35,7 +37,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _common import run_layouts, worker_arguments, write_cluster_result  # noqa: E402
+from _common import (add_regime_arguments, host_comm_share_checked, replayed_host_comm_share, run_layouts,  # noqa: E402
+                     worker_arguments, write_cluster_result)
 from train_moe import TECHNIQUES, Trainer, parser as train_parser  # noqa: E402
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
@@ -64,26 +67,30 @@ def worker(args) -> None:
         turn = block % len(trainers)
         for trainer in trainers[turn:] + trainers[:turn]:
             trainer.train(min(first + args.block, args.steps))
+    results = [trainer.result(args.warmup) | {"variant": variant} for variant, trainer in zip(variants, trainers)]
+    # the regime's fidelity, from the most inter-node bytes a variant's step sent (plain Inductor's go uncounted)
+    share = replayed_host_comm_share(max(r["inter_node_bytes_per_step"] for r in results))
     if dist.get_rank() == 0:
-        for variant, trainer in zip(variants, trainers):
-            print("RESULT " + json.dumps(trainer.result(args.warmup) | {"variant": variant}), flush=True)
+        for result in results:
+            print("RESULT " + json.dumps(result | {"host_comm_share": share}), flush=True)
     end_process_group()
 
 
 def show(run: dict) -> None:
     exposed = run["exposed_comm_s"]
-    print(f"{run['layout']} {run['variant']:>12}: {run['tokens_per_s']:8.0f} tokens/s, loss {run['final_loss']:.4f}, "
+    print(f"{_where(run)} {run['variant']:>12}: {run['tokens_per_s']:8.0f} tokens/s, loss {run['final_loss']:.4f}, "
           f"exposed comm {'-' if exposed is None else f'{exposed * 1e3:.1f} ms'}, {run['migrations']} migrations",
           flush=True)
 
 
 def summary(runs: list[dict]) -> dict:
-    """Per layout: each variant's tokens/s, its speedup and loss ratio over the baseline of the same job."""
+    """Per job (layout and regime): each variant's tokens/s, its speedup and loss ratio over the baseline of the
+    same job."""
     out = {}
-    for layout in dict.fromkeys(r["layout"] for r in runs):
-        here = {r["variant"]: r for r in runs if r["layout"] == layout}
+    for where in dict.fromkeys(map(_where, runs)):
+        here = {r["variant"]: r for r in runs if _where(r) == where}
         base = here.get("baseline")
-        out[layout] = {v: {"tokens_per_s": r["tokens_per_s"], "final_loss": r["final_loss"],
+        out[where] = {v: {"tokens_per_s": r["tokens_per_s"], "final_loss": r["final_loss"],
                            "speedup": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
                            "loss_ratio": r["final_loss"] / base["final_loss"] if base else None,
                            "exposed_comm_ms": None if r["exposed_comm_s"] is None else r["exposed_comm_s"] * 1e3,
@@ -91,6 +98,10 @@ def summary(runs: list[dict]) -> dict:
                            "migrations": r["migrations"]}
                        for v, r in here.items()}
     return out
+
+
+def _where(run: dict) -> str:
+    return f"{run['layout']} {run['regime']}"
 
 
 def plot(table: dict, path: Path) -> None:
@@ -118,8 +129,7 @@ def plot(table: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", default="2x1,2x2", help="NODESxRANKS_PER_NODE, comma separated; the first is the figure")
-    parser.add_argument("--bandwidth", default="1gbit")
+    add_regime_arguments(parser, "2x1,2x2")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma separated, of " + ", ".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--block", type=int, default=5, help="steps a variant trains before the next one's turn")
@@ -127,6 +137,8 @@ def main() -> None:
     parser.add_argument("--average", type=int, default=20, help="last steps the final loss averages")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--ffn", type=int, default=512, help="hidden units of each expert")
     parser.add_argument("--batch", type=int, default=4, help="sequences of 128 bytes per rank and step")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -138,11 +150,12 @@ def main() -> None:
         return worker(args)
     runs = run_layouts(os.path.abspath(__file__), args, worker_arguments(args), show)
     table = summary(runs)
-    first = table[args.layouts.split(",")[0]]
+    first = table[_where(runs[0])]  # the first layout in the first regime
     together = first.get("all", {})
     figure = {"name": "speedup_all_vs_baseline", "value": together.get("speedup"), "goal": 1.8,
               "higher_is_better": True}
-    out = write_cluster_result("e2e", figure, runs, args)
+    share = host_comm_share_checked(runs[0]["host_comm_share"], runs[0]["layout"])
+    out = write_cluster_result("e2e", figure, runs, args, host_comm_share=share, regime=runs[0]["regime"])
     data = json.loads(out.read_text())
     data.update(speedup_all_vs_baseline=together.get("speedup"), loss_ratio=together.get("loss_ratio"), table=table)
     out.write_text(json.dumps(data, indent=1))

@@ -5,7 +5,7 @@
     # later, or after a crash: the same command with --resume continues from ckpt/ where it stopped
 
 The model: byte embeddings, ``--layers`` blocks of causal attention and an MoE
-feed-forward (``runtime.MoELayer``: ``--experts`` routed SwiGLU experts, top-2,
+feed-forward (``runtime.MoELayer``: ``--experts`` routed SwiGLU experts, ``--top-k`` of them,
 capacity factor 1.25, one shared expert, Switch Transformer's balance loss),
 a tied output head. The text is the bytes of Python's standard-library
 sources: each rank reads its own windows, chosen by (seed, rank, step), so a
@@ -20,7 +20,7 @@ averaged by one all-reduce after backward.
     affinity      affinity routing (token, then expert choice) options["routing"] = "affinity"
     balance       EDPB: MoELayer(balance=True, one redundant slot per expert-parallel rank), runtime.balance.ExpertBalancer
 
-``--backend inductor`` is the baseline: plain Inductor, the flat all-to-all, token-choice top-2, no balancing.
+``--backend inductor`` is the baseline: plain Inductor, the flat all-to-all, token-choice top-k, no balancing.
 
 Every ``--log-every`` steps rank 0 prints the loss (mean since the last line), tokens/s over the whole job
 (every rank's tokens, the steps since the last line) and the communication the graphs left exposed, as
@@ -83,7 +83,7 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(args.width), nn.LayerNorm(args.width)
         self.qkv = nn.Linear(args.width, 3 * args.width, bias=False)
         self.proj = nn.Linear(args.width, args.width, bias=False)
-        self.moe = MoELayer(args.width, args.ffn, args.experts, top_k=2, capacity_factor=CAPACITY_FACTOR,
+        self.moe = MoELayer(args.width, args.ffn, args.experts, top_k=args.top_k, capacity_factor=CAPACITY_FACTOR,
                             ep_group=ep_group, num_shared_experts=1, aux_loss_coeff=AUX_LOSS_COEFF, balance=balance,
                             # one spare slot per rank: the slots must split evenly over the ranks
                             redundant_experts=(dist.get_world_size(ep_group) if ep_group is not None else 1) if balance else 0)
@@ -286,6 +286,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=512, help="hidden units of each expert")
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2, help="routed experts per token")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4, help="sequences per rank and step")
     p.add_argument("--lr", type=float, default=1e-3)

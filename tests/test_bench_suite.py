@@ -40,3 +40,39 @@ def test_a_benchmark_figure_without_its_name_or_goal_is_refused_before_it_is_wri
     with pytest.raises(ValueError, match=re.escape("lacks ['name', 'value', 'goal', 'higher_is_better']")):
         common.write_result("routing_quality", {"tokens_per_expert_reduction": 0.6}, [], {}, str(out))
     assert not out.exists()
+
+
+def load_common():
+    spec = importlib.util.spec_from_file_location("bench_common", SUITE.parent / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common
+
+
+def test_a_regime_is_a_target_to_scale_the_links_to_or_a_rate():
+    common = load_common()
+    assert common._regime_flags("1gbit", 1e11) == ["--inter-node-bandwidth", "1gbit"]
+    assert common._regime_flags("ascend-910b", 1.2e11) == ["--scale-to", "ascend-910b", "--host-flops", "120000000000.0"]
+    assert common._regime_flags("mine.yaml", None) == ["--scale-to", "mine.yaml"]
+
+
+@pytest.mark.parametrize("share, layout, warned", [(0.04, "2x1", False), (0.06, "2x1", True), (0.09, "4x2", False),
+                                                    (0.11, "4x2", True)])
+def test_host_comm_share_above_its_limit_is_said(capsys, share, layout, warned):
+    # 0.05 with a core per rank, 0.10 where ranks outnumber this machine's cores (the tests assume 2 or more, <= 8)
+    import os
+
+    if not 2 <= len(os.sched_getaffinity(0)) < 8:
+        pytest.skip("the limits depend on the cores: this case is written for 2 to 7")
+    assert load_common().host_comm_share_checked(share, layout) == share
+    assert ("WARNING: host_comm_share" in capsys.readouterr().err) == warned
+
+
+@pytest.mark.parametrize("name", ["a2a", "overlap", "e2e", "balance"])
+def test_cluster_benchmarks_run_the_scaled_regime_first_and_1gbit_beside_it(name):
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, str(SUITE.parent / f"{name}.py"), "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "(default ascend-910b,1gbit)" in " ".join(shown.stdout.split())
