@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DUMPS  ?= graphs
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test check demo bench clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml Makefile
 	  else echo "iproute2 not installed (not root): moe-ascend launch runs on loopback, unshaped"; fi; }
 	@touch $(STAMP)
 
+# Everything, as CI runs it.
 test: setup
 	$(PY) -m pytest -q
+
+# The edit loop: unit, golden and single-process numerical tests (no `slow` ones: multi-process and training runs).
+check: setup
+	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
 	$(PY) examples/quickstart.py --steps 20 --dump-dir $(DUMPS)

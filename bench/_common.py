@@ -141,10 +141,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def replayed_host_comm_share(inter_node_bytes: float, repeats: int = 3) -> float | None:
+def replayed_exchange(inter_node_bytes: float, repeats: int = 3) -> dict | None:
     """On every rank of a training job, after its steps: one step's inter-node bytes (``inter_node_bytes``, the
     largest over the ranks is used) sent again as one even all-to-all on the group the MoE layers exchange on, with
-    nothing else running; the busiest rank's CPU seconds over the exchange's wall seconds, median of ``repeats``."""
+    nothing else running. ``comm_s``: its wall seconds (a stand-in for the step's communication alone);
+    ``host_comm_share``: the busiest rank's CPU seconds over them. Medians of ``repeats``; None when no byte crossed
+    nodes."""
     import torch
     import torch.distributed as dist
     import torch.distributed._functional_collectives as fc
@@ -161,15 +163,16 @@ def replayed_host_comm_share(inter_node_bytes: float, repeats: int = 3) -> float
     rows = max(1, int(largest.item() / 4 / 1024 / remote))  # rows of 1024 fp32 each rank sends each peer
     buffer = torch.zeros(world * rows, 1024)
     group = exchange_group(dist.group.WORLD).group_name
-    shares = []
+    wall, cpu = [], []
     for _ in range(repeats + 1):  # the first warms the companion group up
         dist.barrier()
         started, cpu_started = time.perf_counter(), cpu_seconds()
         fc.wait_tensor(fc.all_to_all_single(buffer, None, None, group))
         measured = torch.tensor([time.perf_counter() - started, cpu_seconds() - cpu_started])
         dist.all_reduce(measured, op=dist.ReduceOp.MAX)
-        shares.append(measured[1].item() / measured[0].item())
-    return median(shares[1:])
+        wall.append(measured[0].item())
+        cpu.append(measured[1].item())
+    return {"comm_s": median(wall[1:]), "host_comm_share": median(c / w for c, w in zip(cpu[1:], wall[1:]))}
 
 
 def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict], None]) -> list[dict]:

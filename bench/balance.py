@@ -17,8 +17,9 @@ The three train side by side in one process, taking turns a block of steps at
 a time, so the machine's noisy minutes fall on all of them alike; each policy's
 tokens/s counts its own steps after the first (its migrations included), on
 rank 0. The figure is ``throughput_gain`` = ours / off − 1, in the first of ``--regimes`` (links scaled to
-ascend-910b; the 1 Gbit/s runs beside it), with ``host_comm_share`` (a replay of a step's inter-node bytes:
-the busiest rank's CPU seconds over their wire seconds). Writes
+ascend-910b; the 1 Gbit/s runs beside it), with, from a replay of a step's inter-node bytes alone,
+``comm_share`` (its time over the policy's step) and ``host_comm_share`` (the busiest rank's CPU seconds over
+its wire seconds). Writes
 bench/results/balance.json and a PNG of the imbalance (max / mean rank load)
 over time.
 
@@ -39,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_regime_arguments, host_comm_share_checked, median, replayed_host_comm_share,  # noqa: E402
+from _common import (add_regime_arguments, host_comm_share_checked, median, replayed_exchange,  # noqa: E402
                      run_layouts, worker_arguments, write_cluster_result)
 
 import moe_ascend.kernels as ops  # noqa: E402
@@ -136,10 +137,13 @@ def worker(args) -> None:
             turn = block % len(trainees)
             for trainee in trainees[turn:] + trainees[:turn]:
                 trainee.train(range(first, min(first + args.block, args.steps + 1)))
-        share = replayed_host_comm_share(step_inter_node_bytes(args))  # the regime's fidelity
+        replay = replayed_exchange(step_inter_node_bytes(args)) or {}  # a step's inter-node bytes, alone
         if dist.get_rank() == 0:
             for trainee in trainees:
-                print("RESULT " + json.dumps(trainee.result() | {"round": round_, "host_comm_share": share}), flush=True)
+                result = trainee.result()
+                step_s = result["seconds"] / args.steps
+                print("RESULT " + json.dumps(result | {"round": round_, "host_comm_share": replay.get("host_comm_share"),
+                                                       "comm_share": replay.get("comm_s", 0) / step_s}), flush=True)
     end_process_group()
 
 
@@ -230,13 +234,16 @@ def main() -> None:
     gain = gain_over_off("ours")
     figure = {"name": "throughput_gain", "value": gain, "goal": 0.25, "higher_is_better": True}
     share = host_comm_share_checked(runs[0]["host_comm_share"], runs[0]["layout"])
-    out = write_cluster_result("balance", figure, runs, args, host_comm_share=share, regime=runs[0]["regime"])
+    off = next((r for r in first if r["policy"] == "off"), first[0])
+    out = write_cluster_result("balance", figure, runs, args, host_comm_share=share, regime=runs[0]["regime"],
+                               baseline_comm_share=off["comm_share"])
     data = json.loads(out.read_text())
     data.update(throughput_gain=gain, static_gain=gain_over_off("static"), tokens_per_s=per_policy,
                 tokens_per_s_by_regime=by_regime, prediction_error=errors, planners_on_trace=planners)
     out.write_text(json.dumps(data, indent=1))
     plot(first, out.with_suffix(".png"))
-    print(f"tokens/s {per_policy}; throughput_gain {gain:+.3f}, static {data['static_gain']:+.3f}; "
+    print(f"tokens/s {per_policy}; throughput_gain {gain:+.3f}, static {data['static_gain']:+.3f}; the unbalanced "
+          f"step is {off['comm_share']:.2f} communication (35-60 %: the seeds' regime), host_comm_share {share}; "
           f"prediction error (horizon {args.horizon} windows) ema {errors['ema']:.3f}, trend {errors['trend']:.3f}; "
           f"planners on the trace {planners}; wrote {out}")
 

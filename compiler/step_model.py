@@ -73,7 +73,7 @@ def _load(cls, kind: str, name_or_path: str):
         path = DATA / kind / f"{name_or_path}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in (DATA / kind).glob("*.yaml"))
-        raise PlannerError(f"no {kind[:-1]} file {name_or_path!r}: give a YAML path or one of {known}")
+        raise PlannerError(f"no {kind.removesuffix('s')} file {name_or_path!r}: give a YAML path or one of {known}")
     values = yaml.safe_load(path.read_text())
     names = {f.name for f in fields(cls)}
     unknown = set(values) - names

@@ -8,7 +8,7 @@ same arguments and return the same things.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed._functional_collectives as fc
@@ -27,14 +27,22 @@ def issue(tensor: Tensor, group: str, output_splits=None, input_splits=None) -> 
     the transfer (a traced graph gets its wait at once, and the scheduler places it)."""
     out = fc.all_to_all_single_autograd(tensor, output_splits, input_splits, group)
     # A compiled graph counts its exchanges per call (runtime.traffic.counting); a pass's shape inference sends nothing.
-    if not (torch.compiler.is_compiling() or is_fake(tensor)):
-        from moe_ascend.runtime import traffic  # the runtime imports the kernels
-
-        traffic.record(traffic.all_to_all_bytes(group, tensor.numel() * tensor.element_size(), input_splits))
+    if EXCHANGE_OBSERVERS and not (torch.compiler.is_compiling() or is_fake(tensor)):
+        _observe(group, tensor.numel() * tensor.element_size(), input_splits)
         if out.grad_fn is not None:  # the backward sends the gradient the other way
-            back = traffic.all_to_all_bytes(group, out.numel() * out.element_size(), output_splits)
-            out.grad_fn.register_hook(lambda *_: traffic.record(back))
+            back = (group, out.numel() * out.element_size(), output_splits)
+            out.grad_fn.register_hook(lambda *_: _observe(*back))
     return out
+
+
+# Called with (group, bytes sent, input splits or None) for every eager exchange, its backward's too: the runtime's
+# traffic counter registers here (a layer above the kernels, which they do not import).
+EXCHANGE_OBSERVERS: list[Callable[[str, int, Sequence[int] | None], None]] = []
+
+
+def _observe(group: str, nbytes: int, input_splits) -> None:
+    for observer in EXCHANGE_OBSERVERS:
+        observer(group, nbytes, input_splits)
 
 
 def to_experts(dispatched: Tensor, group: str, ep_size: int) -> Tensor:

@@ -1,4 +1,5 @@
 """What runs beside the compiled graph: topology, the reference MoE layer, balancing, the launcher."""
 
+from moe_ascend.runtime import traffic  # noqa: F401  (counts every eager exchange from now on)
 from moe_ascend.runtime.moe_layer import MoELayer  # noqa: F401
 from moe_ascend.runtime.topology import Topology  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import torch.distributed as dist
 
@@ -109,3 +109,39 @@ class HierarchyGroups(NamedTuple):
 
 
 _GROUPS: dict[tuple, HierarchyGroups] = {}
+
+
+@dataclass
+class LinkBytes:
+    """Bytes sent to peers on other nodes and to peers on this node."""
+
+    inter_node: int = 0
+    intra_node: int = 0
+
+    def __add__(self, other: "LinkBytes") -> "LinkBytes":
+        return LinkBytes(self.inter_node + other.inter_node, self.intra_node + other.intra_node)
+
+    def to_json(self) -> dict:
+        return {"inter_node": self.inter_node, "intra_node": self.intra_node}
+
+
+def all_to_all_bytes(group: str, nbytes: int, input_splits: Sequence[int] | None) -> LinkBytes:
+    """What an all-to-all of an ``nbytes`` input over ``group`` sends each way (equal splits unless given)."""
+    remote, me = _peers_on_other_nodes(group)
+    if input_splits is None:
+        shares = [nbytes // len(remote)] * len(remote)
+    else:
+        rows = sum(input_splits)
+        shares = [nbytes * split // rows if rows else 0 for split in input_splits]
+    inter = sum(share for share, far in zip(shares, remote) if far)
+    intra = sum(share for peer, (share, far) in enumerate(zip(shares, remote)) if not far and peer != me)
+    return LinkBytes(inter, intra)
+
+
+def _peers_on_other_nodes(group: str) -> tuple[tuple[bool, ...], int]:
+    """For each rank of ``group`` in order: is it on another node than this rank; and this rank's index in it.
+    Not cached: group names restart when a process group is destroyed and made again."""
+    ranks = dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(group))
+    topology = Topology.detect()
+    node_of = lambda rank: rank // topology.ranks_per_node  # noqa: E731
+    return tuple(node_of(r) != topology.node for r in ranks), ranks.index(topology.rank)

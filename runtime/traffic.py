@@ -9,35 +9,24 @@
 Every all-to-all of the EP exchange counts what it hands to each peer, split by
 whether the peer is on another node (the topology says), and not what it keeps.
 Eager exchanges (``kernels.exchange``, so the dropless split sizes between graph
-breaks too) count themselves; a compiled graph counts its all-to-alls' static
-sizes once per call, its backward once per backward (see ``counting``). Other
+breaks too) are counted through the kernels' ``EXCHANGE_OBSERVERS`` hook, which
+importing ``moe_ascend.runtime`` installs; a compiled graph counts its
+all-to-alls' static sizes once per call, its backward once per backward (see
+``counting``). Other
 collectives (gradient all-reduces of data parallelism) are not counted.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
-from moe_ascend.runtime.topology import Topology
+from moe_ascend.kernels import exchange
+from moe_ascend.runtime.topology import LinkBytes, all_to_all_bytes
 
-
-@dataclass
-class LinkBytes:
-    """Bytes sent to peers on other nodes and to peers on this node."""
-
-    inter_node: int = 0
-    intra_node: int = 0
-
-    def __add__(self, other: "LinkBytes") -> "LinkBytes":
-        return LinkBytes(self.inter_node + other.inter_node, self.intra_node + other.intra_node)
-
-    def to_json(self) -> dict:
-        return {"inter_node": self.inter_node, "intra_node": self.intra_node}
+__all__ = ["LinkBytes", "all_to_all_bytes", "backward_of", "counting", "read", "record", "reset"]
 
 
 _sent = LinkBytes()
@@ -57,26 +46,11 @@ def record(sent: LinkBytes) -> None:
     _sent.intra_node += sent.intra_node
 
 
-def all_to_all_bytes(group: str, nbytes: int, input_splits: Sequence[int] | None) -> LinkBytes:
-    """What an all-to-all of an ``nbytes`` input over ``group`` sends each way (equal splits unless given)."""
-    remote, me = _peers_on_other_nodes(group)
-    if input_splits is None:
-        shares = [nbytes // len(remote)] * len(remote)
-    else:
-        rows = sum(input_splits)
-        shares = [nbytes * split // rows if rows else 0 for split in input_splits]
-    inter = sum(share for share, far in zip(shares, remote) if far)
-    intra = sum(share for peer, (share, far) in enumerate(zip(shares, remote)) if not far and peer != me)
-    return LinkBytes(inter, intra)
+def _record_exchange(group: str, nbytes: int, input_splits: Sequence[int] | None) -> None:
+    record(all_to_all_bytes(group, nbytes, input_splits))
 
 
-def _peers_on_other_nodes(group: str) -> tuple[tuple[bool, ...], int]:
-    """For each rank of ``group`` in order: is it on another node than this rank; and this rank's index in it.
-    Not cached: group names restart when a process group is destroyed and made again."""
-    ranks = dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(group))
-    topology = Topology.detect()
-    node_of = lambda rank: rank // topology.ranks_per_node  # noqa: E731
-    return tuple(node_of(r) != topology.node for r in ranks), ranks.index(topology.rank)
+exchange.EXCHANGE_OBSERVERS.append(_record_exchange)
 
 
 def counting(compiled: Callable, per_call: dict[str, LinkBytes]) -> Callable:

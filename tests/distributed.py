@@ -62,10 +62,12 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0, collective_tim
     return [outcomes[r] for r in range(world_size)]
 
 
-def launch(nodes: int, ranks_per_node: int, script: str, *args: str, timeout: float = 400) -> list[dict]:
-    """``script ARGS`` on the emulated cluster (loopback without root): every rank's ``RESULT {json}`` line, by rank."""
+def launch(nodes: int, ranks_per_node: int, script: str, *args: str, timeout: float = 400,
+           flags: tuple[str, ...] = ()) -> list[dict]:
+    """``script ARGS`` on the emulated cluster (loopback without root), ``flags`` given to ``moe-ascend launch``:
+    every rank's ``RESULT {json}`` line, by rank."""
     done = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes),
-                           "--ranks-per-node", str(ranks_per_node), "--", script, *args],
+                           "--ranks-per-node", str(ranks_per_node), *flags, "--", script, *args],
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     found = [json.loads(m) for m in re.findall(r"^\[r\d+\] RESULT (.*)$", done.stdout, flags=re.M)]

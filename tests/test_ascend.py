@@ -228,6 +228,7 @@ def mc2_rewrite_against_the_layer(rank, world_size, dump_dir):
     return (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
 
 
+@pytest.mark.slow
 def test_mc2_rewrite_computes_what_the_capacity_layer_does(tmp_path):
     from distributed import run_ranks
 

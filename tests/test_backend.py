@@ -18,11 +18,13 @@ def text_batch(batch=4, seq_len=16):
     return next(batches(stdlib_bytes(100_000), batch, seq_len))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["eager", "inductor"])
 def test_moe_transformer_loss_and_every_gradient_match_eager(target):
     assert_matches_eager(small_transformer(), text_batch(), {"target": target})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["eager", "inductor"])
 def test_loop_moe_outputs_and_gradients_match_eager(target):
     torch.manual_seed(0)

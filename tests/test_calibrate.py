@@ -28,6 +28,7 @@ def test_the_link_fit_recovers_latency_and_bandwidth():
 needs_cluster = pytest.mark.skipif(shaping_unavailable() is not None, reason=f"no emulated cluster: {shaping_unavailable()}")
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_a_calibration_measures_the_shaped_link_and_plans_with_it(tmp_path):
     profile, how = calibrate("200mbit", "100us", repeats=3, log=lambda line: None)
@@ -44,6 +45,7 @@ def test_a_calibration_measures_the_shaped_link_and_plans_with_it(tmp_path):
     assert float(step["step_s"]) > 0
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_the_calibrated_step_model_predicts_measured_training_steps():
     configs = [RunConfig("2x1", "200mbit", 1), RunConfig("2x1", "200mbit", 4, hierarchical=True)]

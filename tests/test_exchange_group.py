@@ -3,6 +3,7 @@
 import gc
 import weakref
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
@@ -47,6 +48,7 @@ def _exchanges_like_gloo(rank, world_size):
     return held() is None
 
 
+@pytest.mark.slow
 def test_gloo_exchanges_run_on_a_receive_first_companion_that_matches_gloos_all_to_all():
     assert run_ranks(3, _exchanges_like_gloo) == [True, True, True]
 

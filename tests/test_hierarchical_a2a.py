@@ -13,6 +13,7 @@ from moe_ascend.runtime.topology import Topology
 SCRIPT = str(Path(__file__).parent / "cluster" / "hierarchical.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nodes, ranks_per_node", [(2, 2), (4, 2)], ids=["2x2", "4x2"])
 def test_hierarchical_equals_flat_forward_and_backward(nodes, ranks_per_node):
     # Every rank: the kernels called directly (both drop policies, dropless in one and three chunks), MoELayer
@@ -24,6 +25,7 @@ def test_hierarchical_equals_flat_forward_and_backward(nodes, ranks_per_node):
             assert max(result[check].values()) < 1e-12, (result["rank"], check, result[check])
 
 
+@pytest.mark.slow
 def test_golden_two_collectives_on_two_groups_in_order():
     result = launch(2, 2, SCRIPT, "golden")[0]
     assert result["pre_grad"] == [
@@ -42,6 +44,7 @@ def test_golden_two_collectives_on_two_groups_in_order():
     assert {group for _, group in result["backward"]} == {"inter", "intra"}
 
 
+@pytest.mark.slow
 def test_the_runtime_counts_bytes_per_link_for_eager_and_compiled_exchanges():
     # Capacity layer: [16 experts, 6 slots, 8] fp64 = 6144 bytes a buffer, a quarter to each of the 4 ranks;
     # rank 0 on 2 x 2 sends two quarters off its node and one to its node-mate, four times a step

@@ -16,7 +16,12 @@ from moe_ascend.runtime import launcher
 from moe_ascend.runtime.launcher import ClusterSpec, parse_rate, parse_time, shaping_unavailable
 
 PROBE = str(Path(__file__).parent / "cluster" / "probe.py")
-needs_shaping = pytest.mark.skipif(shaping_unavailable() is not None, reason=f"no emulated cluster here: {shaping_unavailable()}")
+
+
+def needs_shaping(test):
+    """A test on the emulated cluster: multi-process, so make test runs it and make check does not."""
+    unavailable = shaping_unavailable()
+    return pytest.mark.slow(pytest.mark.skipif(unavailable is not None, reason=f"no emulated cluster here: {unavailable}")(test))
 
 
 def run_launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

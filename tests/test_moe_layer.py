@@ -59,6 +59,7 @@ def test_experts_must_split_over_the_group(monkeypatch):
         MoELayer(8, 16, 8, 2, ep_group=ThreeRanks())
 
 
+@pytest.mark.slow
 def test_two_nodes_of_two_ranks_equal_one_process():
     # Through the launcher (2 x 2, shaped where root): capacity and dropless in eager, capacity compiled.
     for result in launch(2, 2, SCRIPT):
@@ -73,6 +74,7 @@ def dropless_graph_breaks(rank, world_size):
     return torch._dynamo.explain(layer)(torch.randn(6, 8)).graph_break_count
 
 
+@pytest.mark.slow
 def test_dropless_across_ranks_breaks_the_graph_where_it_reads_split_sizes():
     """What the docstring promises: reading the exchanged counts is a graph break (capacity mode has none)."""
     assert all(breaks >= 1 for breaks in run_ranks(2, dropless_graph_breaks))

@@ -77,6 +77,7 @@ def test_a_layer_on_one_rank_keeps_its_router_and_says_why(caplog):
     assert "keeps its router (routing='node_limited'): the topology has one node" in caplog.text
 
 
+@pytest.mark.slow
 def test_on_the_emulated_cluster_no_token_reaches_more_nodes_and_inter_node_bytes_fall():
     # 2 nodes x 2 ranks, 8 experts, top-4, dropless over the two-step exchange, M = 1: compiled equals the same
     # routing in eager (forward and backward), and each token now crosses to at most one node instead of ~two.

@@ -1,17 +1,18 @@
 """Chunked dispatch and the overlap schedule: the graphs they produce, and that they compute what the layer does."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_ranks
+from distributed import launch, run_ranks
 from graphs import code_lines
 
 from moe_ascend.passes import PassResult
 from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
 from moe_ascend.runtime import MoELayer
-from moe_ascend.runtime.launcher import ClusterSpec
+from moe_ascend.runtime.launcher import ClusterSpec, shaping_unavailable
 
 EXPERT_MATMULS = ("grouped_mm_batched", "bmm")
 
@@ -145,6 +146,7 @@ def overlapped_pairs(code: str) -> int:
     return sum(any(issued[b] < m < waits[b] for m in matmuls) for b in issued)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [3, False])
 def test_inductor_keeps_the_schedule(fake_two_ranks, overlap):
     # Chunks 1..n-1 arrive while an earlier chunk computes, and combines 0..n-2 return while a later one does
@@ -199,6 +201,7 @@ def chunked_equals_unchunked(rank, world_size, runs):
     return worst
 
 
+@pytest.mark.slow
 def test_chunked_and_scheduled_equals_the_layer_forward_and_backward():
     runs = [("eager", 2, "position"), ("eager", 3, "score"), ("eager", 4, "position"), ("inductor", 3, "position"),
             ("eager", 2, "scaled"),
@@ -234,6 +237,7 @@ def random_scheduled_steps(rank, world_size, seed, steps):
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_scheduled_graphs_never_hang_on_four_ranks(seed):
     # A collective that waits 60 s fails its rank; ranks silent for 300 s fail the test, named, as a hang.
@@ -253,6 +257,7 @@ def measured_step(rank, world_size, dump_dir):
     return {g["role"]: {k: g.get(k) for k in ("measured", "collectives")} for g in summary["graphs"]}, format_table(summary)
 
 
+@pytest.mark.slow
 def test_profile_measures_each_graph_with_its_transfers_waits_and_compute(tmp_path):
     for graphs, table in run_ranks(2, measured_step, str(tmp_path)):
         assert graphs["dynamo"]["measured"] is None
@@ -301,3 +306,11 @@ def test_auto_prices_the_link_the_launcher_shaped(fake_two_ranks, temporary_pass
     x = torch.randn(1024, 512, requires_grad=True)
     lines = compiled_graphs(temporary_passes, {"overlap": "auto", "hierarchical_a2a": False}, layer, x)["pre_grad"]
     assert sum(bool(re.match(r"\s*slots_\d+ = torch\.narrow", line)) for line in lines) == chunks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shaping_unavailable() is not None, reason=f"no emulated cluster here: {shaping_unavailable()}")
+@pytest.mark.parametrize("uplink, chunks", [("10gbit", 1), ("100mbit", 2)])
+def test_auto_under_the_launcher_chooses_for_the_link_in_force(uplink, chunks):
+    ranks = launch(2, 1, str(Path(__file__).parent / "cluster" / "auto_chunks.py"), flags=("--inter-node-bandwidth", uplink))
+    assert [rank["chunks"] for rank in ranks] == [chunks, chunks]

@@ -12,6 +12,8 @@ import pytest
 import train_moe
 from distributed import launch
 
+pytestmark = pytest.mark.slow  # training runs: make test, not make check
+
 SCRIPT = str(Path(__file__).resolve().parents[1] / "examples" / "train_moe.py")
 SMALL = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--seq-len", "32",
          "--batch", "2", "--log-every", "4", "--average", "2"]

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch.fx
 
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
-from moe_ascend.runtime import traffic
+from moe_ascend.runtime.topology import LinkBytes, all_to_all_bytes
 
 
 def collective_order(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
@@ -44,12 +44,12 @@ def order_violations(before: dict[str, list[str]], after: dict[str, list[str]]) 
     return problems
 
 
-def exchange_bytes(gm: torch.fx.GraphModule) -> traffic.LinkBytes | None:
+def exchange_bytes(gm: torch.fx.GraphModule) -> LinkBytes | None:
     """What one run of the graph's all-to-alls sends over each kind of link, from their static sizes.
 
     None when a size is data (dropless split sizes read inside the graph): then only the runtime knows.
     """
-    sent = traffic.LinkBytes()
+    sent = LinkBytes()
     for node in gm.graph.nodes:
         if not (is_collective(node) and op_name(node) == "all_to_all_single"):
             continue
@@ -57,5 +57,5 @@ def exchange_bytes(gm: torch.fx.GraphModule) -> traffic.LinkBytes | None:
         sizes = [*(tensor.shape if tensor is not None else [None]), *(input_splits or [])]
         if not all(isinstance(size, int) for size in sizes):
             return None
-        sent = sent + traffic.all_to_all_bytes(collective_group(node), tensor.numel() * tensor.element_size(), input_splits)
+        sent = sent + all_to_all_bytes(collective_group(node), tensor.numel() * tensor.element_size(), input_splits)
     return sent
