@@ -180,7 +180,7 @@ def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict]
     regime first); each run is shown with ``show(run)`` as it comes in."""
     regimes = args.regimes.split(",")
     if args.host_flops is None and not all(map(_is_rate, regimes)):  # once, so every scaled run gets the same links
-        from moe_ascend.compiler.scaling import host_compute_rate
+        from moe_ascend.compiler.planner.scaling import host_compute_rate
 
         args.host_flops = host_compute_rate()
     runs = []

@@ -9,7 +9,7 @@ bar counts; building a model's formulas (sympy, once per model, hardware and
 device count) is reported beside it.
 
 The figure of merit, ``mean_abs_error``, is against measured step times on the
-emulated cluster (``compiler.measured``): each of the 34 configurations of the
+emulated cluster (``compiler.planner.measured``): each of the 34 configurations of the
 measured set trains its model for ``--steps`` steps, and its job runs
 ``moe-ascend calibrate``'s micro-benchmarks beside them; the step model
 predicts each run from those rates alone. Beside it: the largest error, the
@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from moe_ascend.compiler.planner import layouts, search  # noqa: E402
-from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel  # noqa: E402
+from moe_ascend.compiler.planner.search import layouts, search  # noqa: E402
+from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, StepModel  # noqa: E402
 
 CASES = (("mixtral-8x7b", "h100", 64), ("deepseek-v3", "h100", 2048), ("pangu-ultra-moe", "ascend-910b", 6144))
 
@@ -94,7 +94,7 @@ def main() -> None:
 
 def measured_set(steps: int) -> tuple[dict, list[dict]]:
     """Run the measured set on the emulated cluster and compare: ``(errors, runs)``."""
-    from moe_ascend.compiler.measured import MEASURED_SET, errors, measure
+    from moe_ascend.compiler.planner.measured import MEASURED_SET, errors, measure
 
     runs = measure(MEASURED_SET, Hardware.load("cpu-calibrated"), steps=steps, log=lambda line: print(line, flush=True))
     return errors(runs), runs

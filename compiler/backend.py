@@ -24,17 +24,17 @@ from torch._guards import detect_fake_mode
 
 import moe_ascend.passes  # noqa: F401  (registers the built-in passes)
 from moe_ascend.compiler import profile
-from moe_ascend.compiler.cost_model import CostModel
-from moe_ascend.compiler.dump import session_for
+from moe_ascend.compiler.planner.cost_model import CostModel
+from moe_ascend.compiler.report.dump import session_for
 from moe_ascend.compiler.options import Options
 from moe_ascend.compiler.pipeline import PostGradStage, run_stage
 from moe_ascend.compiler.routing_phases import PhaseFollowing
 from moe_ascend.compiler.targets import LOWERINGS, resolve_target
-from moe_ascend.passes.infra import PassContext, registered_passes
+from moe_ascend.passes.infra import PASS_LOGGER, PassContext, registered_passes
 from moe_ascend.runtime import traffic
 from moe_ascend.runtime.topology import Topology
 
-log = logging.getLogger("moe_ascend")
+log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
 graphs_compiled = 0  # in this process, recompiles for a routing phase included (a training loop times around them)
 
@@ -72,7 +72,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Options)
         name = graph_name if role == "dynamo" else f"{graph_name}.{role}"
         return PassContext(
             options=opts, stage=stage, role=role, graph_name=name, topology=topology,
-            cost_model=cost_model, logger=log, fake_mode=fake_mode if role == "dynamo" else None, training=training,
+            cost_model=cost_model, logger=logging.getLogger(PASS_LOGGER), fake_mode=fake_mode if role == "dynamo" else None, training=training,
         )
 
     pre_grad = make_context("pre_grad", "dynamo")

@@ -78,14 +78,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return _plan(args)
     if args.command == "calibrate":
-        from moe_ascend.compiler.calibrate import calibrate, write_profile
+        from moe_ascend.compiler.planner.calibrate import calibrate, write_profile
 
         profile, how = calibrate(args.inter_node_bandwidth, args.inter_node_latency, repeats=args.repeats)
         write_profile(profile, Path(args.out), how)
         print(f"wrote {args.out}: use it as moe-ascend plan --hardware {args.out}")
         return 0
     if args.command == "inspect":
-        from moe_ascend.compiler.inspect import format_table, load_summary
+        from moe_ascend.compiler.report.inspect import format_table, load_summary
 
         summary = load_summary(args.dir)
         print(json.dumps(summary, indent=1) if args.json else format_table(summary))
@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         return launch(_cluster_spec(args), command)
     if args.command == "doctor":
         if args.ascend_check is not None:
-            from moe_ascend.compiler.ascend_coverage import check_dump, format_check
+            from moe_ascend.compiler.report.ascend_coverage import check_dump, format_check
 
             rows = check_dump(args.ascend_check)
             print(format_check(rows))
@@ -128,7 +128,7 @@ def _cluster_spec(args: argparse.Namespace):
     if args.inter_node_bandwidth is not None:
         raise LaunchError("--scale-to sets the inter-node bandwidth itself: give one of --scale-to and "
                              "--inter-node-bandwidth, not both")
-    from moe_ascend.compiler.scaling import scale_to
+    from moe_ascend.compiler.planner.scaling import scale_to
 
     links = scale_to(args.scale_to, args.host_flops)
     print(f"moe-ascend launch: {links.describe(args.ranks_per_node)}", flush=True)
@@ -138,7 +138,7 @@ def _cluster_spec(args: argparse.Namespace):
 
 
 def _shipped(kind: str) -> list[str]:
-    from moe_ascend.compiler.step_model import DATA
+    from moe_ascend.compiler.planner.step_model import DATA
 
     return sorted(p.stem for p in (DATA / kind).glob("*.yaml"))
 
@@ -146,8 +146,8 @@ def _shipped(kind: str) -> list[str]:
 def _plan(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from moe_ascend.compiler.planner import format_table, plot_pareto, search
-    from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError
+    from moe_ascend.compiler.planner.search import format_table, plot_pareto, search
+    from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, PlannerError
 
     if args.devices < 1:
         raise PlannerError(f"--devices must be at least 1, got {args.devices}")

@@ -17,7 +17,7 @@ import torch.fx
 from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
 from torch.utils._ordered_set import OrderedSet
 
-from moe_ascend.compiler.cost_model import FREE_OPS
+from moe_ascend.compiler.planner.cost_model import FREE_OPS
 from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
 
 

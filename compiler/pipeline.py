@@ -22,7 +22,7 @@ from moe_ascend.passes.analysis.collectives import collective_order, exchange_by
 from moe_ascend.passes.infra import Pass, PassContext, PassResult, meta_mismatch, ordered_passes
 from moe_ascend.runtime.traffic import LinkBytes
 
-log = logging.getLogger("moe_ascend")
+log = logging.getLogger(__name__)
 
 
 def run_stage(gm: torch.fx.GraphModule, ctx: PassContext, recorder: Any = None) -> torch.fx.GraphModule:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moe_ascend.compiler.cost_model import Timeline, TimelineEvent
+from moe_ascend.compiler.planner.cost_model import Timeline, TimelineEvent
 from moe_ascend.runtime import exchange_group
 from moe_ascend.runtime.traffic import backward_of
 

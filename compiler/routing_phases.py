@@ -24,7 +24,7 @@ import torch.fx
 from moe_ascend.kernels import affinity as kernels
 from moe_ascend.passes import affinity_routing
 
-log = logging.getLogger("moe_ascend")
+log = logging.getLogger(__name__)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -29,7 +29,7 @@ from moe_ascend.compiler.keep_schedule import keep_schedule
 from moe_ascend.compiler.pipeline import PostGradStage, training_role
 from moe_ascend.kernels.errors import TargetUnavailableError
 
-log = logging.getLogger("moe_ascend")
+log = logging.getLogger(__name__)
 _announced_auto = False
 
 
@@ -133,7 +133,7 @@ def lower_ascend(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradSt
 
 
 def _warn_missing_converters(graph: torch.fx.GraphModule, role: str) -> None:
-    from moe_ascend.compiler.ascend_coverage import missing_converters
+    from moe_ascend.compiler.report.ascend_coverage import missing_converters
 
     missing = missing_converters(graph)
     if missing:

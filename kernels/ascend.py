@@ -13,7 +13,7 @@ fallback in ``max-autotune`` mode). Each moe_ascend op reaches GE one of two way
   per expert), onto the torch_npu kernel built for it, whose GE converter
   torchair ships (``npu_grouped_matmul`` with a group list).
 
-``ge_form(op)`` says which; ``compiler.ascend_coverage`` reads it. A few aten
+``ge_form(op)`` says which; ``compiler.report.ascend_coverage`` reads it. A few aten
 ops that torchair registers only as stubs are decomposed too (``ATEN_FORMS``:
 SiLU's backward, ``where`` with a scalar, and the device-side asserts that
 ``one_hot`` and friends trace to, which a GE graph has no op for and drops).

@@ -27,6 +27,8 @@ import torch.fx
 from moe_ascend.kernels.errors import OptionError, PassOrderError, PassRegistrationError
 from moe_ascend.passes.analysis.moe_regions import META_KEY
 
+PASS_LOGGER = "moe_ascend.passes"  # what the passes say, through their context (under the package's "moe_ascend")
+
 STAGES = ("pre_grad", "post_grad")
 ROLES = ("dynamo", "forward", "backward", "inference")
 
@@ -56,7 +58,7 @@ class PassContext:
     graph_name: str
     topology: Any = None
     cost_model: Any = None
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("moe_ascend"))
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger(PASS_LOGGER))
     fake_mode: Any = None
     analyses: dict[str, Any] = field(default_factory=dict)
     training: bool = True

@@ -61,7 +61,7 @@ class ClusterSpec:
     inter_node_bandwidth: str = "1gbit"
     inter_node_latency: str = "100us"
     intra_node_bandwidth: str | None = None  # each node's loopback, all its ranks together; None: unshaped
-    scaled_to: dict | None = None  # the target whose balance the rates give (compiler.scaling.ScaledLinks)
+    scaled_to: dict | None = None  # the target whose balance the rates give (compiler.planner.scaling.ScaledLinks)
     shaped: bool = False  # set once the links are really shaped
     latency_shaped: bool = False
     notes: list[str] = field(default_factory=list)

@@ -8,6 +8,7 @@ import torch
 from moe_ascend.compiler.options import Options
 from moe_ascend.compiler.pipeline import _fill_val_from_example_value
 from moe_ascend.passes import PassContext
+from moe_ascend.passes.infra import PASS_LOGGER
 
 
 def dynamo_graph(fn, *inputs):
@@ -27,7 +28,7 @@ def dynamo_graph(fn, *inputs):
 def context(stage="pre_grad", role="dynamo", options=None, **kwargs):
     return PassContext(
         options=Options.from_user(options), stage=stage, role=role, graph_name="graph_t",
-        logger=logging.getLogger("moe_ascend"), **kwargs,
+        logger=logging.getLogger(PASS_LOGGER), **kwargs,
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from checks import assert_matches_eager
 from quickstart import MoETransformer, batches, stdlib_bytes
 
-from moe_ascend.compiler import ascend_coverage
+from moe_ascend.compiler.report import ascend_coverage
 from moe_ascend.compiler.options import Options
 from moe_ascend.kernels.errors import OptionError
 from moe_ascend.runtime import MoELayer
@@ -194,7 +194,7 @@ def test_doctor_and_inspect_show_the_check_of_a_dump(tmp_path):
     import subprocess
     import sys
 
-    from moe_ascend.compiler.inspect import format_table, load_summary
+    from moe_ascend.compiler.report.inspect import format_table, load_summary
 
     # Affinity routing's token-choice phase folds statistics into a buffer on the host: no GE form.
     torch.manual_seed(0)

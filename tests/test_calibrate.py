@@ -1,11 +1,11 @@
 """moe-ascend calibrate: the fits recover what they are given; a real run measures the link the launcher shaped, and
-the step model on the profile it writes predicts measured training steps (compiler.measured)."""
+the step model on the profile it writes predicts measured training steps (compiler.planner.measured)."""
 
 import pytest
 
-from moe_ascend.compiler.calibrate import calibrate, fit_link, fit_matmul, write_profile
-from moe_ascend.compiler.measured import RunConfig, measure
-from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel
+from moe_ascend.compiler.planner.calibrate import calibrate, fit_link, fit_matmul, write_profile
+from moe_ascend.compiler.planner.measured import RunConfig, measure
+from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, StepModel
 from moe_ascend.kernels.errors import CalibrationError
 from moe_ascend.runtime.launcher import parse_rate, shaping_unavailable
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed._functional_collectives as fc
 from graphs import code_lines, context, dynamo_graph
 
-from moe_ascend.compiler.cost_model import CostModel, HardwareProfile
+from moe_ascend.compiler.planner.cost_model import CostModel, HardwareProfile
 from moe_ascend.compiler.pipeline import run_stage
 from moe_ascend.kernels.errors import PassContractError
 from moe_ascend.passes import PassResult

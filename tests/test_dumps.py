@@ -9,7 +9,7 @@ import torch
 from checks import assert_matches_eager
 from models import LoopMoE, TwoLoopMoE
 
-from moe_ascend.compiler import report_html
+from moe_ascend.compiler.report import html as report_html
 from moe_ascend.passes import PassResult, infer_meta
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}

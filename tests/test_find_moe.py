@@ -64,7 +64,7 @@ def test_router_without_experts_is_reported_once_and_not_annotated(caplog):
     with caplog.at_level(logging.WARNING, logger="moe_ascend"):
         find_moe(gm, ctx := context())
     assert ctx.analyses["moe_layers"] == []
-    (record,) = [r for r in caplog.records if r.name == "moe_ascend"]
+    (record,) = [r for r in caplog.records if r.name.startswith("moe_ascend")]
     assert "topk" in record.getMessage() and "not an MoE layer: its per-token choices never meet the tokens" in record.getMessage()
     assert roles(gm) == {}
 

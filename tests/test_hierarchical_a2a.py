@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from distributed import launch
 
-from moe_ascend.compiler.cost_model import CostModel, LayerShape
-from moe_ascend.compiler.step_model import Hardware
+from moe_ascend.compiler.planner.cost_model import CostModel, LayerShape
+from moe_ascend.compiler.planner.step_model import Hardware
 from moe_ascend.runtime.topology import Topology
 
 SCRIPT = str(Path(__file__).parent / "cluster" / "hierarchical.py")

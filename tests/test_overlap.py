@@ -246,7 +246,7 @@ def test_scheduled_graphs_never_hang_on_four_ranks(seed):
 
 def measured_step(rank, world_size, dump_dir):
     """Three training steps of the small layer, exchanged in 2 chunks, with profile=True: rank 0's summary."""
-    from moe_ascend.compiler.inspect import format_table, load_summary
+    from moe_ascend.compiler.report.inspect import format_table, load_summary
 
     options = {"target": "eager", "overlap": 2, "profile": True, "dump_dir": dump_dir}
     compiled = torch.compile(small_layer(), backend="moe_ascend", options=options)

@@ -1,4 +1,4 @@
-"""The planner: the symbolic step model (compiler.step_model) and the layout search (compiler.planner)."""
+"""The planner: the symbolic step model (compiler.planner.step_model) and the layout search (compiler.planner.search)."""
 
 import itertools
 import json
@@ -8,9 +8,9 @@ import pytest
 import sympy as sp
 
 from moe_ascend.compiler.cli import main
-from moe_ascend.compiler.measured import errors
-from moe_ascend.compiler.planner import layouts, search
-from moe_ascend.compiler.step_model import (LAYOUT, Hardware, MoEModel, PlannerError, StepModel,
+from moe_ascend.compiler.planner.measured import errors
+from moe_ascend.compiler.planner.search import layouts, search
+from moe_ascend.compiler.planner.step_model import (LAYOUT, Hardware, MoEModel, PlannerError, StepModel,
                                             distinct_nodes_fraction)
 
 H100 = Hardware.load("h100")

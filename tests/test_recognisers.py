@@ -90,5 +90,5 @@ def test_titan_style_with_a_graph_break_gets_one_warning_naming_it(single_rank_g
     model = torch.compile(TitanStyleMoE(single_rank_group), backend="moe_ascend", options={"target": "eager"})
     with caplog.at_level(logging.WARNING, logger="moe_ascend"):
         model(torch.randn(8, 16))
-    said = [r.getMessage() for r in caplog.records if r.name == "moe_ascend"]
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("moe_ascend")]
     assert len(said) == 1 and "graph break inside the layer" in said[0] and "capture_scalar_outputs" in said[0]

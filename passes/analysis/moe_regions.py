@@ -39,7 +39,7 @@ _PASS_THROUGH_OPS = {"view", "reshape", "flatten", "contiguous", "to", "float", 
 
 
 @dataclass
-class MoELayer:
+class MoERegion:
     """One recognised MoE layer: its anchor nodes and its nodes by role, in graph order."""
 
     index: int
@@ -69,10 +69,10 @@ class MoELayer:
 
 def find_moe_layers(
     gm: torch.fx.GraphModule, warn: Callable[[str], None] = lambda msg: None
-) -> list[MoELayer]:
+) -> list[MoERegion]:
     """Every MoE layer of ``gm`` in graph order; routers that look MoE-like but fail get one ``warn``."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    layers: list[MoELayer] = []
+    layers: list[MoERegion] = []
     for node in gm.graph.nodes:
         if op_name(node) not in TOP_K:
             continue
@@ -87,7 +87,7 @@ def find_moe_layers(
     return layers
 
 
-def cut_routers(gm: torch.fx.GraphModule, layers: list[MoELayer]) -> list[MoELayer]:
+def cut_routers(gm: torch.fx.GraphModule, layers: list[MoERegion]) -> list[MoERegion]:
     """Routers (a top-k over a gate) of layers this graph holds only the start of, as a graph break cuts a
     dropless layer at its host-read split sizes: no output, the router, and everything after it as dispatch.
 
@@ -100,12 +100,12 @@ def cut_routers(gm: torch.fx.GraphModule, layers: list[MoELayer]) -> list[MoELay
         gate = _gate_of(node) if op_name(node) in TOP_K and node not in whole else None
         if gate is not None:
             after = sorted(descendants([node]), key=order.__getitem__)
-            cut.append(MoELayer(len(layers) + len(cut), gate, node, gate.args[0], None,
+            cut.append(MoERegion(len(layers) + len(cut), gate, node, gate.args[0], None,
                                 {"router": [gate, node], "dispatch": after, "experts": [], "combine": []}))
     return cut
 
 
-def annotate(layer: MoELayer) -> None:
+def annotate(layer: MoERegion) -> None:
     """Write ``{"layer": i, "role": r}`` into ``node.meta["custom"]["moe"]``, the key AOTAutograd keeps."""
     for role, nodes in layer.nodes.items():
         for node in nodes:
@@ -139,7 +139,7 @@ def _gate_of(topk: torch.fx.Node) -> torch.fx.Node | None:
 
 def _layer_from_router(
     index: int, gate: torch.fx.Node, topk: torch.fx.Node, order: dict[torch.fx.Node, int]
-) -> tuple[MoELayer | None, str]:
+) -> tuple[MoERegion | None, str]:
     tokens = gate.args[0]
     root = _shape_root(tokens)
     token_side = descendants([root], skip={gate})
@@ -160,7 +160,7 @@ def _layer_from_router(
 
     roles = _roles(region, data_nodes, router_nodes, matmuls, order)
     nodes = {role: sorted((n for n, r in roles.items() if r == role), key=order.__getitem__) for role in ROLES}
-    return MoELayer(index, gate, topk, tokens, output, nodes), ""
+    return MoERegion(index, gate, topk, tokens, output, nodes), ""
 
 
 def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.Node | None, str]:

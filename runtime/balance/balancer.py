@@ -50,7 +50,7 @@ from moe_ascend.runtime.balance.placement import Placement
 from moe_ascend.runtime.balance.planner import greedy_placement, imbalance, plan_placement
 from moe_ascend.runtime.balance.predict import PREDICTORS
 
-log = logging.getLogger("moe_ascend")
+log = logging.getLogger(__name__)
 POLICIES = ("dynamic", "static", "observe")
 _AT_THE_STEP = object()  # a replica sum that waits for the optimizer step (not started in backward)
 

@@ -126,7 +126,7 @@ def traffic() -> dict:
     bytes the inspect report shows for the compiled hierarchical graphs."""
     import tempfile
 
-    from moe_ascend.compiler.inspect import format_table, load_summary
+    from moe_ascend.compiler.report.inspect import format_table, load_summary
     from moe_ascend.runtime import traffic as counter
 
     topology = Topology.detect()

@@ -27,12 +27,11 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from moe_ascend.compiler.calibrate import compute_here, compute_profile, largest_over_ranks, link_here, pooled
-from moe_ascend.compiler.step_model import Hardware, MoEModel, PlannerError, StepModel
+from moe_ascend.compiler.planner.calibrate import compute_here, compute_profile, largest_over_ranks, link_here, pooled
+from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, PlannerError, StepModel
 from moe_ascend.runtime.data_parallel import average_gradients
 from moe_ascend.runtime.launcher import end_process_group
 
@@ -137,7 +136,7 @@ def measure(configs, base: Hardware, steps: int = 15, log=print) -> list[dict]:
         first = group[0]
         command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(first.nodes),
                    "--ranks-per-node", str(first.ranks_per_node), "--inter-node-bandwidth", bandwidth, "--",
-                   sys.executable, "-m", "moe_ascend.compiler.measured", str(steps),
+                   sys.executable, "-m", "moe_ascend.compiler.planner.measured", str(steps),
                    json.dumps([dataclasses.asdict(c) for c in group])]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line.split("RESULT ", 1)[1] for line in done.stdout.splitlines() if line.startswith("[r0] RESULT ")]

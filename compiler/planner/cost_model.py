@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from moe_ascend.compiler.step_model import Hardware, MoEModel, StepModel
+from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, StepModel
 from moe_ascend.passes.analysis.ops import is_collective, is_wait, op_name
 from moe_ascend.runtime.launcher import cluster_from_environment
 

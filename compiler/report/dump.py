@@ -20,13 +20,13 @@ from typing import Any
 import torch
 import torch.fx
 
-from moe_ascend.compiler.ascend_coverage import missing_converters
-from moe_ascend.compiler.report_html import graph_view, write_index
+from moe_ascend.compiler.report.ascend_coverage import missing_converters
+from moe_ascend.compiler.report.summary import SUMMARY_VERSION
+from moe_ascend.compiler.report.html import graph_view, write_index
 from moe_ascend.passes.analysis.collectives import collectives_by_kind, exchange_bytes
 from moe_ascend.passes.analysis.moe_regions import META_KEY, layers_from_annotations
 from moe_ascend.passes.infra import Pass, PassContext
 
-SUMMARY_VERSION = 1
 _SESSIONS: dict[Path, "DumpSession"] = {}
 
 

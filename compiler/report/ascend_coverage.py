@@ -14,7 +14,7 @@ moe_ascend op, when its GE form is covered. ``missing_converters(gm)`` lists the
 ``check_dump(dir)`` does it for every post-grad graph of a dump, after every pass.
 
     moe-ascend doctor --ascend-check DUMP_DIR                                   # the check of a dump
-    python -m moe_ascend.compiler.ascend_coverage regenerate PATH/TO/torchair   # the table, from torchair's sources
+    python -m moe_ascend.compiler.report.ascend_coverage regenerate PATH/TO/torchair   # the table, from torchair's sources
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.fx
 from moe_ascend.kernels import ascend
 from moe_ascend.kernels.errors import MoEAscendError
 
-TABLE = Path(__file__).resolve().parent / "data" / "ascend" / "ge_converters.tsv"
+TABLE = Path(__file__).resolve().parents[1] / "data" / "ascend" / "ge_converters.tsv"
 COVERED = ("implemented", "decomposed")
 # torchair's own decompositions, which the table lists as such (torchair._utils.get_npu_default_decompositions).
 TORCHAIR_DECOMPOSED = ("_c10d_functional.all_to_all_single.default", "npu_define.allgather.default")
@@ -122,7 +122,7 @@ def check_dump(dump_dir: str | Path) -> list[dict]:
     Each row: ``{"graph", "role", "step" (input or the pass), "missing": {op: why}}``; a dump made under
     ``target="ascend"`` (the dry run without an NPU) holds the graphs torchair would be given.
     """
-    from moe_ascend.compiler.inspect import load_summary
+    from moe_ascend.compiler.report.summary import load_summary
 
     folder = Path(dump_dir)
     summary = load_summary(folder)
@@ -206,7 +206,7 @@ def regenerate(torchair_checkout: Path, out: Path = TABLE, commit: str | None = 
     header = [
         "GE converter coverage of torchair, the torch.compile backend in torch_npu (mode 'max-autotune').",
         f"Read from Ascend/torchair {commit} ({date}); regenerate from a torchair checkout with",
-        "  python -m moe_ascend.compiler.ascend_coverage regenerate PATH/TO/torchair [--commit C --date D]",
+        "  python -m moe_ascend.compiler.report.ascend_coverage regenerate PATH/TO/torchair [--commit C --date D]",
         "op overload<TAB>implemented | stub (the converter only raises) | decomposed (torchair's default decompositions)",
     ]
     out.write_text("".join(f"# {line}\n" for line in header) + "".join(f"{op}\t{s}\n" for op, s in sorted(rows.items())))
@@ -220,7 +220,7 @@ def _git(folder: Path, *args: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_ascend.compiler.ascend_coverage", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moe_ascend.compiler.report.ascend_coverage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     again = commands.add_parser("regenerate", help="rebuild the converter table from a torchair checkout")

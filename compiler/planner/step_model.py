@@ -56,7 +56,7 @@ import sympy as sp
 
 from moe_ascend.kernels.errors import MoEAscendError
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 LAYOUT = ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks", "hierarchical")
 
 

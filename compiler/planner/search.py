@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_ascend.compiler.step_model import LAYOUT, Hardware, MoEModel, PlannerError, StepModel, divisors, fits
+from moe_ascend.compiler.planner.step_model import LAYOUT, Hardware, MoEModel, PlannerError, StepModel, divisors, fits
 
 VIRTUAL_STAGES = (1, 2, 4)
 MICRO_BATCHES = (1, 2, 4, 8)

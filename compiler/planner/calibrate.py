@@ -23,7 +23,7 @@ keeping the slowest rank's figure) and keeps the median of a few repeats:
 Each link's times are fitted to ``latency + bytes / bandwidth``, bytes being what one rank sends to the
 other (half its buffer): the bandwidth from the back-to-back exchanges (a link whose latency still sets the
 time at 8 MiB gets larger buffers), the latency from those after compute.
-``compute_here`` and ``link_here`` measure inside any job: ``compiler.measured`` runs them beside its steps. The profile's rates are what was reached, so its ``matmul_efficiency`` is 1;
+``compute_here`` and ``link_here`` measure inside any job: ``compiler.planner.measured`` runs them beside its steps. The profile's rates are what was reached, so its ``matmul_efficiency`` is 1;
 ``memory_bytes`` is the machine's memory over the two ranks the emulated layouts run at once.
 """
 
@@ -276,13 +276,13 @@ def measure_overlap(buffer_bytes: int = 4 << 20, repeats: int = 5) -> float:
 
 
 def _launched(nodes: int, ranks_per_node: int, bandwidth: str, latency: str, job: list[str]) -> dict:
-    """Rank 0's JSON of ``python -m moe_ascend.compiler.calibrate JOB OUT ...`` on the emulated cluster of that shape:
+    """Rank 0's JSON of ``python -m moe_ascend.compiler.planner.calibrate JOB OUT ...`` on the emulated cluster of that shape:
     every micro-benchmark runs as a rank of a measured job runs (one thread, the launcher's heap settings)."""
     from moe_ascend.runtime.launcher import ClusterSpec, launch
 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "measured.json"
-        command = [sys.executable, "-m", "moe_ascend.compiler.calibrate", job[0], str(out), *job[1:]]
+        command = [sys.executable, "-m", "moe_ascend.compiler.planner.calibrate", job[0], str(out), *job[1:]]
         log = Path(folder) / "job.log"
         with open(log, "w") as written:
             code = launch(ClusterSpec(nodes, ranks_per_node, bandwidth, latency), command, out=written)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from moe_ascend.compiler.calibrate import expert_matmul_rate
-from moe_ascend.compiler.step_model import Hardware
+from moe_ascend.compiler.planner.calibrate import expert_matmul_rate
+from moe_ascend.compiler.planner.step_model import Hardware
 
 # The experts of a benchmark's MoE layer on one rank: rows per expert, experts, width, expert FFN (fp32).
 PROBE = (256, 4, 512, 1024)
