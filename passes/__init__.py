@@ -12,6 +12,7 @@ Write a pass::
 
 from moe_ascend.passes.infra import (  # noqa: F401  (the public pass API)
     STAGES,
+    CostModel,
     Pass,
     PassContext,
     PassResult,

@@ -19,7 +19,7 @@ import contextlib
 import heapq
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 import torch.fx
@@ -41,6 +41,24 @@ class PassResult:
     modified: bool
 
 
+@runtime_checkable
+class CostModel(Protocol):
+    """What a pass may ask of the cost model (``compiler.planner.cost_model.CostModel`` answers; the compiler
+    hands it over in the context, so the passes never import the compiler)."""
+
+    def compute_seconds(self, node: torch.fx.Node) -> float:
+        """The time ``node``'s computation takes on this platform."""
+
+    def collective_seconds(self, node: torch.fx.Node) -> float:
+        """The time collective ``node``'s transfer takes on the link its group spans."""
+
+    def best_chunks(self, site: Any, most: int) -> int:
+        """The chunk count (1 … ``most``) with the fastest predicted step for an exchange site the passes found."""
+
+    def hierarchical_pays(self, site: Any) -> bool:
+        """Whether the two-step exchange makes that site's layer faster than the flat one."""
+
+
 @dataclass
 class PassContext:
     """What a pass may read besides its graph.
@@ -57,7 +75,7 @@ class PassContext:
     role: str
     graph_name: str
     topology: Any = None
-    cost_model: Any = None
+    cost_model: CostModel | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger(PASS_LOGGER))
     fake_mode: Any = None
     analyses: dict[str, Any] = field(default_factory=dict)

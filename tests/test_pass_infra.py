@@ -141,3 +141,11 @@ def test_modified_false_with_a_changed_graph_is_caught(temporary_passes):
 
     with pytest.raises(PassContractError, match="returned modified=False but changed"):
         run_stage(small_graph(), only("t_liar"))
+
+
+def test_the_compilers_cost_model_answers_what_the_pass_api_asks():
+    from moe_ascend.compiler.planner.cost_model import CostModel as PlatformCostModel
+    from moe_ascend.passes import CostModel
+
+    assert isinstance(PlatformCostModel.for_platform(), CostModel)
+    assert not isinstance(object(), CostModel)  # the check looks at the methods
