@@ -130,3 +130,33 @@ class TitanStyleMoE(nn.Module):
         unsorted = torch.empty_like(returned).index_copy(0, order, returned)
         weighted = unsorted.reshape(-1, self.top_k, x.shape[-1]) * top_scores.unsqueeze(-1)
         return weighted.sum(dim=1)
+
+
+class DeepSeekStyleMoE(nn.Module):
+    """DeepSeek-V3's router written from scratch: sigmoid scores, a selection-only bias, top-k within the best
+    ``top_groups`` expert groups (each group scored by its best two), weights from the unbiased scores,
+    renormalised and scaled; a loop over the experts and a shared expert."""
+
+    def __init__(self, d=16, f=32, num_experts=8, top_k=2, groups=4, top_groups=2, scale=2.5):
+        super().__init__()
+        self.top_k, self.groups, self.top_groups, self.scale = top_k, groups, top_groups, scale
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.register_buffer("bias", torch.linspace(-0.1, 0.1, num_experts))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, f), nn.SiLU(), nn.Linear(f, d)) for _ in range(num_experts))
+        self.shared = nn.Sequential(nn.Linear(d, f), nn.SiLU(), nn.Linear(f, d))
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.gate(x))
+        for_choice = scores + self.bias
+        group_scores = for_choice.view(x.shape[0], self.groups, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        best_groups = group_scores.topk(self.top_groups, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, best_groups, 1)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, scores.shape[-1] // self.groups).reshape(x.shape[0], -1)
+        chosen = for_choice.masked_fill(expert_mask == 0, 0.0).topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, chosen)
+        weights = weights / weights.sum(dim=-1, keepdim=True) * self.scale
+        out = self.shared(x)
+        for e, expert in enumerate(self.experts):
+            weight = (weights * (chosen == e)).sum(dim=-1, keepdim=True)
+            out = out + weight * expert(x)
+        return out

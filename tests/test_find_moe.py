@@ -5,7 +5,7 @@ import logging
 
 import torch
 from graphs import context, dynamo_graph
-from models import LoopMoE, RouterOnly, TwoLoopMoE
+from models import DeepSeekStyleMoE, LoopMoE, RouterOnly, TwoLoopMoE
 from quickstart import MoEFeedForward
 
 from moe_ascend.passes.find_moe import find_moe
@@ -30,6 +30,24 @@ def test_golden_loop_moe_roles():
         "combine": ["out", "mul_1", "out_1", "mul_3", "out_2"],
     }
     assert roles(gm)["input_3"] == "experts" and gm.graph.find_nodes(op="placeholder")[0].meta.get("custom") is None
+
+
+def test_golden_deepseek_router_is_the_whole_selection():
+    # sigmoid scores, a selection bias, the best group chosen first, top-k inside it, weights from the unbiased
+    # scores renormalised and scaled: the last top-k is the router's, the group top-ks and the bias are its selection
+    torch.manual_seed(0)
+    gm = dynamo_graph(DeepSeekStyleMoE(num_experts=4, groups=2, top_groups=1), torch.randn(6, 16))
+    find_moe(gm, ctx := context())
+    (layer,) = ctx.analyses["moe_layers"]
+    found = layer.to_json()
+    assert (found["gate"], found["topk"], found["output"]) == ("linear", "topk_2", "out_3")
+    assert found["router"][:22] == [
+        "linear", "scores", "for_choice", "view", "topk", "getitem", "group_scores", "topk_1", "best_groups",
+        "zeros_like", "group_mask", "unsqueeze", "expand", "expert_mask", "eq", "masked_fill", "topk_2", "chosen",
+        "weights", "sum_2", "truediv", "weights_1"]
+    assert found["dispatch"] == []
+    assert found["experts"] == [f"input_{i}" for i in range(1, 16)]  # the shared expert's three, then each expert's
+    assert found["combine"] == ["mul_2", "out", "mul_4", "out_1", "mul_6", "out_2", "mul_8", "out_3"]
 
 
 def test_golden_capacity_moe_roles():

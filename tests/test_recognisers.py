@@ -1,4 +1,5 @@
-"""MoE code written by others is recognised: transformers' Mixtral and Qwen2-MoE, and torchtitan-style EP."""
+"""MoE code written by others is recognised: transformers' Mixtral, Qwen2-MoE and DeepSeek-V3, a DeepSeek-style
+router written from scratch, and torchtitan-style EP."""
 
 import json
 import logging
@@ -29,6 +30,17 @@ def tiny_qwen2_moe(experts_implementation):
     )
     config._experts_implementation = experts_implementation
     return transformers.Qwen2MoeForCausalLM(config)
+
+
+def tiny_deepseek_v3():
+    # sigmoid router with a selection bias, top-2 of 8 inside the best 2 of 4 groups, routed_scaling_factor 2.5
+    config = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=8,
+        qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4, max_position_embeddings=32, routed_scaling_factor=2.5,
+    )
+    return transformers.DeepseekV3ForCausalLM(config)
 
 
 class Logits(torch.nn.Module):
@@ -92,3 +104,29 @@ def test_titan_style_with_a_graph_break_gets_one_warning_naming_it(single_rank_g
         model(torch.randn(8, 16))
     said = [r.getMessage() for r in caplog.records if r.name.startswith("moe_ascend")]
     assert len(said) == 1 and "graph break inside the layer" in said[0] and "capture_scalar_outputs" in said[0]
+
+
+def test_transformers_deepseek_v3_logits_gradients_and_layers(tmp_path):
+    torch.manual_seed(0)
+    model = Logits(tiny_deepseek_v3())
+    with torch.no_grad():  # a bias that changes the choice, as training leaves it
+        for layer in model.model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert_matches_eager(model, (ids,), {"target": "eager", "dump_dir": str(tmp_path)})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for graph in summary["graphs"]:
+        assert [layer["layer"] for layer in graph["moe_layers"]] == [0, 1], graph["name"]
+        assert all(layer[role] for layer in graph["moe_layers"] for role in ("router", "experts", "combine"))
+    assert [layer["gate"] for layer in summary["graphs"][0]["moe_layers"]] == ["router_logits", "router_logits_1"]
+
+
+@pytest.mark.parametrize("target", ["eager", "inductor"])
+def test_a_deepseek_style_router_written_from_scratch_is_one_layer_and_exact(target, tmp_path):
+    from models import DeepSeekStyleMoE
+
+    torch.manual_seed(0)
+    assert_matches_eager(DeepSeekStyleMoE(), (torch.randn(6, 16, requires_grad=True),),
+                         {"target": target, "dump_dir": str(tmp_path)})
+    (layer,) = json.loads((tmp_path / "summary.json").read_text())["graphs"][0]["moe_layers"]
+    assert layer["gate"] == "linear" and layer["topk"] == "topk_2"

@@ -36,6 +36,9 @@ META_KEY = "moe"
 _SCORE_OPS = {"softmax", "sigmoid", "log_softmax"}
 # Ops that pass their input's values through (shape, dtype, copies): the same tokens or scores.
 _PASS_THROUGH_OPS = {"view", "reshape", "flatten", "contiguous", "to", "float", "type", "clone", "squeeze", "unsqueeze"}
+# Elementwise transforms of the scores a router selects on (DeepSeek-V3: a selection bias added, the experts of
+# groups it did not pick masked out): the scores are whichever input leads back to the gate.
+_SCORE_TRANSFORM_OPS = {"add", "sub", "mul", "div", "masked_fill", "where"}
 
 
 @dataclass
@@ -73,18 +76,23 @@ def find_moe_layers(
     """Every MoE layer of ``gm`` in graph order; routers that look MoE-like but fail get one ``warn``."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     layers: list[MoERegion] = []
-    for node in gm.graph.nodes:
-        if op_name(node) not in TOP_K:
-            continue
-        gate = _gate_of(node)
-        if gate is None:
-            continue  # a top-k over something that is not a gate's scores (sampling, metrics)
+    for node, gate in _routers(gm).items():
         layer, missing = _layer_from_router(len(layers), gate, node, order)
         if layer is None:
             warn(f"router-like top-k {node.name} (over gate {gate.name}) is not an MoE layer: {missing}")
             continue
         layers.append(layer)
     return layers
+
+
+def _routers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Each router's final top-k, in graph order, with its gate. A top-k over something that is not a gate's scores
+    (sampling, metrics) is none; one whose choices feed another top-k over the same gate (group-limited routing
+    picking the groups first) is part of that router's selection."""
+    over_gate = {node: _gate_of(node) for node in gm.graph.nodes if op_name(node) in TOP_K}
+    over_gate = {node: gate for node, gate in over_gate.items() if gate is not None}
+    return {node: gate for node, gate in over_gate.items()
+            if not any(later in over_gate and over_gate[later] is gate for later in descendants([node]))}
 
 
 def cut_routers(gm: torch.fx.GraphModule, layers: list[MoERegion]) -> list[MoERegion]:
@@ -96,9 +104,8 @@ def cut_routers(gm: torch.fx.GraphModule, layers: list[MoERegion]) -> list[MoERe
     whole = {layer.topk for layer in layers}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     cut = []
-    for node in gm.graph.nodes:
-        gate = _gate_of(node) if op_name(node) in TOP_K and node not in whole else None
-        if gate is not None:
+    for node, gate in _routers(gm).items():
+        if node not in whole:
             after = sorted(descendants([node]), key=order.__getitem__)
             cut.append(MoERegion(len(layers) + len(cut), gate, node, gate.args[0], None,
                                 {"router": [gate, node], "dispatch": after, "experts": [], "combine": []}))
@@ -125,15 +132,21 @@ def layers_from_annotations(gm: torch.fx.GraphModule) -> list[dict]:
 
 
 def _gate_of(topk: torch.fx.Node) -> torch.fx.Node | None:
-    """The gate matmul behind a top-k: through an optional score function and pass-through ops."""
-    node = topk.args[0]
-    while isinstance(node, torch.fx.Node):
+    """The gate matmul behind a top-k: through score functions, their elementwise transforms and pass-through ops,
+    nearest input first."""
+    frontier, seen = [topk.args[0]], set()
+    while frontier:
+        node = frontier.pop(0)
+        if not isinstance(node, torch.fx.Node) or node in seen:
+            continue
+        seen.add(node)
         if is_matmul(node):
             return node
-        if op_name(node) in _SCORE_OPS | _PASS_THROUGH_OPS:
-            node = node.args[0]
-            continue
-        return None
+        name = op_name(node)
+        if name in _SCORE_OPS | _PASS_THROUGH_OPS:
+            frontier.append(node.args[0])
+        elif name in _SCORE_TRANSFORM_OPS:
+            frontier.extend(node.args)
     return None
 
 
@@ -151,7 +164,8 @@ def _layer_from_router(
     upstream = ancestors(root) | {root}
     region = (ancestors(output) | {output}) - upstream
     region = {n for n in region if n.op not in ("placeholder", "get_attr", "output")}
-    expert_weights = _expert_weight_values(region, upstream | ancestors(gate), token_side)
+    # what the selection reads besides the gate (a selection bias) is the router's, not the experts'
+    expert_weights = _expert_weight_values(region, upstream | ancestors(gate) | ancestors(topk), token_side)
     data_nodes = region & token_side
     router_nodes = (region & gate_side) - data_nodes - expert_weights
     matmuls = {n for n in data_nodes if is_matmul(n) and any(i in expert_weights for i in n.all_input_nodes)}
@@ -292,7 +306,7 @@ def _expert_weight_values(
     """Values computed from the layer's own parameters and not from its tokens: ``w1``, ``w1[e]``, ``w1[expert_ids]``.
 
     The layer's parameters are the graph inputs its region reads that neither the
-    tokens nor the gate were computed from.
+    tokens, the gate nor the router's top-k were computed from.
     """
     sources = {
         i for n in region for i in n.all_input_nodes
