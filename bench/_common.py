@@ -88,7 +88,7 @@ def run_on_cluster(script: str, layout: str, regime: str, worker_args: list[str]
     """``script --worker ARGS`` on the emulated cluster of ``layout`` (``NODESxRANKS_PER_NODE``) in ``regime`` (a
     target to scale the links to, with this host's ``host_flops``, or an inter-node rate); rank 0's ``RESULT {json}``
     lines, each with its layout and regime. A failed run ends the benchmark with its output."""
-    nodes, per_node = (int(v) for v in layout.lower().split("x"))
+    nodes, per_node = layout_shape(layout)
     command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
                str(per_node), *_regime_flags(regime, host_flops), "--", script, "--worker", *worker_args]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -100,6 +100,12 @@ def run_on_cluster(script: str, layout: str, regime: str, worker_args: list[str]
             for line in re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)]
 
 
+def layout_shape(layout: str) -> tuple[int, int]:
+    """``"NODESxRANKS_PER_NODE"`` → ``(nodes, ranks per node)``."""
+    nodes, per_node = (int(v) for v in layout.lower().split("x"))
+    return nodes, per_node
+
+
 def _regime_flags(regime: str, host_flops: float | None) -> list[str]:
     if _is_rate(regime):
         return ["--inter-node-bandwidth", regime]
@@ -107,7 +113,15 @@ def _regime_flags(regime: str, host_flops: float | None) -> list[str]:
 
 
 def _is_rate(regime: str) -> bool:
-    return re.fullmatch(r"[0-9.]+[kmg]?bit", regime.lower()) is not None
+    """Whether ``regime`` is an explicit link rate as the launcher reads one (else a target to scale to)."""
+    from moe_ascend.kernels.errors import LaunchError
+    from moe_ascend.runtime.launcher import parse_rate
+
+    try:
+        parse_rate(regime)
+    except LaunchError:
+        return False
+    return True
 
 
 def host_comm_share_checked(share: float | None, layout: str) -> float | None:
@@ -115,7 +129,7 @@ def host_comm_share_checked(share: float | None, layout: str) -> float | None:
     above the fidelity limit for ``layout``'s ranks on this machine's cores (None: not measured)."""
     if share is None:
         return None
-    nodes, per_node = (int(v) for v in layout.lower().split("x"))
+    nodes, per_node = layout_shape(layout)
     ranks, cores = nodes * per_node, len(os.sched_getaffinity(0))
     limit = HOST_COMM_SHARE_LIMIT["own_core" if ranks <= cores else "shared_cores"]
     if share > limit:

@@ -5,10 +5,11 @@ For each regime (the links scaled to an Ascend 910B cluster's balance, then
 (2, 4, 8, 16 of 64 experts), every rank routes its tokens at random and runs
 the dropless exchange both ways, alternating which goes first (the
 hierarchical one pipelined in ``--chunks`` pieces); the experts are the
-identity (communication only, so more ranks than cores is fine, DESIGN.md). A step's time is the slowest rank's. Bytes are what the
-exchanges hand to the inter-node links (tokens and routes; the counts are a
-few bytes), counted from their split sizes; the node's uplink counter (``tx_bytes``, headers
-included) is read beside them.
+identity (communication only, so more ranks than cores is fine, DESIGN.md).
+A step's time is the slowest rank's. Bytes are what the exchanges hand to the
+inter-node links (tokens and routes; the counts are a few bytes), counted from
+their split sizes; the node's uplink counter (``tx_bytes``, headers included)
+is read beside them.
 
 Beside the two, ``link_only`` sends the hierarchical exchange's step-1 rows (tokens and routes) to the other nodes
 and their sums back, with nothing else: the time this machine's shaped link and TCP need for those bytes, the

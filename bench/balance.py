@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_regime_arguments, host_comm_share_checked, median, replayed_exchange,  # noqa: E402
-                     run_layouts, worker_arguments, write_cluster_result)
+from _common import (add_regime_arguments, host_comm_share_checked, layout_shape, median,  # noqa: E402
+                     replayed_exchange, run_layouts, worker_arguments, write_cluster_result)
 
 import moe_ascend.kernels as ops  # noqa: E402
 from moe_ascend.runtime import MoELayer  # noqa: E402
@@ -227,7 +227,7 @@ def main() -> None:
     per_policy = by_regime[runs[0]["regime"]]
     trace = torch.tensor(next(r for r in first if r["policy"] == "off")["trace"])
     errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend")}
-    nodes, per_node = (int(v) for v in args.layouts.split(",")[0].lower().split("x"))
+    nodes, per_node = layout_shape(args.layouts.split(",")[0])
     planners = compare_planners(trace, args, nodes * per_node)
     def gain_over_off(policy):
         return per_policy[policy] / per_policy["off"] - 1 if {policy, "off"} <= per_policy.keys() else float("nan")

@@ -127,7 +127,7 @@ def _cluster_spec(args: argparse.Namespace):
         return ClusterSpec(args.nodes, args.ranks_per_node, args.inter_node_bandwidth or "1gbit", args.inter_node_latency)
     if args.inter_node_bandwidth is not None:
         raise LaunchError("--scale-to sets the inter-node bandwidth itself: give one of --scale-to and "
-                             "--inter-node-bandwidth, not both")
+                          "--inter-node-bandwidth, not both")
     from moe_ascend.compiler.planner.scaling import scale_to
 
     links = scale_to(args.scale_to, args.host_flops)
