@@ -33,6 +33,7 @@ test: setup
 
 # The edit loop: unit, golden and single-process numerical tests (no `slow` ones: multi-process and training runs).
 check: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup

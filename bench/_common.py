@@ -41,7 +41,8 @@ def write_result(name: str, figure: dict, runs: list, config: dict, path: str | 
         raise ValueError(f"{name}'s figure {figure} lacks {missing}: give it {list(FIGURE_KEYS)}")
     out = Path(path) if path else RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"figure": figure, **top_level, "runs": runs, "machine": machine(), "config": config}, indent=1))
+    out.write_text(json.dumps({"figure": figure, **top_level, "runs": runs, "machine": machine(), "config": config},
+                              indent=1))
     return out
 
 
@@ -76,9 +77,9 @@ def add_regime_arguments(parser: argparse.ArgumentParser, layouts: str) -> None:
     """``--layouts`` and ``--regimes`` (the links each layout runs on), and ``--host-flops``."""
     parser.add_argument("--layouts", default=layouts, help=f"NODESxRANKS_PER_NODE, comma separated (default {layouts})")
     parser.add_argument("--regimes", default=REGIMES,
-                        help="comma separated: a target whose compute-to-link balance the links are scaled to (moe-ascend "
-                             "launch --scale-to: ascend-910b, h100 or a hardware YAML), or an inter-node rate such as "
-                             f"1gbit; the first is the figure's (default {REGIMES})")
+                        help="comma separated: a target whose compute-to-link balance the links are scaled to "
+                             "(moe-ascend launch --scale-to: ascend-910b, h100 or a hardware YAML), or an inter-node "
+                             f"rate such as 1gbit; the first is the figure's (default {REGIMES})")
     parser.add_argument("--host-flops", type=float, default=None,
                         help="this host's per-rank compute rate the scaled regimes scale from (default: measured once)")
 

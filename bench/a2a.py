@@ -71,10 +71,12 @@ def main() -> None:
     anchor = next((r for r in runs if r["layout"] == "4x2" and r["top_k"] == 8 and r["num_experts"] == 64), None)
     figure = anchored_figure(runs, "speedup_top8_e64_4x2", "speedup", 2.0, lambda r: r is anchor)
     share = host_comm_share_checked(anchor["host_comm_share"], anchor["layout"]) if anchor else None
-    path = write_cluster_result("a2a", figure, runs, args, goodput_top8_e64_4x2=anchor and anchor["hierarchical_goodput"],
+    path = write_cluster_result("a2a", figure, runs, args,
+                                goodput_top8_e64_4x2=anchor and anchor["hierarchical_goodput"],
                                 host_comm_share=share, regime=anchor and anchor["regime"])
     print(f"speedup_top8_e64_4x2 = {figure['value']}  (goal >= 2.0), goodput_top8_e64_4x2 = "
-          f"{anchor and anchor['hierarchical_goodput']} (goal >= 0.85), host_comm_share = {share} (goal <= 0.10)  -> {path}")
+          f"{anchor and anchor['hierarchical_goodput']} (goal >= 0.85), host_comm_share = {share} (goal <= 0.10)  "
+          f"-> {path}")
 
 
 def worker(args) -> None:
@@ -155,7 +157,8 @@ def worker(args) -> None:
         element = tokens.element_size()
         flat_bytes = node_sum(flat_inter_bytes(plans["flat"], topology, args.width, element))
         route_bytes = 2 * args.experts // topology.nodes * weights.element_size()  # (present, weight) per node expert
-        hier_bytes = node_sum(hierarchical_inter_bytes(plans["hierarchical"], topology, args.width, element, route_bytes))
+        hier_bytes = node_sum(hierarchical_inter_bytes(plans["hierarchical"], topology, args.width, element,
+                                                       route_bytes))
         flat_s, hier_s, link_s = (median(times[name]) for name in contenders)
         if rank == 0:
             print("RESULT " + json.dumps({
@@ -166,7 +169,8 @@ def worker(args) -> None:
                 "flat_inter_bytes_node0": flat_bytes, "hierarchical_inter_bytes_node0": hier_bytes,
                 "inter_bytes_ratio": hier_bytes / flat_bytes,
                 "predicted_bytes_ratio": predicted_ratio(args.experts, top_k, topology.nodes),
-                "flat_uplink_tx_bytes_node0": median(wire["flat"]), "hierarchical_uplink_tx_bytes_node0": median(wire["hierarchical"]),
+                "flat_uplink_tx_bytes_node0": median(wire["flat"]),
+                "hierarchical_uplink_tx_bytes_node0": median(wire["hierarchical"]),
                 # a node's inter-node bytes over the exchange's time, as a share of its uplink's rate
                 "hierarchical_goodput": hier_bytes * 8 / hier_s / link_bits,
                 "flat_goodput": flat_bytes * 8 / flat_s / link_bits,
@@ -187,7 +191,8 @@ def identity(rows, tokens_per_expert):
 
 def flat_inter_bytes(plan, topology, width: int, element: int) -> float:
     """This rank's inter-node bytes, dispatch + combine: the rows it sent to ranks of other nodes, there and back."""
-    remote_rows = sum(rows for rank, rows in enumerate(plan.send_splits) if rank // topology.ranks_per_node != topology.node)
+    remote_rows = sum(rows for rank, rows in enumerate(plan.send_splits)
+                      if rank // topology.ranks_per_node != topology.node)
     return 2 * remote_rows * width * element
 
 

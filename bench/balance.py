@@ -97,7 +97,8 @@ class Trainee:
         self.balancer = ExpertBalancer(model, self.optimizer, interval=args.interval, horizon=args.horizon,
                                        min_interval=args.min_interval, clock=self.stopwatch,
                                        policy={"off": "observe", "static": "static", "ours": "dynamic"}[policy])
-        self.step_fn = torch.compile(model, backend="moe_ascend", options={"target": "eager"}) if args.compile else model
+        self.step_fn = (torch.compile(model, backend="moe_ascend", options={"target": "eager"}) if args.compile
+                        else model)
         self.x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(self.rank))
 
     def train(self, steps: range) -> None:
@@ -142,7 +143,8 @@ def worker(args) -> None:
             for trainee in trainees:
                 result = trainee.result()
                 step_s = result["seconds"] / args.steps
-                print("RESULT " + json.dumps(result | {"round": round_, "host_comm_share": replay.get("host_comm_share"),
+                print("RESULT " + json.dumps(result | {"round": round_,
+                                                       "host_comm_share": replay.get("host_comm_share"),
                                                        "comm_share": replay.get("comm_s", 0) / step_s}), flush=True)
     end_process_group()
 

@@ -49,7 +49,8 @@ def child(backend: str, batch: int, seq_len: int) -> dict:
 
 def measure(backend: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+                   TORCHINDUCTOR_AUTOGRAD_CACHE="0")
         out = subprocess.run(
             [sys.executable, __file__, "--child", backend, "--batch", str(args.batch), "--seq-len", str(args.seq_len)],
             env=env, capture_output=True, text=True, check=True,
@@ -83,7 +84,8 @@ def main() -> None:
         ratios.append(ratio)
         print(f"{repeat:>6} {inductor['compile_s']:>11.2f} {ours['compile_s']:>13.2f} {ratio:>7.3f}", flush=True)
     figure = {"name": "compile_time_ratio", "value": median(ratios), "goal": 1.10, "higher_is_better": False}
-    path = write_result("compile_overhead", figure, runs, vars(args) | {"model": "examples/quickstart.py MoETransformer defaults"}, args.json)
+    path = write_result("compile_overhead", figure, runs,
+                        vars(args) | {"model": "examples/quickstart.py MoETransformer defaults"}, args.json)
     print(f"compile_time_ratio (median of {args.repeats}) = {figure['value']:.3f}  (goal <= 1.10)  -> {path}")
 
 

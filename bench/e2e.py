@@ -43,7 +43,8 @@ from _common import (add_regime_arguments, host_comm_share_checked, replayed_exc
 from train_moe import TECHNIQUES, Trainer, parser as train_parser  # noqa: E402
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
-VARIANTS = {"baseline": ("inductor", "none"), **{t: ("moe_ascend", t) for t in TECHNIQUES}, "all": ("moe_ascend", "all")}
+VARIANTS = {"baseline": ("inductor", "none"), **{t: ("moe_ascend", t) for t in TECHNIQUES},
+            "all": ("moe_ascend", "all")}
 
 
 def trainer_args(args, variant: str) -> argparse.Namespace:
@@ -169,7 +170,8 @@ def main() -> None:
         print(f"{layout}: " + ", ".join(f"{v} {r['speedup']:.2f}x (loss {r['loss_ratio']:.3f})" for v, r in rows.items()
                                         if r["speedup"] is not None))
     print(f"speedup_all_vs_baseline {figure['value']}, loss_ratio {data['loss_ratio']}; the baseline's step is "
-          f"{baseline['comm_share']:.2f} communication (35-60 %: the seeds' regime), host_comm_share {share}; wrote {out}")
+          f"{baseline['comm_share']:.2f} communication (35-60 %: the seeds' regime), host_comm_share {share}; "
+          f"wrote {out}")
 
 
 if __name__ == "__main__":

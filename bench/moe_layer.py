@@ -75,10 +75,12 @@ def main() -> None:
     for mode in ("capacity", "dropless"):
         run = measure(mode, args)
         runs.append(run)
-        print(f"{mode:<10}{run['inductor_s'] * 1e3:>13.2f}{run['moe_ascend_s'] * 1e3:>15.2f}{run['speedup']:>9.3f}", flush=True)
+        print(f"{mode:<10}{run['inductor_s'] * 1e3:>13.2f}{run['moe_ascend_s'] * 1e3:>15.2f}{run['speedup']:>9.3f}",
+              flush=True)
     figure = {"name": "speedup_vs_inductor", "value": runs[0]["speedup"], "goal": 1.0, "higher_is_better": True}
     config = vars(args) | {"figure_layer": "capacity (capacity_factor 1.25)", "threads": torch.get_num_threads(),
-                           "malloc": {name: os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}
+                           "malloc": {name: os.environ.get(name)
+                                      for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}
     path = write_result("moe_layer", figure, runs, config, args.json)
     print(f"speedup_vs_inductor (capacity layer) = {figure['value']:.3f}  (goal >= 1.0)  -> {path}")
 

@@ -69,7 +69,8 @@ def main() -> None:
         best = plan.best(1)[0]
         runs.append({"model": name, "hardware": hardware_name, "devices": devices, "build_s": built,
                      "search_layouts": plan.evaluated, "search_s": plan.seconds, "fitting": int(plan.fitting.sum()),
-                     "batch_layouts": evaluated, "batch_s": seconds, "configs_per_hour_one_core": evaluated / seconds * 3600,
+                     "batch_layouts": evaluated, "batch_s": seconds,
+                     "configs_per_hour_one_core": evaluated / seconds * 3600,
                      "best": {k: best[k] for k in ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks",
                                                    "hierarchical", "step_s", "mfu")}})
         print(f"{name} on {devices} x {hardware_name}: formulas built in {built:.1f} s; search of {plan.evaluated} "
@@ -83,13 +84,14 @@ def main() -> None:
     print(f"{args.processes} processes at once: {per_hour:.3g} layouts an hour (evaluation; {wall:.1f} s with the "
           f"builds)", flush=True)
     accuracy, measured = ({}, []) if args.skip_measured else measured_set(args.steps)
-    figure = {"name": "mean_abs_error", "value": accuracy.get("mean_abs_error"), "goal": 0.10, "higher_is_better": False}
+    figure = {"name": "mean_abs_error", "value": accuracy.get("mean_abs_error"), "goal": 0.10,
+              "higher_is_better": False}
     out = write_result("planner", figure, runs, vars(args), args.json, configs_per_hour=per_hour,
                        max_error=accuracy.get("max_error"), pairwise_order_kept=accuracy.get("pairwise_order_kept"),
                        memory_mean_abs_error=accuracy.get("memory_mean_abs_error"),
                        memory_max_error=accuracy.get("memory_max_error"), measured_runs=measured)
-    print(f"configs_per_hour {per_hour:.3g} (goal 1e6, aim 1e7); " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
-          + f"; wrote {out}")
+    print(f"configs_per_hour {per_hour:.3g} (goal 1e6, aim 1e7); "
+          + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + f"; wrote {out}")
 
 
 def measured_set(steps: int) -> tuple[dict, list[dict]]:

@@ -42,7 +42,7 @@ from quickstart import batches, stdlib_bytes  # noqa: E402  (the quickstart's da
 
 import moe_ascend.kernels as ops  # noqa: E402
 from moe_ascend.kernels import affinity as kernels  # noqa: E402
-from moe_ascend.passes.affinity_routing import expert_choice_capacity  # noqa: E402
+from moe_ascend.kernels.affinity import expert_choice_capacity  # noqa: E402
 from moe_ascend.runtime import MoELayer  # noqa: E402
 
 D_MODEL, HEADS, LAYERS, EXPERTS, TOP_K, D_FF, CAPACITY_FACTOR = 64, 4, 2, 8, 2, 128, 1.25
@@ -123,7 +123,8 @@ def dropped(model: ByteLM, tokens_in: torch.Tensor) -> tuple[float, float]:
 
 
 def validation_loss(model: nn.Module, val_batches: list) -> float:
-    return sum(F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item() for x, y in val_batches) / len(val_batches)
+    losses = [F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item() for x, y in val_batches]
+    return sum(losses) / len(losses)
 
 
 def train(routing: str, args, train_data, val_data) -> dict:
@@ -208,8 +209,9 @@ def main() -> None:
                        val_loss_ratio=val_loss_ratio)
     plot(runs, out.with_suffix(".png"))
     for run in runs:
-        print(f"{run['routing']:>8}: val loss {run['val_loss']:.4f} (plain router {run['val_loss_plain_router']:.4f}), tokens per expert {run['tokens_per_expert']:.0f}, "
-              f"dropped pairs {run['dropped_pair_rate']:.3f}, tokens {run['dropped_token_rate']:.3f}, switched at {run['switched_at_step']}, "
+        print(f"{run['routing']:>8}: val loss {run['val_loss']:.4f} (plain router {run['val_loss_plain_router']:.4f}), "
+              f"tokens per expert {run['tokens_per_expert']:.0f}, dropped pairs {run['dropped_pair_rate']:.3f}, "
+              f"tokens {run['dropped_token_rate']:.3f}, switched at {run['switched_at_step']}, "
               f"step {run['step_time_s_second_half_median'] * 1e3:.0f} ms")
     print(f"tokens_per_expert_reduction {reduction:.3f}, val_loss_ratio {val_loss_ratio:.4f}; wrote {out}")
 

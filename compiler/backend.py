@@ -72,7 +72,8 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Options)
         name = graph_name if role == "dynamo" else f"{graph_name}.{role}"
         return PassContext(
             options=opts, stage=stage, role=role, graph_name=name, topology=topology,
-            cost_model=cost_model, logger=logging.getLogger(PASS_LOGGER), fake_mode=fake_mode if role == "dynamo" else None, training=training,
+            cost_model=cost_model, logger=logging.getLogger(PASS_LOGGER),
+            fake_mode=fake_mode if role == "dynamo" else None, training=training,
         )
 
     pre_grad = make_context("pre_grad", "dynamo")

@@ -12,7 +12,8 @@ from moe_ascend.kernels.errors import LaunchError, MoEAscendError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-ascend", description="moe_ascend: a torch.compile backend for MoE training")
+    parser = argparse.ArgumentParser(prog="moe-ascend",
+                                     description="moe_ascend: a torch.compile backend for MoE training")
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="summarise a dump folder (graphs, passes, MoE layers, collectives)")
@@ -21,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
     doctor = commands.add_parser("doctor", help="what this machine can run")
     doctor.add_argument("--ascend-check", metavar="DIR", type=Path,
-                        help="list the ops of a dump's post-grad graphs (after every pass) that Ascend's graph engine has "
-                             "no converter for; exit status 1 if there are any")
+                        help="list the ops of a dump's post-grad graphs (after every pass) that Ascend's graph engine "
+                             "has no converter for; exit status 1 if there are any")
 
     bench = commands.add_parser("bench", help="run bench/NAME.py (extra arguments go to the benchmark)")
     bench.add_argument("name")
@@ -36,33 +37,44 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--ranks-per-node", type=int, default=1)
     launch.add_argument("--inter-node-bandwidth", default=None,
                         help="tc rate of each node's uplink (default 1gbit; not with --scale-to)")
-    launch.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")
+    launch.add_argument("--inter-node-latency", default="100us",
+                        help="one-way delay added to each uplink (default 100us)")
     launch.add_argument("--scale-to", metavar="TARGET", default=None,
-                        help="shape the uplinks and each node's loopback so that this host's compute rate over each link's "
-                             "rate equals TARGET's (a hardware YAML file, or a shipped one: " + ", ".join(_shipped("hardware")) + ")")
+                        help="shape the uplinks and each node's loopback so that this host's compute rate over each "
+                             "link's rate equals TARGET's (a hardware YAML file, or a shipped one: "
+                             + ", ".join(_shipped("hardware")) + ")")
     launch.add_argument("--host-flops", type=float, default=None,
                         help="with --scale-to: this host's per-rank compute rate in FLOP/s (default: measured now)")
-    launch.add_argument("command_args", metavar="command", nargs=argparse.REMAINDER, help="-- script.py ARGS (or any program)")
+    launch.add_argument("command_args", metavar="command", nargs=argparse.REMAINDER,
+                        help="-- script.py ARGS (or any program)")
 
     calibrate = commands.add_parser(
         "calibrate", help="measure this machine's emulated cluster (matmul, memory, each link's all-to-all) into a "
                           "hardware profile for plan",
-        description="Micro-benchmarks matmul and memory on one thread, and the MoE layers' all-to-all inside a node and "
-                    "across the emulated cluster's shaped link; writes the fitted profile as a hardware YAML file.")
-    calibrate.add_argument("--out", default="cpu-calibrated.yaml", help="the profile to write (default cpu-calibrated.yaml)")
-    calibrate.add_argument("--inter-node-bandwidth", default="1gbit", help="tc rate of each node's uplink (default 1gbit)")
-    calibrate.add_argument("--inter-node-latency", default="100us", help="one-way delay added to each uplink (default 100us)")
+        description="Micro-benchmarks matmul and memory on one thread, and the MoE layers' all-to-all inside a node "
+                    "and across the emulated cluster's shaped link; writes the fitted profile as a hardware YAML file.")
+    calibrate.add_argument("--out", default="cpu-calibrated.yaml",
+                           help="the profile to write (default cpu-calibrated.yaml)")
+    calibrate.add_argument("--inter-node-bandwidth", default="1gbit",
+                           help="tc rate of each node's uplink (default 1gbit)")
+    calibrate.add_argument("--inter-node-latency", default="100us",
+                           help="one-way delay added to each uplink (default 100us)")
     calibrate.add_argument("--repeats", type=int, default=5, help="timed repeats of each micro-benchmark (default 5)")
 
     plan = commands.add_parser(
-        "plan", help="search parallel layouts (TP/EP/PP/VPP/DP, micro-batch, recompute, overlap, hierarchy) with the step model",
-        description="Evaluates every layout of MODEL on DEVICES devices of HARDWARE with the symbolic step model; prints "
-                    "the fastest that fit in memory and writes JSON and a Pareto plot (tokens/s against memory).")
-    plan.add_argument("--model", required=True, help="a model YAML file, or a shipped one: " + ", ".join(_shipped("models")))
-    plan.add_argument("--hardware", required=True, help="a hardware YAML file, or a shipped one: " + ", ".join(_shipped("hardware")))
+        "plan", help="search parallel layouts (TP/EP/PP/VPP/DP, micro-batch, recompute, overlap, hierarchy) with the "
+                     "step model",
+        description="Evaluates every layout of MODEL on DEVICES devices of HARDWARE with the symbolic step model; "
+                    "prints the fastest that fit in memory and writes JSON and a Pareto plot (tokens/s against "
+                    "memory).")
+    plan.add_argument("--model", required=True,
+                      help="a model YAML file, or a shipped one: " + ", ".join(_shipped("models")))
+    plan.add_argument("--hardware", required=True,
+                      help="a hardware YAML file, or a shipped one: " + ", ".join(_shipped("hardware")))
     plan.add_argument("--devices", type=int, required=True)
     plan.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
-    plan.add_argument("--imbalance", type=float, default=None, help="busiest / mean expert load (default: the model file's)")
+    plan.add_argument("--imbalance", type=float, default=None,
+                      help="busiest / mean expert load (default: the model file's)")
     plan.add_argument("--json", default=None, help="output (default plan_MODEL_HARDWARE_DEVICES.json)")
     plan.add_argument("--png", default=None, help="Pareto plot (default beside the JSON)")
 
@@ -124,7 +136,8 @@ def _cluster_spec(args: argparse.Namespace):
     if args.scale_to is None:
         if args.host_flops is not None:
             raise LaunchError("--host-flops sets the rate --scale-to scales from: give --scale-to TARGET too")
-        return ClusterSpec(args.nodes, args.ranks_per_node, args.inter_node_bandwidth or "1gbit", args.inter_node_latency)
+        return ClusterSpec(args.nodes, args.ranks_per_node, args.inter_node_bandwidth or "1gbit",
+                           args.inter_node_latency)
     if args.inter_node_bandwidth is not None:
         raise LaunchError("--scale-to sets the inter-node bandwidth itself: give one of --scale-to and "
                           "--inter-node-bandwidth, not both")
@@ -133,7 +146,8 @@ def _cluster_spec(args: argparse.Namespace):
     links = scale_to(args.scale_to, args.host_flops)
     print(f"moe-ascend launch: {links.describe(args.ranks_per_node)}", flush=True)
     return ClusterSpec(args.nodes, args.ranks_per_node, f"{links.uplink_bits(args.ranks_per_node):.0f}bit",
-                       args.inter_node_latency, intra_node_bandwidth=f"{links.loopback_bits(args.ranks_per_node):.0f}bit",
+                       args.inter_node_latency,
+                       intra_node_bandwidth=f"{links.loopback_bits(args.ranks_per_node):.0f}bit",
                        scaled_to=links.to_json())
 
 

@@ -16,8 +16,10 @@ def checks() -> list[tuple[str, bool, str]]:
     """``(what, available, detail)`` rows."""
     rows = [
         ("torch", True, f"{torch.__version__} on Python {platform.python_version()}"),
-        ("target inductor (CPU)", shutil.which("cc") is not None or shutil.which("gcc") is not None, "needs a C++ compiler"),
-        ("CUDA", torch.cuda.is_available(), f"{torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "no CUDA device"),
+        ("target inductor (CPU)", shutil.which("cc") is not None or shutil.which("gcc") is not None,
+         "needs a C++ compiler"),
+        ("CUDA", torch.cuda.is_available(),
+         f"{torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "no CUDA device"),
     ]
     reason = ascend_unavailable_reason()
     rows.append(("target ascend (torch_npu + CANN + NPU)", reason is None, reason or "available"))
@@ -26,9 +28,12 @@ def checks() -> list[tuple[str, bool, str]]:
     rows.append(("graphviz dot (region pictures)", shutil.which("dot") is not None, "readable fallback without it"))
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     has_ip = shutil.which("ip") is not None and shutil.which("tc") is not None
-    rows.append(("emulated cluster with shaped links", is_root and has_ip, "needs root and iproute2 (ip, tc)" if not (is_root and has_ip) else "root, ip and tc present"))
-    rows.append(("gloo", torch.distributed.is_available() and torch.distributed.is_gloo_available(), "torch.distributed backend for CPU ranks"))
-    rows.append(("matplotlib (plots)", importlib.util.find_spec("matplotlib") is not None, "pip install moe-ascend[plot]"))
+    rows.append(("emulated cluster with shaped links", is_root and has_ip,
+                 "needs root and iproute2 (ip, tc)" if not (is_root and has_ip) else "root, ip and tc present"))
+    rows.append(("gloo", torch.distributed.is_available() and torch.distributed.is_gloo_available(),
+                 "torch.distributed backend for CPU ranks"))
+    rows.append(("matplotlib (plots)", importlib.util.find_spec("matplotlib") is not None,
+                 "pip install moe-ascend[plot]"))
     return rows
 
 

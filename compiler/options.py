@@ -24,8 +24,11 @@ ROUTING_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
 ASCEND_OPTIONS: dict[str, tuple[tuple, Any]] = {
     "mode": (("max-autotune", "npugraph_ex"), "max-autotune"),  # GE graph mode, or captured NPU graphs of eager kernels
     "dry_run": ((False, True), False),  # no NPU: build the graphs torchair would get, check them, run them eagerly
-    "soc": (("auto", "Ascend910B", "Ascend910_93"), "auto"),  # Atlas A2 / A3 (MC2's limits); auto: the NPU's, A2 in a dry run
+    # Atlas A2 / A3 (MC2's limits); auto: the NPU's, A2 in a dry run
+    "soc": (("auto", "Ascend910B", "Ascend910_93"), "auto"),
 }
+# options["overlap"] as a dict: key -> default ("token_groups" has none: it is what makes it a dict).
+TOKEN_GROUP_OPTIONS: dict[str, Any] = {"token_groups": None, "changes_numerics": False}
 DUMP_DIR_ENV = "MOE_ASCEND_DUMP_DIR"
 
 
@@ -35,7 +38,7 @@ class Options:
 
     target: str = "auto"
     hierarchical_a2a: str | bool = "auto"
-    overlap: str | bool | int = "auto"
+    overlap: str | bool | int | Mapping[str, Any] = "auto"
     routing: str = "keep"
     routing_options: Mapping[str, Any] | None = None
     ascend_options: Mapping[str, Any] | None = None
@@ -72,12 +75,12 @@ class Options:
             raise OptionError(
                 f"option 'hierarchical_a2a' is {self.hierarchical_a2a!r}; valid values are 'auto', True, False"
             )
-        overlap_ok = self.overlap in ("auto", False) or (
-            isinstance(self.overlap, int) and not isinstance(self.overlap, bool) and self.overlap >= 2
-        )
-        if not overlap_ok:
+        if isinstance(self.overlap, Mapping):
+            self._validate_token_groups()
+        elif not (self.overlap in ("auto", False) or _count(self.overlap)):
             raise OptionError(
-                f"option 'overlap' is {self.overlap!r}; valid values are 'auto', False, or a chunk count >= 2"
+                f"option 'overlap' is {self.overlap!r}; valid values are 'auto', False, a chunk count >= 2, "
+                "or {'token_groups': g} with g >= 2 (and optionally 'changes_numerics': True)"
             )
         if not isinstance(self.profile, bool):
             raise OptionError(f"option 'profile' is {self.profile!r}; valid values are True, False")
@@ -125,7 +128,35 @@ class Options:
             if value not in valid or type(value) is not type(valid[0]):
                 raise OptionError(f"option 'ascend_options'[{key!r}] is {value!r}; give one of {list(valid)}")
         if given and self.target not in ("ascend", "auto"):
-            raise OptionError(f"option 'ascend_options' applies to target 'ascend' (or 'auto'); target is {self.target!r}")
+            raise OptionError(f"option 'ascend_options' applies to target 'ascend' (or 'auto'); "
+                              f"target is {self.target!r}")
+
+    def _validate_token_groups(self) -> None:
+        given = dict(self.overlap)
+        unknown = sorted(set(given) - set(TOKEN_GROUP_OPTIONS))
+        if unknown:
+            raise OptionError(f"option 'overlap' has {unknown}; a dict takes {list(TOKEN_GROUP_OPTIONS)}")
+        if not _count(given.get("token_groups")):
+            raise OptionError(f"option 'overlap'['token_groups'] is {given.get('token_groups')!r}; give an int >= 2")
+        if not isinstance(given.get("changes_numerics", False), bool):
+            raise OptionError(f"option 'overlap'['changes_numerics'] is {given['changes_numerics']!r}; give True "
+                              "to let capacity layers drop per group, or False")
+
+    @property
+    def token_groups(self) -> int:
+        """How many token groups the graph is split into (1: not split)."""
+        return dict(self.overlap)["token_groups"] if isinstance(self.overlap, Mapping) else 1
+
+    @property
+    def overlap_chunks(self) -> str | bool | int:
+        """The chunk count of each capacity exchange: "auto", False or an int (False with token groups: a group's
+        exchange is not chunked yet)."""
+        return False if isinstance(self.overlap, Mapping) else self.overlap
+
+    def overlap_option(self, key: str) -> Any:
+        """A key of a token-group ``overlap`` dict, its default where not given."""
+        return dict(self.overlap).get(key, TOKEN_GROUP_OPTIONS[key]) if isinstance(self.overlap, Mapping) else \
+            TOKEN_GROUP_OPTIONS[key]
 
     def ascend_option(self, key: str) -> Any:
         """An ``ascend_options`` value, its default where not given."""
@@ -141,7 +172,14 @@ class Options:
         fields["passes"] = [p if isinstance(p, str) else _callable_id(p) for p in self.passes]
         fields["routing_options"] = sorted((self.routing_options or {}).items())
         fields["ascend_options"] = sorted((self.ascend_options or {}).items())
+        if isinstance(self.overlap, Mapping):
+            fields["overlap"] = sorted(self.overlap.items())
         return repr(sorted(fields.items()))
+
+
+def _count(value: Any) -> bool:
+    """An int of at least two (a chunk or group count), not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 2
 
 
 def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:

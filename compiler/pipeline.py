@@ -55,7 +55,8 @@ def _call(p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     except MoEAscendError:
         raise
     except Exception as exc:
-        raise PassError(f"{type(exc).__name__}: {exc}", pass_name=p.name, stage=ctx.stage, graph=ctx.graph_name) from exc
+        raise PassError(f"{type(exc).__name__}: {exc}", pass_name=p.name, stage=ctx.stage,
+                        graph=ctx.graph_name) from exc
     if not isinstance(result, PassResult):
         _fail(p, ctx, f"returned {type(result).__name__}; a pass returns PassResult(gm, modified)")
     return result
@@ -89,7 +90,8 @@ def _check(
         _fail(p, ctx, "FakeTensor metadata is wrong: " + "; ".join(problems[:5]))
     violations = order_violations(order_before, collective_order(gm))
     if violations:
-        _fail(p, ctx, "collectives changed order within a process group (ranks would deadlock): " + "; ".join(violations))
+        _fail(p, ctx,
+              "collectives changed order within a process group (ranks would deadlock): " + "; ".join(violations))
 
 
 def _meta_problem(node: torch.fx.Node, created: bool, vals_before: set[torch.fx.Node], fake_mode: Any) -> str | None:

@@ -67,7 +67,7 @@ class PhaseFollowing:
     def _due(self, layer: affinity_routing.RoutedLayer, host: torch.Tensor) -> bool:
         if float(host[kernels.PHASE]) != layer.phase:  # a checkpoint brought another phase
             return True
-        if layer.phase != kernels.TOKEN_CHOICE or float(host[kernels.STEPS]) < affinity_routing.WARM_UP_STEPS:
+        if layer.phase != kernels.TOKEN_CHOICE or float(host[kernels.STEPS]) < kernels.WARM_UP_STEPS:
             return False  # (every rank has taken as many steps: all of them skip the agreement alike)
         host = agreed(host)
         if affinity_routing.settled(layer, host):
@@ -77,7 +77,7 @@ class PhaseFollowing:
             log.info("moe_ascend: affinity routing switches to expert choice after %d steps (chosen pairs' affinity: "
                      "mean %.3f, least %.3f; an unrelated token outranks a relevant one with probability %.4f, "
                      "%.4f for random directions)", int(host[kernels.STEPS]), mean, least, outranked,
-                     affinity_routing.outrank_probability(mean, layer.width))
+                     kernels.outrank_probability(mean, layer.width))
             return True
         return False
 

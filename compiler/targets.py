@@ -76,7 +76,8 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGrad
         post_grad.account(graph, "inference" if kwargs.get("is_inference") else training_role(graph))
         return compile_fx_inner(graph, inputs, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches={"post_grad_custom_pre_pass": post_grad})
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile,
+                      config_patches={"post_grad_custom_pre_pass": post_grad})
 
 
 def lower_eager(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:
@@ -128,7 +129,8 @@ def lower_ascend(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradSt
 
         # Attention as its math (matmuls, softmax): the fused CPU kernel this machine would trace to is no NPU op.
         with sdpa_kernel([SDPBackend.MATH]):
-            return _aot_eager(gm, example_inputs, post_grad, decompositions, default_partition, _warn_missing_converters)
+            return _aot_eager(gm, example_inputs, post_grad, decompositions, default_partition,
+                              _warn_missing_converters)
     return _torchair(gm, example_inputs, post_grad, options, decompositions, inference=not context.training)
 
 

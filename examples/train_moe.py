@@ -18,7 +18,8 @@ averaged by one all-reduce after backward.
     hierarchical  the two-step all-to-all across nodes        options["hierarchical_a2a"] = True
     overlap       chunked dispatch hidden under the experts   options["overlap"] = "auto"
     affinity      affinity routing (token, then expert choice) options["routing"] = "affinity"
-    balance       EDPB: MoELayer(balance=True, one redundant slot per expert-parallel rank), runtime.balance.ExpertBalancer
+    balance       EDPB: MoELayer(balance=True, one redundant slot per expert-parallel rank),
+                  runtime.balance.ExpertBalancer
 
 ``--backend inductor`` is the baseline: plain Inductor, the flat all-to-all, token-choice top-k, no balancing.
 
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import stdlib_bytes  # noqa: E402  (real text on every machine)
 
 from moe_ascend.compiler import backend, profile  # noqa: E402
-from moe_ascend.passes.affinity_routing import add_routing_state  # noqa: E402
+from moe_ascend.runtime import add_routing_state  # noqa: E402
 from moe_ascend.runtime import MoELayer, traffic  # noqa: E402
 from moe_ascend.runtime.balance import ExpertBalancer, Stopwatch  # noqa: E402
 from moe_ascend.runtime.data_parallel import average_gradients  # noqa: E402
@@ -86,7 +87,8 @@ class Block(nn.Module):
         self.moe = MoELayer(args.width, args.ffn, args.experts, top_k=args.top_k, capacity_factor=CAPACITY_FACTOR,
                             ep_group=ep_group, num_shared_experts=1, aux_loss_coeff=AUX_LOSS_COEFF, balance=balance,
                             # one spare slot per rank: the slots must split evenly over the ranks
-                            redundant_experts=(dist.get_world_size(ep_group) if ep_group is not None else 1) if balance else 0)
+                            redundant_experts=(dist.get_world_size(ep_group) if ep_group is not None else 1)
+                            if balance else 0)
 
     def forward(self, x):
         b, s, d = x.shape
@@ -147,7 +149,8 @@ class Trainer:
         self.stopwatch = Stopwatch()  # this run's steps only (the balancer's clock)
         self.balancer = ExpertBalancer(self.model, self.optimizer, interval=5, horizon=8, min_interval=20,
                                        clock=self.stopwatch) if "balance" in self.techniques else None
-        options = {} if args.backend == "inductor" else {"options": backend_options(self.techniques, args.chunks, not args.no_profile)}
+        options = ({} if args.backend == "inductor"
+                   else {"options": backend_options(self.techniques, args.chunks, not args.no_profile)})
         self.compiled = torch.compile(self.model, backend=args.backend, **options)
         self.data = stdlib_bytes()
         self.step, self.losses, self.seconds = 0, [], []  # seconds: each step's, slowest rank

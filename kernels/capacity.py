@@ -52,7 +52,8 @@ def _(expert_ids, scores, num_experts, capacity, drop_policy):
 
 
 def _check(expert_ids: Tensor, num_experts: int, capacity: int, drop_policy: str) -> None:
-    torch._check(drop_policy in DROP_POLICIES, lambda: f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    torch._check(drop_policy in DROP_POLICIES,
+                 lambda: f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     torch._check(capacity >= 1, lambda: f"capacity must be >= 1, got {capacity}")
     torch._check(num_experts >= 1, lambda: f"num_experts must be >= 1, got {num_experts}")
     torch._check(expert_ids.dim() == 2, lambda: "expert_ids must be [tokens, k]")
@@ -96,7 +97,8 @@ def scatter_rows(source: Tensor, rows: Tensor, num_rows: int) -> Tensor:
 
 
 def filled_slots(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
-    """``[E, 1]``: how many of each expert's ``capacity`` slots the dispatch fills (its first ones, by ``assign_slots``)."""
+    """``[E, 1]``: how many of each expert's ``capacity`` slots the dispatch fills (its first ones, by
+    ``assign_slots``)."""
     return expert_counts(expert_ids, num_experts).clamp(max=capacity).unsqueeze(1)
 
 
@@ -146,7 +148,8 @@ def _combine_backward(ctx, grad_out: Tensor):
     pair_grad, grad_weights = weighted_sum_backward(gather_from_slots(expert_out, slots), weights, grad_out)
     total = ctx.buffer_shape[0] * ctx.buffer_shape[1]
     rows = torch.where(slots >= 0, slots, total).reshape(-1)
-    grad_buffer = grad_out.new_zeros(total + 1, grad_out.shape[-1]).index_add_(0, rows, pair_grad.reshape(-1, grad_out.shape[-1]))
+    grad_buffer = grad_out.new_zeros(total + 1, grad_out.shape[-1]).index_add_(
+        0, rows, pair_grad.reshape(-1, grad_out.shape[-1]))
     return grad_buffer[:total].reshape(ctx.buffer_shape), None, grad_weights
 
 

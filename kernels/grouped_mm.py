@@ -23,7 +23,8 @@ def grouped_mm_batched(x: Tensor, w: Tensor) -> Tensor:
 
 @grouped_mm_batched.register_fake
 def _(x, w):
-    torch._check(x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1], lambda: f"cannot multiply {tuple(x.shape)} by {tuple(w.shape)}")
+    torch._check(x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1],
+                 lambda: f"cannot multiply {tuple(x.shape)} by {tuple(w.shape)}")
     return x.new_empty(x.shape[0], x.shape[1], w.shape[2])
 
 
@@ -57,9 +58,11 @@ def grouped_mm_filled(x: Tensor, w: Tensor, filled: Tensor) -> Tensor:
 
 @grouped_mm_filled.register_fake
 def _(x, w, filled):
-    torch._check(x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1], lambda: f"cannot multiply {tuple(x.shape)} by {tuple(w.shape)}")
+    torch._check(x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1],
+                 lambda: f"cannot multiply {tuple(x.shape)} by {tuple(w.shape)}")
     torch._check(filled.dim() == 2 and filled.shape[0] == x.shape[0] and x.shape[1] % filled.shape[1] == 0,
-                 lambda: f"filled must be [E, B] with B dividing the {x.shape[1]} slots of each expert, got {tuple(filled.shape)}")
+                 lambda: f"filled must be [E, B] with B dividing the {x.shape[1]} slots of each expert, "
+                         f"got {tuple(filled.shape)}")
     return x.new_empty(x.shape[0], x.shape[1], w.shape[2])
 
 

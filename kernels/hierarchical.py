@@ -92,7 +92,8 @@ def capacity_dispatch(
     sent_rows = nodes * node_capacity
     pair_rows = torch.where(kept, node_rows.gather(1, dest_node), sent_rows)
     route = route_columns(pair_rows, expert_ids % per_node, slots % capacity + 1, weights, sent_rows, per_node)
-    payload = scatter_rows(tokens.unsqueeze(1).expand(-1, nodes, -1).reshape(-1, width), node_rows.reshape(-1), sent_rows)
+    payload = scatter_rows(tokens.unsqueeze(1).expand(-1, nodes, -1).reshape(-1, width), node_rows.reshape(-1),
+                           sent_rows)
     payload, route = exchange(payload, hierarchy.inter_group), exchange(route, hierarchy.inter_group)
 
     # Step 2: each received row to the ranks of this node that own one of its experts.
@@ -118,13 +119,16 @@ def capacity_dispatch(
     buffer_size = world * per_rank * capacity
     local_expert = torch.arange(per_rank, device=tokens.device)
     slot_rows = torch.where(slot >= 0, (source * per_rank + local_expert) * capacity + slot, buffer_size)
-    received = scatter_rows(payload.unsqueeze(1).expand(-1, per_rank, -1).reshape(-1, width), slot_rows.reshape(-1), buffer_size)
-    expert_in = received.reshape(world, per_rank, capacity, width).transpose(0, 1).reshape(per_rank, world * capacity, width)
+    received = scatter_rows(payload.unsqueeze(1).expand(-1, per_rank, -1).reshape(-1, width), slot_rows.reshape(-1),
+                            buffer_size)
+    expert_in = (received.reshape(world, per_rank, capacity, width).transpose(0, 1)
+                 .reshape(per_rank, world * capacity, width))
     return expert_in, CapacityPlan(node_rows, forward_rows, slot_rows, route[:, per_rank:].to(weights.dtype))
 
 
 def capacity_combine(expert_out: Tensor, plan: CapacityPlan, hierarchy: Hierarchy) -> Tensor:
-    """``expert_out [E_rank, W·C, d]`` → ``[T, d]``: each token's weighted sum over its experts, summed per node first."""
+    """``expert_out [E_rank, W·C, d]`` → ``[T, d]``: each token's weighted sum over its experts, summed per node
+    first."""
     per_rank, _, width = expert_out.shape
     world = hierarchy.world_size
     by_source = expert_out.reshape(per_rank, world, -1, width).transpose(0, 1).reshape(-1, width)
@@ -209,8 +213,10 @@ def dropless_moe(tokens: Tensor, expert_ids: Tensor, weights: Tensor, num_expert
     num_tokens = tokens.shape[0]
 
     # Each token's route over all experts: [T, N, 2, E_node] (present, weight).
-    present = torch.zeros(num_tokens, num_experts, dtype=weights.dtype, device=tokens.device).scatter(1, expert_ids, 1.0)
-    weight = torch.zeros(num_tokens, num_experts, dtype=weights.dtype, device=tokens.device).scatter(1, expert_ids, weights)
+    present = torch.zeros(num_tokens, num_experts, dtype=weights.dtype,
+                          device=tokens.device).scatter(1, expert_ids, 1.0)
+    weight = torch.zeros(num_tokens, num_experts, dtype=weights.dtype,
+                         device=tokens.device).scatter(1, expert_ids, weights)
     route = torch.stack([present, weight], dim=1).reshape(num_tokens, 2, nodes, per_node).transpose(1, 2)
 
     step1 = step1_plan(expert_ids, num_experts, hierarchy, chunks)

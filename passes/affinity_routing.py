@@ -57,7 +57,8 @@ After, expert choice (C = 3)::
     affinity_routing = moe_ascend.kernels.affinity.affinity_top_k(tokens, gate_weight, linear, 2, True)
     weights = affinity_routing[0];  expert_ids = affinity_routing[1];  delta = affinity_routing[2]
     chosen_affinity = delta.gather(1, expert_ids)
-    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, chosen_affinity, 4, 3, 'score')
+    capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, chosen_affinity, 4, 3,
+                                                                       'score')
 
 LocMoE (arXiv 2401.13920) bounds the capacity from below: when a token's
 affinity to its relevant expert exceeds δ, and an unrelated token's cosine with
@@ -74,26 +75,23 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from dataclasses import dataclass
 
-import mpmath
 import torch
 import torch.fx
 import torch.nn as nn
 
 from moe_ascend.kernels import affinity as kernels
-from moe_ascend.kernels import exchange, hierarchical
+from moe_ascend.kernels import hierarchical
 from moe_ascend.kernels.errors import PassError
 from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
 from moe_ascend.passes.analysis.moe_regions import descendants
-from moe_ascend.passes.analysis.ops import op_name
+from moe_ascend.passes.analysis.ops import module_holding, op_name
 from moe_ascend.passes.analysis.routers import Router, rewritable_routers
-from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, infer_meta, register_pass, replace_node
+from moe_ascend.passes.infra import (PassContext, PassResult, infer_meta, register_pass, replace_node,
+                                    shape_generic_exchange)
 
-FORMS = ("exact", "exp")
 STATE = kernels.STATE
-WARM_UP_STEPS = round(1 / (1 - kernels.SMOOTHING))
 
 
 @dataclass
@@ -133,10 +131,10 @@ def affinity_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.logger.info("%s: MoE layer %d stays in token choice: expert choice needs a capacity dispatch",
                             ctx.graph_name, layer.index)
         elif phase == kernels.TOKEN_CHOICE and fixed_phase == "auto" and owner is not None:
-            _observe(gm, layer, owner, delta, expert_ids, ctx)
+            _observe(gm, layer, gate_key(router.gate_weight), delta, expert_ids)
             ctx.analyses.setdefault("affinity_layers", []).append(
-                RoutedLayer(owner, *router.tokens.meta["val"].shape, router.num_experts, _capacity_at(dispatch)[1], phase,
-                            ctx.options.routing_option("bound")))
+                RoutedLayer(owner, *router.tokens.meta["val"].shape, router.num_experts, _capacity_at(dispatch)[1],
+                            phase, ctx.options.routing_option("bound")))
         elif phase == kernels.EXPERT_CHOICE:
             _expert_choice(gm, layer, router, dispatch, owner, delta, expert_ids, ctx)
         modified = True
@@ -155,12 +153,14 @@ def _route_by_affinity(gm: torch.fx.GraphModule, layer, router: Router, ctx: Pas
     with graph.inserting_before(router.topk_softmax):
         rows = router.gate_weight
         if ctx.options.routing_option("gate") == "grap":
-            rows = graph.create_node("call_function", kernels.grap_gate,
-                                     (router.tokens.meta["val"].shape[1], router.num_experts, router.tokens), name="grap_gate")
+            width = router.tokens.meta["val"].shape[1]
+            rows = graph.create_node("call_function", kernels.grap_gate, (width, router.num_experts, router.tokens),
+                                     name="grap_gate")
             infer_meta(rows, ctx.fake_mode)
             layer.nodes["router"].append(rows)
         routed = graph.create_node("call_function", kernels.affinity_top_k,
-                                   (router.tokens, rows, router.logits, router.k, router.renormalize), name="affinity_routing")
+                                   (router.tokens, rows, router.logits, router.k, router.renormalize),
+                                   name="affinity_routing")
     replace_node(gm, router.topk_softmax, routed, ctx, layer)
     return routed
 
@@ -182,12 +182,11 @@ def _later(gm: torch.fx.GraphModule, *nodes: torch.fx.Node) -> torch.fx.Node:
     return max(nodes, key=order.__getitem__)
 
 
-def _observe(gm: torch.fx.GraphModule, layer, owner: nn.Module, delta: torch.fx.Node, expert_ids: torch.fx.Node,
-             ctx: PassContext) -> None:
-    """Each step folds its chosen pairs' affinity into the owner's state."""
+def _observe(gm: torch.fx.GraphModule, layer, key: int, delta: torch.fx.Node, expert_ids: torch.fx.Node) -> None:
+    """Each step folds its chosen pairs' affinity into the state of the gate registered under ``key``."""
     with gm.graph.inserting_after(_later(gm, delta, expert_ids)):
         observe = gm.graph.call_function(torch.ops.moe_ascend.observe_affinity.default,
-                                         (delta, expert_ids, kernels.owner_key(owner)))
+                                         (delta, expert_ids, key))
     infer_meta(observe)
     layer.nodes["router"].append(observe)
 
@@ -198,7 +197,8 @@ def _capacity_dispatch(layer) -> torch.fx.Node | None:
 
 
 def _capacity_at(dispatch: torch.fx.Node) -> tuple[int, int]:
-    """Where the capacity is among the dispatch's arguments ``(…, scores, E, C, policy[, hierarchy])``, and its value."""
+    """Where the capacity is among the dispatch's arguments ``(…, scores, E, C, policy[, hierarchy])``, and its
+    value."""
     at = 5 if dispatch.target is hierarchical.capacity_dispatch else 4
     return at, dispatch.args[at]
 
@@ -209,7 +209,7 @@ def _expert_choice(gm, layer, router: Router, dispatch, owner, delta, expert_ids
     at, layer_capacity = _capacity_at(dispatch)
     tokens, width = router.tokens.meta["val"].shape
     state = getattr(owner, STATE) if owner is not None else None
-    capacity = expert_choice_capacity(tokens, width, router.num_experts, layer_capacity, state,
+    capacity = kernels.expert_choice_capacity(tokens, width, router.num_experts, layer_capacity, state,
                                       ctx.options.routing_option("bound"))
     with gm.graph.inserting_after(_later(gm, delta, expert_ids)):
         scores = gm.graph.create_node("call_method", "gather", (delta, 1, expert_ids), name="chosen_affinity")
@@ -219,48 +219,20 @@ def _expert_choice(gm, layer, router: Router, dispatch, owner, delta, expert_ids
     args[at - 2], args[at], args[at + 1] = scores, capacity, "score"
     dispatch.args = tuple(args)
     if isinstance(site, CapacityExchange):
-        _rebuild_exchange(gm.graph, site, layer)
+        shape_generic_exchange(gm.graph, site, layer)
     _shapes_follow(gm, dispatch, layer, ctx)
     ctx.logger.info("%s: MoE layer %d routes by expert choice, %d slots per expert (%s)", ctx.graph_name, layer.index,
                     capacity, _bounds_line(tokens, width, router.num_experts, layer_capacity, state))
 
 
-def expert_choice_capacity(tokens: int, width: int, num_experts: int, layer_capacity: int, state, form: str = "exact") -> int:
-    """C for expert choice: LocMoE's bound at the least chosen affinity, at least ceil(T / E), at most the layer's."""
-    floor = math.ceil(tokens / num_experts)
-    least = _least_affinity(state)
-    bound = math.ceil(capacity_lower_bound(least, width, num_experts, form)) if 0 < least < 1 else 0
-    return min(layer_capacity, max(floor, bound))
-
-
-def _least_affinity(state) -> float:
-    """The chosen pairs' least affinity over the recent steps, where the bound is taken (NaN with no state)."""
-    return kernels.running_affinity(state)[1] if state is not None else float("nan")
-
-
 def _bounds_line(tokens: int, width: int, num_experts: int, layer_capacity: int, state) -> str:
     """What C was chosen from: LocMoE's bound in both forms at the least chosen affinity, the floor and the ceiling."""
-    least = _least_affinity(state)
-    bounds = (", ".join(f"{form} {capacity_lower_bound(least, width, num_experts, form):.4g}" for form in FORMS)
+    least = kernels.least_affinity(state)
+    bounds = (", ".join(f"{form} {kernels.capacity_lower_bound(least, width, num_experts, form):.4g}"
+                        for form in kernels.FORMS)
               if 0 < least < 1 else "none: no affinity observed in (0, 1)")
     return (f"LocMoE's bound at the least chosen affinity {least:.3f}: {bounds}; floor ceil(T/E) = "
             f"{math.ceil(tokens / num_experts)}, the layer's own {layer_capacity}")
-
-
-def _rebuild_exchange(graph: torch.fx.Graph, site: CapacityExchange, layer) -> None:
-    """The flat exchange's reshapes hold C as constants: exchange the buffer anew, whatever its capacity."""
-    with graph.inserting_before(site.experts[0]):
-        expert_in = graph.create_node("call_function", exchange.to_experts, (site.dispatched, site.group, site.ep_size),
-                                      name="expert_in")
-    for node in site.experts:
-        node.replace_input_with(site.expert_in, expert_in)
-    with graph.inserting_after(site.expert_out):
-        returned = graph.create_node("call_function", exchange.from_experts, (site.expert_out, site.group, site.ep_size),
-                                     name="returned")
-    site.combine.replace_input_with(site.combine.args[0], returned)
-    layer.nodes["dispatch"].append(expert_in)
-    layer.nodes["combine"].append(returned)
-    erase_unused(graph, layer, ("dispatch", "combine"))
 
 
 def _shapes_follow(gm: torch.fx.GraphModule, dispatch: torch.fx.Node, layer, ctx: PassContext) -> None:
@@ -277,78 +249,28 @@ def _shapes_follow(gm: torch.fx.GraphModule, dispatch: torch.fx.Node, layer, ctx
                     pass_name="affinity_routing", stage=ctx.stage, graph=ctx.graph_name) from exc
 
 
-# --- the routing state --------------------------------------------------------------------------
-
-_owners: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()  # id(gate weight) → gate
-
-
-def add_routing_state(gate: nn.Module) -> torch.Tensor:
-    """The gate module's ``affinity_routing`` buffer, made (token choice, nothing observed) if it has none.
-
-    Call it on each gate before loading a checkpoint of an affinity-routed model into a fresh one.
-    """
-    if not hasattr(gate, STATE):
-        weight = next(gate.parameters())
-        gate.register_buffer(STATE, torch.zeros(kernels.STATE_SIZE, dtype=torch.float64, device=weight.device))
-    return getattr(gate, STATE)
-
-
-def state_owner(gate_weight: torch.fx.Node) -> nn.Module | None:
-    """The module whose parameter the gate weight is (its state lives there), found from Dynamo's record of it."""
-    grapharg = gate_weight.meta.get("grapharg")
-    if grapharg is None or not isinstance(grapharg.example, nn.Parameter):
-        return None
-    parameter = grapharg.example
-    owner = _owners.get(id(parameter))
-    if owner is None or not any(p is parameter for p in owner.parameters(recurse=False)):
-        owner = _module_of(grapharg.source)  # while Dynamo traces; a later recompile finds it here
-        if owner is None:
-            return None
-        _owners[id(parameter)] = owner
-    add_routing_state(owner)
-    return owner
-
-
-def _module_of(source) -> nn.Module | None:
-    """``L['self']._modules['moe']._modules['gate']._parameters['weight']`` → that gate module, while Dynamo traces."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    parameters = getattr(source, "base", None)
-    if getattr(parameters, "member", None) != "_parameters":
-        return None
-    tx = InstructionTranslator.current_tx()
-    if tx is None:
-        return None
-    try:
-        module = eval(parameters.base.name, {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307 (Dynamo's own source text)
-    except Exception:
-        return None
-    return module if isinstance(module, nn.Module) else None
-
-
-def outrank_probability(delta: float, d: int) -> float:
-    """P(an unrelated token's cosine with a gate row exceeds ``delta``): a random direction in ``d`` dimensions."""
-    if delta <= 0:
-        return 0.5
-    return float(mpmath.betainc(0.5, (d - 1) / 2, delta**2, 1, regularized=True)) / 2
-
-
 def settled(layer: RoutedLayer, state: torch.Tensor) -> bool:
     """Expert choice is due (``state``: the layer's, on the host): warmed up, and its capacity C holds twice the
     tokens expected to outrank a relevant one, ``2·T·q <= C``, q measured (LocMoE+, Corollary 6)."""
     outranked = kernels.running_affinity(state)[2]
-    capacity = expert_choice_capacity(layer.tokens, layer.width, layer.num_experts, layer.capacity, state, layer.form)
-    return float(state[kernels.STEPS]) >= WARM_UP_STEPS and 2 * layer.tokens * outranked <= capacity
+    capacity = kernels.expert_choice_capacity(layer.tokens, layer.width, layer.num_experts, layer.capacity, state,
+                                              layer.form)
+    return float(state[kernels.STEPS]) >= kernels.WARM_UP_STEPS and 2 * layer.tokens * outranked <= capacity
 
 
-def capacity_lower_bound(delta: float, d: int, n: int, form: str = "exact") -> float:
-    """LocMoE's lower bound on an expert's capacity, for affinity ``delta``, width ``d`` and ``n`` experts."""
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if not 0 < delta < 1 or d < 2 or n < 1:
-        raise ValueError(f"need 0 < delta < 1, d >= 2 and n >= 1; got delta={delta}, d={d}, n={n}")
-    if form == "exp":
-        return math.exp(d * delta**2 / (2 - delta**2)) / n
-    # P(|cos| > δ) for an unrelated token: 1 − I_{δ²}(½, (d−1)/2), computed without cancellation.
-    beyond = mpmath.betainc(0.5, (d - 1) / 2, delta**2, 1, regularized=True)
-    return float(1 / (n * beyond))
+def gate_key(gate_weight: torch.fx.Node) -> int:
+    """The registry's key for the graph's gate weight (see ``kernels.affinity.register_gate``)."""
+    return id(gate_weight.meta["grapharg"].example)
+
+
+def state_owner(gate_weight: torch.fx.Node) -> nn.Module | None:
+    """The gate module holding the graph's gate weight (its state lives there): registered, or found while Dynamo
+    traces from its record of where the parameter came from."""
+    grapharg = gate_weight.meta.get("grapharg")
+    if grapharg is None or not isinstance(grapharg.example, nn.Parameter):
+        return None
+    parameter = grapharg.example
+    owner = kernels.registered_gate(parameter) or module_holding(grapharg.source)
+    if owner is not None:
+        kernels.register_gate(parameter, owner)
+    return owner

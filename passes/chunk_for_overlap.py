@@ -67,10 +67,10 @@ MOST_CHUNKS = 8
 @register_pass(name="chunk_for_overlap", stage="pre_grad", after=("find_moe", "canonicalise", "hierarchical_a2a"),
                roles=("dynamo",))
 def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    if ctx.options.overlap is False:
+    if ctx.options.overlap_chunks is False:
         return PassResult(gm, False)
     # Asked for chunks and not given them is a warning; "auto" passing a layer by is a note.
-    say = ctx.logger.info if ctx.options.overlap == "auto" else ctx.logger.warning
+    say = ctx.logger.info if ctx.options.overlap_chunks == "auto" else ctx.logger.warning
     modified = False
     for layer in ctx.analyses.get("moe_layers", []):
         site = capacity_exchange(layer)
@@ -98,15 +98,16 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _why_not(layer, reason: str) -> str:
     if any(n.target is hierarchical.capacity_dispatch for n in layer.nodes.get("dispatch", [])):
-        return "the two-step hierarchical exchange is not chunked (yet); use hierarchical_a2a=False to chunk the flat one"
+        return ("the two-step hierarchical exchange is not chunked (yet); "
+                "use hierarchical_a2a=False to chunk the flat one")
     if reason == NOT_CAPACITY:
         return reason + "; chunk a dropless layer with MoELayer(..., overlap_chunks=n)"
     return reason
 
 
 def _chunk_count(site: CapacityExchange, ctx: PassContext) -> int:
-    if isinstance(ctx.options.overlap, int):
-        return ctx.options.overlap
+    if isinstance(ctx.options.overlap_chunks, int):
+        return ctx.options.overlap_chunks
     if ctx.cost_model is None:  # "auto" without a cost model: nothing to choose by
         return 1
     return ctx.cost_model.best_chunks(site, most=MOST_CHUNKS)
@@ -124,7 +125,8 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.
 
     def dispatch(j: int) -> None:
         start, stop = bounds[j]
-        part = graph.create_node("call_function", torch.narrow, (site.dispatched, 1, start, stop - start), name=f"slots_{j}")
+        part = graph.create_node("call_function", torch.narrow, (site.dispatched, 1, start, stop - start),
+                                 name=f"slots_{j}")
         tagged(part, site.expert_in, "dispatch", j)
         expert_in = graph.create_node("call_function", exchange.to_experts, (part, site.group, site.ep_size),
                                       name=f"expert_in_{j}")

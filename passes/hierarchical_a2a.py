@@ -18,7 +18,8 @@ Before::
 
     capacity_dispatch = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 16, 6, 'position')
     dispatched = capacity_dispatch[0];  slots = capacity_dispatch[1]
-    tensor = torch.ops._c10d_functional_autograd.all_to_all_single(dispatched.reshape(-1, 8), [24, 24, 24, 24], [24, 24, 24, 24], '0')
+    tensor = torch.ops._c10d_functional_autograd.all_to_all_single(dispatched.reshape(-1, 8), [24, 24, 24, 24],
+                                                                   [24, 24, 24, 24], '0')
     ...
     per_expert = transpose.reshape(4, 24, 8)
     grouped_mm_batched = torch.ops.moe_ascend.grouped_mm_batched.default(per_expert, w_gate_up)
@@ -27,7 +28,9 @@ Before::
 
 After::
 
-    hierarchical_dispatch = moe_ascend.kernels.hierarchical.capacity_dispatch(tokens, expert_ids, weights, weights, 16, 6, 'position', Hierarchy(nodes=2, ranks_per_node=2, intra_group='1', inter_group='3'))
+    hierarchical_dispatch = moe_ascend.kernels.hierarchical.capacity_dispatch(
+        tokens, expert_ids, weights, weights, 16, 6, 'position',
+        Hierarchy(nodes=2, ranks_per_node=2, intra_group='1', inter_group='3'))
     expert_in = hierarchical_dispatch[0];  plan = hierarchical_dispatch[1]
     grouped_mm_batched = torch.ops.moe_ascend.grouped_mm_batched.default(expert_in, w_gate_up)
     ...
@@ -42,7 +45,8 @@ import torch.distributed as dist
 import torch.fx
 
 from moe_ascend.kernels import hierarchical
-from moe_ascend.passes.analysis.exchange_sites import NOT_CAPACITY, CapacityExchange, capacity_exchange, exchange_collectives
+from moe_ascend.passes.analysis.exchange_sites import (NOT_CAPACITY, CapacityExchange, capacity_exchange,
+                                                       exchange_collectives)
 from moe_ascend.passes.analysis.ops import collective_group
 from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, inherit_meta, register_pass
 
@@ -62,7 +66,8 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         hierarchy = topology.hierarchy()
         if setting == "auto" and (ctx.cost_model is None or not ctx.cost_model.hierarchical_pays(site)):
-            ctx.logger.info("%s: MoE layer %d keeps the flat all-to-all: the cost model predicts no gain", ctx.graph_name, layer.index)
+            ctx.logger.info("%s: MoE layer %d keeps the flat all-to-all: the cost model predicts no gain",
+                            ctx.graph_name, layer.index)
             continue
         _rewrite(gm, site, hierarchy, ctx, layer)
         modified = True
@@ -86,20 +91,23 @@ def _capacity_exchange(layer, topology) -> CapacityExchange | str:
     return site
 
 
-def _rewrite(gm: torch.fx.GraphModule, site: CapacityExchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext, layer) -> None:
+def _rewrite(gm: torch.fx.GraphModule, site: CapacityExchange, hierarchy: hierarchical.Hierarchy, ctx: PassContext,
+             layer) -> None:
     graph = gm.graph
     tokens, expert_ids, scores, num_experts, capacity, drop_policy = site.dispatch.args[:6]
     weights = site.combine.args[2]
     with graph.inserting_before(site.experts[0]):
         dispatch = graph.create_node("call_function", hierarchical.capacity_dispatch,
-                                     (tokens, expert_ids, weights, scores, num_experts, capacity, drop_policy, hierarchy),
+                                     (tokens, expert_ids, weights, scores, num_experts, capacity, drop_policy,
+                                      hierarchy),
                                      name="hierarchical_dispatch")
         expert_in = graph.create_node("call_function", operator.getitem, (dispatch, 0), name="expert_in")
         plan = graph.create_node("call_function", operator.getitem, (dispatch, 1), name="plan")
     with graph.inserting_after(site.expert_out):
         combine = graph.create_node("call_function", hierarchical.capacity_combine, (site.expert_out, plan, hierarchy),
                                     name="hierarchical_combine")
-    for node, like in ((dispatch, site.dispatch), (expert_in, site.dispatch), (plan, site.dispatch), (combine, site.combine)):
+    for node, like in ((dispatch, site.dispatch), (expert_in, site.dispatch), (plan, site.dispatch),
+                       (combine, site.combine)):
         inherit_meta(node, like, ctx.fake_mode)
     for node in site.experts:
         node.replace_input_with(site.expert_in, expert_in)

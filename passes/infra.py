@@ -225,7 +225,8 @@ def _topological_order(stage: str, passes: list[Pass]) -> list[Pass]:
 
 
 def _check_constraint(stage: str, p: Pass, other: str) -> None:
-    """A constraint on a pass of another stage is a mistake; one on an unregistered pass is allowed (optional plug-ins)."""
+    """A constraint on a pass of another stage is a mistake; one on an unregistered pass is allowed (optional
+    plug-ins)."""
     registered = _REGISTRY.get(other)
     if registered is not None and registered.stage != stage:
         raise PassRegistrationError(
@@ -257,13 +258,35 @@ def erase_unused(graph: torch.fx.Graph, layer, roles: Iterable[str]) -> None:
     """
     candidates = {n for role in roles for n in layer.nodes.get(role, [])}
     for node in reversed(list(graph.nodes)):
-        if node in candidates and node.op in ("call_function", "call_method") and not node.users and node is not layer.output:
+        if (node in candidates and node.op in ("call_function", "call_method") and not node.users
+                and node is not layer.output):
             graph.erase_node(node)
             layer.replace(node, None)
 
 
+def shape_generic_exchange(graph: torch.fx.Graph, site, layer) -> None:
+    """Replace the flat exchange of ``site`` (a ``CapacityExchange``), whose reshapes and split sizes hold the
+    capacity as constants, by one that works them out from the buffer: a rewrite that changes the capacity keeps
+    a working exchange."""
+    from moe_ascend.kernels import exchange
+
+    with graph.inserting_before(site.experts[0]):
+        expert_in = graph.create_node("call_function", exchange.to_experts, (site.dispatched, site.group, site.ep_size),
+                                      name="expert_in")
+    join_layer(expert_in, site.expert_in, layer, "dispatch")
+    for node in site.experts:
+        node.replace_input_with(site.expert_in, expert_in)
+    with graph.inserting_after(site.expert_out):
+        returned = graph.create_node("call_function", exchange.from_experts,
+                                     (site.expert_out, site.group, site.ep_size), name="returned")
+    join_layer(returned, site.combine, layer, "combine")
+    site.combine.replace_input_with(site.combine.args[0], returned)
+    erase_unused(graph, layer, ("dispatch", "combine"))
+
+
 def replace_node(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, ctx: PassContext, layer) -> None:
-    """``new`` takes ``old``'s users, MoE role and source location (its ``val`` is derived afresh) and its place in the layer."""
+    """``new`` takes ``old``'s users, MoE role and source location (its ``val`` is derived afresh) and its place in
+    the layer."""
     inherit_meta(new, old, ctx.fake_mode)
     old.replace_all_uses_with(new)
     gm.graph.erase_node(old)
@@ -288,7 +311,8 @@ def inherit_meta(new: torch.fx.Node, old: torch.fx.Node, fake_mode: Any = None) 
             new.meta[key] = old.meta[key]
 
 
-def join_layer(new: torch.fx.Node, like: torch.fx.Node, layer, role: str, fake_mode: Any = None, **tags) -> torch.fx.Node:
+def join_layer(new: torch.fx.Node, like: torch.fx.Node, layer, role: str, fake_mode: Any = None,
+               **tags) -> torch.fx.Node:
     """``new`` works for ``layer`` as ``role``: its ``val`` worked out afresh, ``like``'s source location, the role
     (and ``tags``, such as a chunk index) in ``meta["custom"]["moe"]``, and a place among the layer's nodes."""
     inherit_meta(new, like, fake_mode)

@@ -159,7 +159,8 @@ def _calls(limits: dict, group: str, world: int, rank: int, experts: int, batch:
     handle = "assist_info_for_combine" if version_2 else "expand_idx"
     combine = {"expand_x": TensorArg("expert_out"), "expert_ids": ids, handle: TensorArg(f"dispatch.{handle}"),
                "ep_send_counts": TensorArg("dispatch.ep_recv_counts"), "expert_scales": weights, **common,
-               "tp_send_counts": TensorArg("dispatch.tp_recv_counts"), "expand_scales": TensorArg("dispatch.expand_scales")}
+               "tp_send_counts": TensorArg("dispatch.tp_recv_counts"),
+               "expand_scales": TensorArg("dispatch.expand_scales")}
     return Mc2Call(limits["dispatch"], dispatch), Mc2Call(limits["combine"], combine)
 
 
@@ -188,8 +189,8 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, mapping: Mc2Mapping,
         for node in site.experts:  # the same row-wise work on [rows, d] instead of [E/W, W·C, d]
             if op_name(node) == "grouped_mm_batched":
                 x, w = (copies.get(a, a) for a in node.args)
-                copies[node] = add(torch.ops.moe_ascend.grouped_mm.default, (x, w, tensors["dispatch.expert_token_nums"]),
-                                   like=node, role="experts")
+                copies[node] = add(torch.ops.moe_ascend.grouped_mm.default,
+                                   (x, w, tensors["dispatch.expert_token_nums"]), like=node, role="experts")
             else:
                 copies[node] = join_layer(graph.node_copy(node, lambda a: copies.get(a, a)), node, layer, "experts",
                                           ctx.fake_mode)

@@ -51,7 +51,8 @@ def node_limited_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
         with gm.graph.inserting_before(router.topk_softmax):
             limited = gm.graph.create_node(
                 "call_function", node_limited_topk_softmax,
-                (router.logits, router.k, router.renormalize, ctx.topology.nodes, max_nodes), name="node_limited_routing")
+                (router.logits, router.k, router.renormalize, ctx.topology.nodes, max_nodes),
+                name="node_limited_routing")
         replace_node(gm, router.topk_softmax, limited, ctx, layer)
         modified = True
     return PassResult(gm, modified)

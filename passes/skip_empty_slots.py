@@ -57,7 +57,8 @@ def skip_empty_slots(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         site = _padded_experts(layer)
         if isinstance(site, str):
             if site:
-                ctx.logger.info("%s: MoE layer %d keeps its padded expert matmuls: %s", ctx.graph_name, layer.index, site)
+                ctx.logger.info("%s: MoE layer %d keeps its padded expert matmuls: %s", ctx.graph_name, layer.index,
+                                site)
             continue
         dispatch, matmuls = site
         expert_ids, num_experts, slots_per_expert = dispatch.args[1], dispatch.args[3], dispatch.args[4]
@@ -67,7 +68,8 @@ def skip_empty_slots(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         join_layer(filled, dispatch, layer, "dispatch", ctx.fake_mode)
         for matmul in matmuls:
             with gm.graph.inserting_before(matmul):
-                skipping = gm.graph.call_function(torch.ops.moe_ascend.grouped_mm_filled.default, (*matmul.args, filled))
+                skipping = gm.graph.call_function(torch.ops.moe_ascend.grouped_mm_filled.default,
+                                                  (*matmul.args, filled))
             replace_node(gm, matmul, skipping, ctx, layer)
         modified = True
     return PassResult(gm, modified)

@@ -92,7 +92,8 @@ class ReceiveFirstGroup(dist.ProcessGroup):
         marker = None
         if torch.autograd.profiler._is_profiler_enabled:
             marker = f"{TRANSFER_EVENT}#{next(_MARKERS)}"
-            torch.ops.profiler._record_function_exit._RecordFunction(torch.ops.profiler._record_function_enter_new(marker, None))
+            torch.ops.profiler._record_function_exit._RecordFunction(
+                torch.ops.profiler._record_function_enter_new(marker, None))
         issued = time.perf_counter()
         peers = [(me + step) % size for step in range(1, size)]
         works = [self.transport.recv([received[p]], p, tag) for p in peers if received[p].numel()]

@@ -14,9 +14,10 @@ while ranks of one node talk over that namespace's loopback, as NVLink/HCCS
 beside a slower NIC. Where the spec gives an intra-node rate (``moe-ascend launch
 --scale-to``), a token bucket on each node's loopback holds the node's ranks to
 it together: every byte between two ranks of a node crosses that loopback once.
-Every address lives inside these namespaces; the host's network is untouched. The namespaces are removed on every exit path: normal
-end, a failed rank, Ctrl-C or SIGTERM, and, for a launcher that was killed
-outright, by the next launch (namespaces named after a dead launcher's pid).
+Every address lives inside these namespaces; the host's network is untouched. The
+namespaces are removed on every exit path: normal end, a failed rank, Ctrl-C or
+SIGTERM, and, for a launcher that was killed outright, by the next launch
+(namespaces named after a dead launcher's pid).
 
 Each rank gets torchrun's environment (``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``MASTER_ADDR``,
@@ -68,7 +69,8 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.ranks_per_node < 1:
-            raise LaunchError(f"--nodes and --ranks-per-node must be at least 1, got {self.nodes} and {self.ranks_per_node}")
+            raise LaunchError(f"--nodes and --ranks-per-node must be at least 1, "
+                              f"got {self.nodes} and {self.ranks_per_node}")
         if self.nodes > 200:
             raise LaunchError(f"--nodes {self.nodes}: the emulated cluster has room for 200 nodes")
         self.bandwidth_bits = parse_rate(self.inter_node_bandwidth)
@@ -150,7 +152,8 @@ class EmulatedCluster:
                 f.write(hosts)
             _ip("-n", ns, "link", "set", "lo", "up")
             if self.spec.intra_bandwidth_bits:  # ranks of the node reach each other through this loopback only
-                _tc("-n", ns, "qdisc", "add", "dev", "lo", "root", *_token_bucket(self.spec.intra_bandwidth_bits, LOOPBACK_MTU))
+                _tc("-n", ns, "qdisc", "add", "dev", "lo", "root",
+                    *_token_bucket(self.spec.intra_bandwidth_bits, LOOPBACK_MTU))
             _ip("-n", ns, "link", "add", UPLINK, "mtu", str(UPLINK_MTU), "type", "veth",
                 "peer", "name", port, "mtu", str(UPLINK_MTU), "netns", self.switch)
             _ip("-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", UPLINK)
@@ -176,8 +179,8 @@ class EmulatedCluster:
         if spec.latency_s == 0 or self.netem_missing:
             return False
         delay = f"{max(1, round(spec.latency_s * 1e6))}us"
-        done = subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", delay],
-                              capture_output=True, text=True)
+        done = subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
+                               "delay", delay], capture_output=True, text=True)
         if done.returncode != 0:
             self.netem_missing = True
             spec.notes.append(f"latency shaping is off: this kernel has no netem qdisc ({done.stderr.strip()}); "
@@ -225,7 +228,8 @@ def launch(spec: ClusterSpec, command: list[str], out=None) -> int:
         command = [sys.executable, *command]
     reason = shaping_unavailable()
     if reason:
-        print(f"moe-ascend launch: shaping is off ({reason}); running {spec.world_size} ranks on loopback", file=out, flush=True)
+        print(f"moe-ascend launch: shaping is off ({reason}); running {spec.world_size} ranks on loopback",
+              file=out, flush=True)
         return _supervise(spec, command, None, out)
     with EmulatedCluster(spec) as cluster:
         for note in spec.notes:
@@ -260,7 +264,8 @@ def _supervise(spec: ClusterSpec, command: list[str], cluster: EmulatedCluster |
     tails = {rank: deque(maxlen=30) for rank in range(spec.world_size)}
     printing = threading.Lock()
     interrupted: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
 
     def relay(rank: int, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -296,7 +301,8 @@ def _supervise(spec: ClusterSpec, command: list[str], cluster: EmulatedCluster |
                 _stop(procs)
         if interrupted:
             _stop(procs)
-            print(f"moe-ascend launch: interrupted ({signal.Signals(interrupted[0]).name}); stopped all ranks", file=out, flush=True)
+            print(f"moe-ascend launch: interrupted ({signal.Signals(interrupted[0]).name}); stopped all ranks",
+                  file=out, flush=True)
             return 128 + interrupted[0]
         if failed is None:
             return 0

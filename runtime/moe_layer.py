@@ -94,7 +94,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_experts, self.top_k = num_experts, top_k
         if redundant_experts and not balance:
-            raise ValueError(f"redundant_experts={redundant_experts} needs balance=True (replicas are placed by the balancer)")
+            raise ValueError(f"redundant_experts={redundant_experts} needs balance=True "
+                             "(replicas are placed by the balancer)")
         # Physical expert slots: the logical experts, plus replicas of hot ones when balancing (runtime.balance).
         placement = Placement.initial(num_experts, self.ep_size, redundant_experts) if balance else None
         self.num_slots = num_experts + redundant_experts
@@ -105,8 +106,8 @@ class MoELayer(nn.Module):
         self.hierarchy = self._hierarchy(ep_group) if hierarchical_a2a else None
         if overlap_chunks < 1 or (overlap_chunks > 1 and capacity_factor is not None):
             raise ValueError(
-                f"overlap_chunks={overlap_chunks}: give a chunk count >= 1, for a dropless layer (capacity_factor=None); "
-                "capacity layers are chunked by the compiler: options={'overlap': n}"
+                f"overlap_chunks={overlap_chunks}: give a chunk count >= 1, for a dropless layer "
+                "(capacity_factor=None); capacity layers are chunked by the compiler: options={'overlap': n}"
             )
         self.overlap_chunks = overlap_chunks
         if aux_loss_coeff < 0:
@@ -146,7 +147,8 @@ class MoELayer(nn.Module):
         Moves no weights: ``runtime.balance.migrate`` does, then calls this."""
         with torch.no_grad():
             for buffers, tables in [(("replica_slots", "replica_count"), placement.tables()),
-                                    (("route_slots", "route_count"), placement.tables(self._ep_rank, self._node_of_rank))]:
+                                    (("route_slots", "route_count"),
+                                     placement.tables(self._ep_rank, self._node_of_rank))]:
                 for name, table in zip(buffers, tables):
                     getattr(self, name).copy_(table)
 
@@ -205,7 +207,8 @@ class MoELayer(nn.Module):
             expert_in, plan = hierarchical.capacity_dispatch(tokens, expert_ids, weights, weights, self.num_slots,
                                                              capacity, self.drop_policy, self.hierarchy)
             return hierarchical.capacity_combine(self._experts_batched(expert_in), plan, self.hierarchy)
-        dispatched, slots = ops.capacity_dispatch(tokens, expert_ids, weights, self.num_slots, capacity, self.drop_policy)
+        dispatched, slots = ops.capacity_dispatch(tokens, expert_ids, weights, self.num_slots, capacity,
+                                                  self.drop_policy)
         if self.ep_size == 1:
             return ops.capacity_combine(self._experts_batched(dispatched), slots, weights)
         expert_out = self._experts_batched(ep.to_experts(dispatched, self.ep_group_name, self.ep_size))
@@ -220,7 +223,8 @@ class MoELayer(nn.Module):
                                              self._experts_grouped, self.overlap_chunks)
         if self.overlap_chunks > 1:
             return self._dropless_pipelined(tokens, weights, expert_ids)
-        rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_slots, self.ep_size, self.ep_group_name)
+        rows, tokens_per_expert, plan = ep.dropless_dispatch(tokens, expert_ids, self.num_slots, self.ep_size,
+                                                             self.ep_group_name)
         return ep.dropless_combine(self._experts_grouped(rows, tokens_per_expert), plan, weights, self.ep_group_name)
 
     def _dropless_pipelined(self, tokens, weights, expert_ids):

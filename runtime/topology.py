@@ -89,7 +89,7 @@ class Topology:
                     "options['topology'] to match the world size"
                 )
             intra = [dist.new_group(self.node_ranks(n)) for n in range(self.nodes)]
-            inter = [dist.new_group(self.peer_ranks(l)) for l in range(self.ranks_per_node)]
+            inter = [dist.new_group(self.peer_ranks(local_rank)) for local_rank in range(self.ranks_per_node)]
             _GROUPS[key] = HierarchyGroups(intra=intra[self.node], inter=inter[self.local_rank])
             weakref.finalize(world, _GROUPS.pop, key, None)
         return _GROUPS[key]

@@ -22,4 +22,5 @@ def assert_matches_eager(model, inputs, options=None, tol=1e-5):
     torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=tol, atol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -38,9 +38,10 @@ def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_exper
     global_bs = kwargs.get("global_bs") or x.shape[0] * ep_world_size
     rows, local = _rows(x, expert_ids, ep_world_size, moe_expert_num, global_bs)
     assist = max(expert_ids.numel(), rows * 128)
-    return (x.new_empty(rows, x.shape[1]), x.new_empty(rows, dtype=torch.float32), x.new_empty(assist, dtype=torch.int32),
-            x.new_empty(local, dtype=torch.int64), x.new_empty(ep_world_size * local, dtype=torch.int32),
-            x.new_empty(1, dtype=torch.int32), x.new_empty(rows, dtype=torch.float32))
+    return (x.new_empty(rows, x.shape[1]), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(assist, dtype=torch.int32), x.new_empty(local, dtype=torch.int64),
+            x.new_empty(ep_world_size * local, dtype=torch.int32), x.new_empty(1, dtype=torch.int32),
+            x.new_empty(rows, dtype=torch.float32))
 
 
 def _dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs):

@@ -12,7 +12,8 @@ class LoopMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(d, num_experts, bias=False)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d)) for _ in range(num_experts))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d))
+                                     for _ in range(num_experts))
 
     def forward(self, x):
         probs = self.gate(x).softmax(dim=-1)
@@ -87,14 +88,17 @@ class ExpertParallelMoE(nn.Module):
         dispatch = slots.to(x.dtype)  # [T, E, C]
         combine = dispatch * (probs * mask).unsqueeze(-1)
         send = torch.einsum("tec,td->ecd", dispatch, x)
-        received = fc.all_to_all_single_autograd(send.reshape(-1, x.shape[-1]), None, None, self.group_name).reshape(send.shape)
+        received = fc.all_to_all_single_autograd(send.reshape(-1, x.shape[-1]), None, None,
+                                                 self.group_name).reshape(send.shape)
         expert_out = torch.bmm(torch.relu(torch.bmm(received, self.w1)), self.w2)
-        returned = fc.all_to_all_single_autograd(expert_out.reshape(-1, x.shape[-1]), None, None, self.group_name).reshape(send.shape)
+        returned = fc.all_to_all_single_autograd(expert_out.reshape(-1, x.shape[-1]), None, None,
+                                                 self.group_name).reshape(send.shape)
         return torch.einsum("tec,ecd->td", combine, returned)
 
 
 class TitanStyleMoE(nn.Module):
-    """Expert parallelism as torchtitan and Megatron write it: sort by expert, split sizes, all-to-all, per-expert matmuls."""
+    """Expert parallelism as torchtitan and Megatron write it: sort by expert, split sizes, all-to-all, per-expert
+    matmuls."""
 
     def __init__(self, group, d=16, f=32, num_experts=4, top_k=2):
         super().__init__()
@@ -142,7 +146,8 @@ class DeepSeekStyleMoE(nn.Module):
         self.top_k, self.groups, self.top_groups, self.scale = top_k, groups, top_groups, scale
         self.gate = nn.Linear(d, num_experts, bias=False)
         self.register_buffer("bias", torch.linspace(-0.1, 0.1, num_experts))
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, f), nn.SiLU(), nn.Linear(f, d)) for _ in range(num_experts))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, f), nn.SiLU(), nn.Linear(f, d))
+                                     for _ in range(num_experts))
         self.shared = nn.Sequential(nn.Linear(d, f), nn.SiLU(), nn.Linear(f, d))
 
     def forward(self, x):

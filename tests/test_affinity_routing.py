@@ -13,7 +13,8 @@ import moe_ascend.kernels as ops
 from moe_ascend.kernels import affinity as kernels
 from moe_ascend.kernels.affinity import affinity, affinity_top_k, token_choice
 from moe_ascend.passes import PassResult
-from moe_ascend.passes.affinity_routing import add_routing_state, capacity_lower_bound
+from moe_ascend.kernels.affinity import capacity_lower_bound
+from moe_ascend.runtime import add_routing_state
 from moe_ascend.runtime import MoELayer
 
 
@@ -80,12 +81,13 @@ def routed(temporary_passes, layer, x, phase, steps=1, **options):
     @temporary_passes(name="probe", stage="pre_grad", after=("affinity_routing", "chunk_for_overlap"),
                       before=("skip_empty_slots",), roles=("dynamo",))
     def probe(gm, ctx):
-        seen.setdefault("lines", [re.sub(r"observe_affinity\.default\((.*), \d+\)", r"observe_affinity.default(\1, OWNER)", line)
-                                  for line in code_lines(gm) if not line.startswith("l_")])
+        gate_named = (r"observe_affinity\.default\((.*), \d+\)", r"observe_affinity.default(\1, GATE)")
+        seen.setdefault("lines", [re.sub(*gate_named, line) for line in code_lines(gm) if not line.startswith("l_")])
         return PassResult(gm, False)
 
     compiled = torch.compile(layer, backend="moe_ascend",
-                             options={"target": "eager", "routing": "affinity", "routing_options": {"phase": phase}, **options})
+                             options={"target": "eager", "routing": "affinity", "routing_options": {"phase": phase},
+                                      **options})
     for _ in range(steps):
         out = compiled(x)
         out.backward(torch.ones_like(out))
@@ -103,12 +105,14 @@ def test_token_choice_routes_by_affinity_and_observes_it(temporary_passes):
     assert router == [
         "tokens = l_x_.reshape(-1, 8)",
         "logits = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
-        "affinity_routing = moe_ascend_kernels_affinity_affinity_top_k(tokens, l_self_modules_gate_parameters_weight_, logits, 2, True)",
+        "affinity_routing = moe_ascend_kernels_affinity_affinity_top_k(tokens, l_self_modules_gate_parameters_weight_, "
+        "logits, 2, True)",
         "delta = affinity_routing[2]",
         "weights = affinity_routing[0]",
         "expert_ids = affinity_routing[1]",
-        "observe_affinity_default = torch.ops.moe_ascend.observe_affinity.default(delta, expert_ids, OWNER)",
-        "capacity_dispatch_default = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 4, 6, 'position')",
+        "observe_affinity_default = torch.ops.moe_ascend.observe_affinity.default(delta, expert_ids, GATE)",
+        "capacity_dispatch_default = torch.ops.moe_ascend.capacity_dispatch.default(tokens, expert_ids, weights, 4, 6, "
+        "'position')",
     ]
 
 
@@ -129,7 +133,8 @@ def eager_affinity(layer, x, capacity=None):
     """The same routing written out in eager: token choice by δ, and expert choice in ``capacity`` slots if given."""
     weights, ids, delta = affinity_top_k(x, layer.gate.weight, layer.gate(x), layer.top_k, layer.renormalize)
     if capacity is None:
-        dispatched, slots = ops.capacity_dispatch(x, ids, weights, layer.num_experts, layer.capacity(x.shape[0]), "position")
+        dispatched, slots = ops.capacity_dispatch(x, ids, weights, layer.num_experts, layer.capacity(x.shape[0]),
+                                                  "position")
     else:
         dispatched, slots = ops.capacity_dispatch(x, ids, delta.gather(1, ids), layer.num_experts, capacity, "score")
     return ops.capacity_combine(layer._experts_batched(dispatched), slots, weights)

@@ -85,7 +85,8 @@ def test_the_table_is_read_from_torchairs_sources(tmp_path):
     rows = dict(line.split("\t") for line in text.splitlines() if not line.startswith("#"))
     assert rows == {"aten.mm.default": "implemented", "aten.index_copy.default": "stub",
                     "npu.npu_grouped_matmul.default": "implemented",
-                    "_c10d_functional.all_to_all_single.default": "decomposed", "npu_define.allgather.default": "decomposed"}
+                    "_c10d_functional.all_to_all_single.default": "decomposed",
+                    "npu_define.allgather.default": "decomposed"}
 
 
 def test_the_shipped_table_says_where_it_comes_from_and_covers_the_moe_kernels():
@@ -164,7 +165,8 @@ def test_golden_mc2_mapping_of_an_inference_layer_that_drops_nothing():
 
 def test_mc2_on_atlas_a3_takes_version_2():
     decision = mc2_decision(16, capacity_factor=16.0, soc="Ascend910_93", d_model=1024)
-    assert (decision.dispatch.op, decision.combine.op) == ("npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2")
+    assert (decision.dispatch.op, decision.combine.op) == ("npu_moe_distribute_dispatch_v2",
+                                                           "npu_moe_distribute_combine_v2")
     assert decision.combine.args["assist_info_for_combine"] == "dispatch.assist_info_for_combine"
 
 
@@ -201,8 +203,8 @@ def test_doctor_and_inspect_show_the_check_of_a_dump(tmp_path):
     layer = MoELayer(8, 16, 4, 2, capacity_factor=1.25)
     options = DRY_RUN | {"dump_dir": str(tmp_path), "routing": "affinity"}
     torch.compile(layer, backend="moe_ascend", options=options)(torch.randn(12, 8)).sum().backward()
-    doctor = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "doctor", "--ascend-check", str(tmp_path)],
-                            capture_output=True, text=True)
+    doctor = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "doctor", "--ascend-check",
+                             str(tmp_path)], capture_output=True, text=True)
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
     assert "missing: moe_ascend.observe_affinity.default (it folds the affinity statistics" in doctor.stdout
     table = format_table(load_summary(tmp_path))
@@ -235,7 +237,8 @@ def test_mc2_rewrite_computes_what_the_capacity_layer_does(tmp_path):
     for difference, scale in run_ranks(2, mc2_rewrite_against_the_layer, str(tmp_path)):
         assert difference <= 0.02 * scale, (difference, scale)  # bf16: the sums run in another order
     (code,) = (tmp_path / "rank0" / "graph_0" / "pre_grad").glob("*_mc2_dispatch.py")
-    lines = [line.strip() for line in code.read_text().splitlines() if " = " in line and not line.strip().startswith("#")]
+    lines = [line.strip() for line in code.read_text().splitlines()
+             if " = " in line and not line.strip().startswith("#")]
     calls = [line.split(" = ", 1)[1].split("(")[0] for line in lines if "torch.ops." in line]
     assert calls == ["torch.ops.moe_ascend.topk_softmax.default",
                      "torch.ops.npu.npu_moe_distribute_dispatch_v2.default", "torch.ops.moe_ascend.grouped_mm.default",

@@ -179,7 +179,8 @@ def _state(layer, optimizer):
 
 def _bitwise_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k].view(-1).view(torch.uint8) if a[k].is_floating_point()
-                                                    else a[k], b[k].view(-1).view(torch.uint8) if b[k].is_floating_point()
+                                                    else a[k],
+                                                    b[k].view(-1).view(torch.uint8) if b[k].is_floating_point()
                                                     else b[k]) for k in a)
 
 

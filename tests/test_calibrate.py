@@ -25,7 +25,8 @@ def test_the_link_fit_recovers_latency_and_bandwidth():
         fit_link(sent, [1e-3, 1e-3, 1e-3, 1e-3])
 
 
-needs_cluster = pytest.mark.skipif(shaping_unavailable() is not None, reason=f"no emulated cluster: {shaping_unavailable()}")
+needs_cluster = pytest.mark.skipif(shaping_unavailable() is not None,
+                                   reason=f"no emulated cluster: {shaping_unavailable()}")
 
 
 @pytest.mark.slow

@@ -41,7 +41,8 @@ def test_golden_router_and_expert_matmuls():
     ]
     (layer,) = ctx.analyses["moe_layers"]
     assert layer.topk.name == "topk_softmax_default"
-    assert [n.name for n in layer.nodes["experts"]] == ["grouped_mm_batched_default", "gelu", "grouped_mm_batched_default_1"]
+    assert [n.name for n in layer.nodes["experts"]] == ["grouped_mm_batched_default", "gelu",
+                                                         "grouped_mm_batched_default_1"]
     roles = {n.name: n.meta["custom"]["moe"]["role"] for n in gm.graph.nodes if "moe" in n.meta.get("custom", {})}
     assert roles["topk_softmax_default"] == "router" and roles["grouped_mm_batched_default"] == "experts"
 
@@ -60,7 +61,8 @@ def test_per_expert_loop_keeps_its_linears():
 def test_transformer_loss_and_gradients_equal_eager():
     torch.manual_seed(0)
     model = MoETransformer(d_model=32, n_heads=2, d_ff=64, n_layers=2, seq_len=16)
-    assert_matches_eager(model, next(batches(stdlib_bytes(100_000), 4, 16)), {"target": "eager", "passes": ["canonicalise"]})
+    assert_matches_eager(model, next(batches(stdlib_bytes(100_000), 4, 16)),
+                         {"target": "eager", "passes": ["canonicalise"]})
 
 
 @pytest.mark.parametrize("asked", [False, True])

@@ -8,7 +8,8 @@ from moe_ascend.compiler.doctor import checks
 
 
 def test_doctor_reports_each_capability():
-    out = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "doctor"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "doctor"], capture_output=True, text=True,
+                         check=True).stdout
     for what in ("torch", "target inductor", "CUDA", "target ascend", "graphviz", "emulated cluster"):
         assert what in out
     ascend = next(row for row in checks() if row[0].startswith("target ascend"))

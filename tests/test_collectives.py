@@ -1,4 +1,5 @@
-"""Collectives: per-group order is kept by every pass, every collective is waited on, and the timeline's exposed time."""
+"""Collectives: per-group order is kept by every pass, every collective is waited on, and the timeline's exposed
+time."""
 
 import pytest
 import torch
@@ -57,7 +58,8 @@ def test_a_pass_that_reorders_one_groups_collectives_is_stopped(temporary_passes
         return PassResult(gm, True)
 
     gm = two_exchanges_graph(single_rank_group)
-    with pytest.raises(PassContractError, match=r"t_swap.*changed order.*was \['tensor', 'tensor_1'\], now \['tensor_1', 'tensor'\]"):
+    with pytest.raises(PassContractError,
+                       match=r"t_swap.*changed order.*was \['tensor', 'tensor_1'\], now \['tensor_1', 'tensor'\]"):
         run_stage(gm, context("post_grad", "forward", options={"passes": ["t_swap"]}))
 
 

@@ -33,7 +33,8 @@ def clone_matmul_outputs(temporary_passes):
 
 
 def compile_and_step(model, dump_dir, **options):
-    compiled = torch.compile(model, backend="moe_ascend", options={"target": "eager", "dump_dir": str(dump_dir), **options})
+    compiled = torch.compile(model, backend="moe_ascend",
+                             options={"target": "eager", "dump_dir": str(dump_dir), **options})
     compiled(torch.randn(6, 16)).sum().backward()
     return json.loads((dump_dir / "summary.json").read_text())
 
@@ -72,12 +73,12 @@ def test_summary_lists_every_moe_layer_with_its_router_and_expert_nodes(tmp_path
     torch.manual_seed(0)
     summary = compile_and_step(TwoLoopMoE(), tmp_path)
     layers = graph(summary, "dynamo")["moe_layers"]
-    assert [l["layer"] for l in layers] == [0, 1]
+    assert [layer["layer"] for layer in layers] == [0, 1]
     for layer in layers:
         assert layer["topk"] in layer["router"] and layer["gate"] in layer["router"]
         assert len(layer["experts"]) == 12  # 4 experts x (linear, relu, linear)
         assert layer["output"] in layer["combine"]
-    assert [l["layer"] for l in graph(summary, "backward")["moe_layers"]] == [0, 1]
+    assert [layer["layer"] for layer in graph(summary, "backward")["moe_layers"]] == [0, 1]
 
 
 def test_inspect_reads_the_summary_back(tmp_path):
@@ -122,12 +123,14 @@ def test_dump_dir_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_inductor_dumps_survive_its_cache(tmp_path):
-    """With dumps on, Inductor's FX-graph cache is bypassed, so the second compile still runs (and records) the passes."""
+    """With dumps on, Inductor's FX-graph cache is bypassed, so the second compile still runs (and records) the
+    passes."""
     torch.manual_seed(0)
     for attempt in range(2):
         torch._dynamo.reset()
         folder = tmp_path / str(attempt)
-        compiled = torch.compile(LoopMoE(), backend="moe_ascend", options={"target": "inductor", "dump_dir": str(folder)})
+        compiled = torch.compile(LoopMoE(), backend="moe_ascend",
+                                 options={"target": "inductor", "dump_dir": str(folder)})
         compiled(torch.randn(6, 16)).sum().backward()
         roles = {g["role"] for g in json.loads((folder / "summary.json").read_text())["graphs"]}
         assert roles == {"dynamo", "forward", "backward"}

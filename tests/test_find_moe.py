@@ -70,9 +70,10 @@ def test_two_layers_are_two_regions_and_the_layer_between_is_neither():
     torch.manual_seed(0)
     gm = dynamo_graph(TwoLoopMoE(), torch.randn(6, 16))
     find_moe(gm, ctx := context())
-    assert [l.index for l in ctx.analyses["moe_layers"]] == [0, 1]
+    assert [layer.index for layer in ctx.analyses["moe_layers"]] == [0, 1]
     tagged = {n.name: n.meta["custom"]["moe"]["layer"] for n in gm.graph.nodes if "moe" in n.meta.get("custom", {})}
-    mix = [n for n in gm.graph.nodes if n.op == "call_function" and n.name.startswith("linear") and "mix" in str(n.args[1])]
+    mix = [n for n in gm.graph.nodes
+           if n.op == "call_function" and n.name.startswith("linear") and "mix" in str(n.args[1])]
     assert mix and all(n.name not in tagged for n in mix)
     assert set(tagged.values()) == {0, 1}
 
@@ -83,7 +84,8 @@ def test_router_without_experts_is_reported_once_and_not_annotated(caplog):
         find_moe(gm, ctx := context())
     assert ctx.analyses["moe_layers"] == []
     (record,) = [r for r in caplog.records if r.name.startswith("moe_ascend")]
-    assert "topk" in record.getMessage() and "not an MoE layer: its per-token choices never meet the tokens" in record.getMessage()
+    assert ("topk" in record.getMessage()
+            and "not an MoE layer: its per-token choices never meet the tokens" in record.getMessage())
     assert roles(gm) == {}
 
 

@@ -44,7 +44,8 @@ def assert_same(got, want, inputs):
     grads_got = torch.autograd.grad((got * probe).sum(), inputs, allow_unused=True)
     grads_want = torch.autograd.grad((want * probe).sum(), inputs, allow_unused=True)
     for g, w in zip(grads_got, grads_want):
-        torch.testing.assert_close(g if g is not None else torch.zeros_like(w), w if w is not None else torch.zeros_like(g))
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(w),
+                                   w if w is not None else torch.zeros_like(g))
 
 
 # --- naive per-token references -------------------------------------------------------------
@@ -98,7 +99,8 @@ def naive_combine(buffer, slots, weights):
 
 
 def naive_row_order(choices, num_experts):
-    return [(t, j) for e in range(num_experts) for t in range(choices.shape[0]) for j in range(choices.shape[1]) if choices[t, j] == e]
+    return [(t, j) for e in range(num_experts) for t in range(choices.shape[0]) for j in range(choices.shape[1])
+            if choices[t, j] == e]
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -106,7 +108,8 @@ def naive_row_order(choices, num_experts):
 
 @PROPERTY
 @given(case=routing_cases(), renormalize=st.booleans(), ties=st.booleans())
-@example(case=dict(tokens=3, num_experts=4, k=4, choices=None, capacity=1, width=1, generator=torch.Generator().manual_seed(0)),
+@example(case=dict(tokens=3, num_experts=4, k=4, choices=None, capacity=1, width=1,
+                   generator=torch.Generator().manual_seed(0)),
          renormalize=True, ties=True)
 def test_topk_softmax(case, renormalize, ties):
     logits = rand(case, case["tokens"], case["num_experts"], requires_grad=False)
@@ -124,10 +127,12 @@ def test_topk_softmax(case, renormalize, ties):
 def test_capacity_dispatch(case, policy):
     tokens = rand(case, case["tokens"], case["width"])
     scores = rand(case, case["tokens"], case["k"], requires_grad=False)
-    dispatched, slots = ops.capacity_dispatch(tokens, case["choices"], scores, case["num_experts"], case["capacity"], policy)
+    dispatched, slots = ops.capacity_dispatch(tokens, case["choices"], scores, case["num_experts"], case["capacity"],
+                                              policy)
     want_slots = naive_slots(case["choices"], scores, case["num_experts"], case["capacity"], policy)
     assert torch.equal(slots, want_slots)
-    assert torch.equal(ops.capacity_slots(case["choices"], scores, case["num_experts"], case["capacity"], policy), want_slots)
+    assert torch.equal(ops.capacity_slots(case["choices"], scores, case["num_experts"], case["capacity"], policy),
+                       want_slots)
     kept_per_expert = torch.bincount(slots[slots >= 0] // case["capacity"], minlength=case["num_experts"])
     assert int(kept_per_expert.max()) <= case["capacity"]
     assert_same(dispatched, naive_dispatch(tokens, want_slots, case["num_experts"], case["capacity"]), [tokens])
@@ -188,7 +193,8 @@ def test_grouped_mm_filled(case, out_width, blocks):
     x = rand(case, case["num_experts"], blocks * capacity, case["width"])
     w = rand(case, case["num_experts"], case["width"], out_width)
     used = lambda e, slot: slot % capacity < filled[e, slot // capacity]  # noqa: E731
-    want = torch.stack([torch.stack([x[e, s] @ w[e] * used(e, s) for s in range(x.shape[1])]) for e in range(x.shape[0])])
+    want = torch.stack([torch.stack([x[e, s] @ w[e] * used(e, s) for s in range(x.shape[1])])
+                        for e in range(x.shape[0])])
     assert_same(ops.grouped_mm_filled(x, w, filled), want, [x, w])
 
 
@@ -229,7 +235,8 @@ def opcheck_cases():
 
 @pytest.mark.parametrize("op, args", opcheck_cases(), ids=lambda v: getattr(v, "__name__", ""))
 def test_opcheck(op, args):
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                                "test_aot_dispatch_dynamic"))
 
 
 def test_bad_arguments_say_what_to_change():

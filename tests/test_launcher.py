@@ -21,7 +21,8 @@ PROBE = str(Path(__file__).parent / "cluster" / "probe.py")
 def needs_shaping(test):
     """A test on the emulated cluster: multi-process, so make test runs it and make check does not."""
     unavailable = shaping_unavailable()
-    return pytest.mark.slow(pytest.mark.skipif(unavailable is not None, reason=f"no emulated cluster here: {unavailable}")(test))
+    return pytest.mark.slow(pytest.mark.skipif(unavailable is not None,
+                                               reason=f"no emulated cluster here: {unavailable}")(test))
 
 
 def run_launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -51,7 +52,9 @@ def test_rates_and_times_read_as_tc_writes_them():
 def test_without_root_every_rank_runs_on_loopback_and_says_so(monkeypatch):
     monkeypatch.setattr(launcher, "shaping_unavailable", lambda: "not running as root")
     out = io.StringIO()
-    code = launcher.launch(ClusterSpec(2, 1), [sys.executable, "-c", "import os; print(os.environ['RANK'], os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'])"], out)
+    code = launcher.launch(ClusterSpec(2, 1),
+                           [sys.executable, "-c", "import os; print(os.environ['RANK'], os.environ['MASTER_ADDR'], "
+                                                  "os.environ['MASTER_PORT'])"], out)
     assert code == 0
     assert "shaping is off (not running as root); running 2 ranks on loopback" in out.getvalue()
     ranks = sorted(re.findall(r"^\[r\d\] (\d) 127.0.0.1 (\d+)$", out.getvalue(), flags=re.M))
@@ -85,7 +88,8 @@ def test_ranks_see_their_node_and_the_hierarchy_groups():
     assert done.returncode == 0, done.stdout + done.stderr
     # Node n holds ranks 2n, 2n+1; the inter-node group of local rank l is {l, l + 2}.
     assert results(done.stdout) == [
-        {"rank": r, "node": r // 2, "local_rank": r % 2, "intra_sum": float(4 * (r // 2) + 1), "inter_sum": float(2 * (r % 2) + 2)}
+        {"rank": r, "node": r // 2, "local_rank": r % 2, "intra_sum": float(4 * (r // 2) + 1),
+         "inter_sum": float(2 * (r % 2) + 2)}
         for r in range(4)
     ]
     assert our_namespaces() == []
@@ -136,7 +140,8 @@ def test_a_crashing_rank_ends_the_job_with_its_error_and_leaves_nothing_behind()
 
 @needs_shaping
 def test_ctrl_c_stops_every_rank_and_removes_the_namespaces():
-    job = subprocess.Popen([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2", "--", PROBE, "sleep"],
+    job = subprocess.Popen([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2", "--",
+                            PROBE, "sleep"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ready = 0
     for line in job.stdout:

@@ -37,13 +37,15 @@ def compiled_graphs(temporary_passes, options, layer=None, x=None):
         return PassResult(gm, False)
 
     x = torch.randn(12, 8, requires_grad=True) if x is None else x
-    torch.compile(layer or small_layer(), backend="moe_ascend", options={"target": "eager", **options})(x).sum().backward()
+    torch.compile(layer or small_layer(), backend="moe_ascend",
+                  options={"target": "eager", **options})(x).sum().backward()
     return seen
 
 
 def test_chunk_for_overlap_splits_the_slots_and_sends_every_chunk_before_the_experts(fake_two_ranks, temporary_passes):
     lines = compiled_graphs(temporary_passes, {"overlap": 3})["pre_grad"]
-    exchange = [re.sub(r";.*", "", line) for line in lines if re.search(r"slots_\d =|to_experts|from_experts|cat\(", line)]
+    exchange = [re.sub(r";.*", "", line) for line in lines
+                if re.search(r"slots_\d =|to_experts|from_experts|cat\(", line)]
     assert exchange == [
         "slots_0 = torch.narrow(dispatched, 1, 0, 2)",
         "expert_in_0 = moe_ascend_kernels_exchange_to_experts(slots_0, '0', 2)",
@@ -56,7 +58,8 @@ def test_chunk_for_overlap_splits_the_slots_and_sends_every_chunk_before_the_exp
         "returned_2 = moe_ascend_kernels_exchange_from_experts(expert_out_3, '0', 2)",
         "returned = torch.cat([returned_0, returned_1, returned_2], 1)",
     ]
-    assert sum("ops.moe_ascend.grouped_mm_batched" in line for line in lines) == 2 * 3  # each chunk's two expert matmuls
+    # each chunk's two expert matmuls
+    assert sum("ops.moe_ascend.grouped_mm_batched" in line for line in lines) == 2 * 3
     assert not any("all_to_all_single" in line for line in lines)  # the flat exchange is gone
 
 
@@ -123,15 +126,16 @@ class SlotCentredExperts(MoELayer):
 
 
 @pytest.mark.parametrize("overlap, level", [(2, "WARNING"), ("auto", "INFO")])
-def test_experts_that_mix_slots_keep_one_exchange_and_say_which_node(fake_two_ranks, temporary_passes, caplog, overlap, level):
+def test_experts_that_mix_slots_keep_one_exchange_and_say_which_node(fake_two_ranks, temporary_passes, caplog,
+                                                                     overlap, level):
     torch.manual_seed(0)
     layer = SlotCentredExperts(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD)
     with caplog.at_level("INFO", logger="moe_ascend"):
         graphs = compiled_graphs(temporary_passes, {"overlap": overlap}, layer)
     said = [r for r in caplog.records if "not chunked for overlap" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == level
-    assert re.search(r"MoE layer 0 is not chunked for overlap: its expert node \w+ \(mean\) is not known to work slot by slot",
-                     said[0].getMessage())
+    assert re.search(r"MoE layer 0 is not chunked for overlap: its expert node \w+ \(mean\) is not known to work "
+                     r"slot by slot", said[0].getMessage())
     assert sum(is_collective(n) for n in graphs["forward"]) == 2
 
 
@@ -140,7 +144,8 @@ def overlapped_pairs(code: str) -> int:
     lines = code.splitlines()
     issued = {m.group(1): i for i, line in enumerate(lines)
               if (m := re.match(r"\s*(buf\d+) = torch\.ops\._c10d_functional\.all_to_all_single", line))}
-    matmuls = [i for i, line in enumerate(lines) if "grouped_mm_batched.default(" in line or "extern_kernels.bmm(" in line]
+    matmuls = [i for i, line in enumerate(lines)
+               if "grouped_mm_batched.default(" in line or "extern_kernels.bmm(" in line]
     waits = {m.group(1): i for i, line in enumerate(lines)
              if (m := re.match(r"\s*torch\.ops\._c10d_functional\.wait_tensor\.default\((buf\d+)\)", line))}
     return sum(any(issued[b] < m < waits[b] for m in matmuls) for b in issued)
@@ -258,7 +263,8 @@ def measured_step(rank, world_size, dump_dir):
     for _ in range(3):
         compiled(x).sum().backward()
     summary = load_summary(f"{dump_dir}/rank{rank}")
-    return {g["role"]: {k: g.get(k) for k in ("measured", "collectives")} for g in summary["graphs"]}, format_table(summary)
+    return ({g["role"]: {k: g.get(k) for k in ("measured", "collectives")} for g in summary["graphs"]},
+            format_table(summary))
 
 
 @pytest.mark.slow
@@ -270,13 +276,16 @@ def test_profile_measures_each_graph_with_its_transfers_waits_and_compute(tmp_pa
             lanes = {lane: [e for e in measured["events"] if e["lane"] == lane] for lane in ("comm", "wait", "compute")}
             exchanges = sum(graphs[role]["collectives"]["all_to_all_single"].values())
             assert exchanges == 4  # 2 chunks, dispatch and combine
-            assert [e["node"] for e in lanes["comm"]] == ["moe_ascend_gloo:all_to_all"] * exchanges  # each one's transfer (MoELayer exchanges on the receive-first group)
+            # each one's transfer (MoELayer exchanges on the receive-first group)
+            assert [e["node"] for e in lanes["comm"]] == ["moe_ascend_gloo:all_to_all"] * exchanges
             assert len(lanes["wait"]) == exchanges
             assert all(0 <= e["start"] <= e["end"] <= measured["step_s"] for e in measured["events"])
             assert measured["exposed_comm_s"] == pytest.approx(sum(e["end"] - e["start"] for e in lanes["wait"]))
             assert 0 < measured["compute_s"] < measured["step_s"] - measured["exposed_comm_s"] + 1e-9
-            assert measured["hidden_fraction"] == pytest.approx(max(0.0, 1 - measured["exposed_comm_s"] / measured["comm_s"]))
-        assert len(re.findall(r"  measured: step [\d.]+ ms, exposed communication [\d.]+ ms of [\d.]+ ms \(hidden", table)) == 2
+            assert measured["hidden_fraction"] == pytest.approx(
+                max(0.0, 1 - measured["exposed_comm_s"] / measured["comm_s"]))
+        assert len(re.findall(r"  measured: step [\d.]+ ms, exposed communication [\d.]+ ms of [\d.]+ ms \(hidden",
+                              table)) == 2
 
 
 @pytest.mark.parametrize("overlap_efficiency, chunks", [(1.0, 6), (0.0, 0)])
@@ -316,5 +325,6 @@ def test_auto_prices_the_link_the_launcher_shaped(fake_two_ranks, temporary_pass
 @pytest.mark.skipif(shaping_unavailable() is not None, reason=f"no emulated cluster here: {shaping_unavailable()}")
 @pytest.mark.parametrize("uplink, chunks", [("10gbit", 1), ("100mbit", 2)])
 def test_auto_under_the_launcher_chooses_for_the_link_in_force(uplink, chunks):
-    ranks = launch(2, 1, str(Path(__file__).parent / "cluster" / "auto_chunks.py"), flags=("--inter-node-bandwidth", uplink))
+    ranks = launch(2, 1, str(Path(__file__).parent / "cluster" / "auto_chunks.py"),
+                   flags=("--inter-node-bandwidth", uplink))
     assert [rank["chunks"] for rank in ranks] == [chunks, chunks]

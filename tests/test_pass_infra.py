@@ -31,8 +31,8 @@ def test_after_and_before_place_a_pass(temporary_passes):
     temporary_passes(name="t_late", stage="pre_grad", after=("find_moe",))(noop)
     temporary_passes(name="t_early", stage="pre_grad", before=("normalise",))(noop)
     temporary_passes(name="t_middle", stage="pre_grad", after=("normalise",), before=("find_moe",))(noop)
-    assert names("pre_grad") == ["t_early", "normalise", "t_middle", "find_moe", "hierarchical_a2a", "chunk_for_overlap",
-                                 "skip_empty_slots", "t_late"]  # ties: registration order
+    assert names("pre_grad") == ["t_early", "normalise", "t_middle", "find_moe", "hierarchical_a2a",
+                                 "chunk_for_overlap", "skip_empty_slots", "t_late"]  # ties: registration order
 
 
 def test_a_cycle_is_an_error_naming_the_passes(temporary_passes):

@@ -1,4 +1,5 @@
-"""The planner: the symbolic step model (compiler.planner.step_model) and the layout search (compiler.planner.search)."""
+"""The planner: the symbolic step model (compiler.planner.step_model) and the layout search
+(compiler.planner.search)."""
 
 import itertools
 import json

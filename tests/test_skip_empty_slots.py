@@ -1,4 +1,5 @@
-"""skip_empty_slots: a capacity layer's expert matmuls compute only the slots that hold tokens, with the same numbers."""
+"""skip_empty_slots: a capacity layer's expert matmuls compute only the slots that hold tokens, with the same
+numbers."""
 
 import logging
 
@@ -55,7 +56,8 @@ def test_layer_equals_eager_forward_and_backward(target, drop_policy, capacity_f
 def test_the_pass_runs_in_a_compile(tmp_path):
     torch.manual_seed(0)
     layer = MoELayer(8, 16, 4, 2, capacity_factor=1.25)
-    torch.compile(layer, backend="moe_ascend", options={"target": "eager", "dump_dir": str(tmp_path)})(torch.randn(6, 8))
+    torch.compile(layer, backend="moe_ascend",
+                  options={"target": "eager", "dump_dir": str(tmp_path)})(torch.randn(6, 8))
     (dump,) = (tmp_path / "graph_0" / "pre_grad").glob("*_skip_empty_slots.py")
     code = dump.read_text()
     assert "ops.moe_ascend.grouped_mm_filled" in code and "ops.moe_ascend.grouped_mm_batched" not in code
@@ -81,9 +83,10 @@ def test_experts_that_mix_slots_keep_their_padded_matmuls(caplog):
     with caplog.at_level(logging.INFO, logger="moe_ascend"):
         result, lines = rewritten(SlotMixingExperts(), torch.randn(6, 8))
     assert not result.modified
-    assert any("grouped_mm_batched" in line for line in lines) and not any("grouped_mm_filled" in line for line in lines)
-    assert "MoE layer 0 keeps its padded expert matmuls: its expert node mean (mean) is not known to work slot by slot" \
-        in caplog.text
+    assert (any("grouped_mm_batched" in line for line in lines)
+            and not any("grouped_mm_filled" in line for line in lines))
+    assert ("MoE layer 0 keeps its padded expert matmuls: its expert node mean (mean) is not known to work slot "
+            "by slot" in caplog.text)
     assert_matches_eager(SlotMixingExperts(), (torch.randn(6, 8),), {"target": "eager"})
 
 

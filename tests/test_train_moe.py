@@ -21,8 +21,8 @@ SMALL = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--exp
 
 def train(*args: str) -> tuple[dict, str]:
     """Rank 0's result and output of train_moe on 2 nodes x 1 rank (loopback without root)."""
-    done = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2", "--", sys.executable,
-                           SCRIPT, *SMALL, *args], capture_output=True, text=True, timeout=400)
+    done = subprocess.run([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2", "--",
+                           sys.executable, SCRIPT, *SMALL, *args], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     found = re.findall(r"^\[r0\] RESULT (.*)$", done.stdout, flags=re.M)
     assert len(found) == 1, done.stdout[-4000:]

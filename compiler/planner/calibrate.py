@@ -23,7 +23,8 @@ keeping the slowest rank's figure) and keeps the median of a few repeats:
 Each link's times are fitted to ``latency + bytes / bandwidth``, bytes being what one rank sends to the
 other (half its buffer): the bandwidth from the back-to-back exchanges (a link whose latency still sets the
 time at 8 MiB gets larger buffers), the latency from those after compute.
-``compute_here`` and ``link_here`` measure inside any job: ``compiler.planner.measured`` runs them beside its steps. The profile's rates are what was reached, so its ``matmul_efficiency`` is 1;
+``compute_here`` and ``link_here`` measure inside any job: ``compiler.planner.measured`` runs them beside its
+steps. The profile's rates are what was reached, so its ``matmul_efficiency`` is 1;
 ``memory_bytes`` is the machine's memory over the two ranks the emulated layouts run at once.
 """
 
@@ -129,7 +130,8 @@ def measure_expert_matmul(rows=EXPERT_ROWS, experts: int = 4, hidden: int = HIDD
                           repeats: int = 5) -> dict:
     rates = [expert_matmul_rate(m, experts, hidden, ffn, repeats) for m in rows]
     peak, half = fit_matmul(rows, rates)
-    return {"rows": list(rows), "flops_per_s": rates, "expert_matmul_flops": peak, "expert_rows_at_half_efficiency": half}
+    return {"rows": list(rows), "flops_per_s": rates, "expert_matmul_flops": peak,
+            "expert_rows_at_half_efficiency": half}
 
 
 def expert_matmul_rate(rows: int, experts: int = 4, hidden: int = HIDDEN, ffn: int = HIDDEN, repeats: int = 5) -> float:
@@ -276,8 +278,9 @@ def measure_overlap(buffer_bytes: int = 4 << 20, repeats: int = 5) -> float:
 
 
 def _launched(nodes: int, ranks_per_node: int, bandwidth: str, latency: str, job: list[str]) -> dict:
-    """Rank 0's JSON of ``python -m moe_ascend.compiler.planner.calibrate JOB OUT ...`` on the emulated cluster of that shape:
-    every micro-benchmark runs as a rank of a measured job runs (one thread, the launcher's heap settings)."""
+    """Rank 0's JSON of ``python -m moe_ascend.compiler.planner.calibrate JOB OUT ...`` on the emulated cluster of
+    that shape: every micro-benchmark runs as a rank of a measured job runs (one thread, the launcher's heap
+    settings)."""
     from moe_ascend.runtime.launcher import ClusterSpec, launch
 
     with tempfile.TemporaryDirectory() as folder:
@@ -351,7 +354,8 @@ def calibrate(bandwidth: str = "1gbit", latency: str = "100us", sizes=SIZES, rep
     log(f"memory: {compute['memory_bandwidth'] / 1e9:.2f} GB/s; attention: {compute['attention_flops'] / 1e9:.1f} "
         f"GFLOP/s; Adam: {compute['optimizer_bandwidth'] / 1e9:.2f} GB/s")
     intra, _ = measure_link(1, 2, bandwidth, latency, sizes, repeats)
-    log(f"intra-node: {intra.bandwidth / 1e9:.2f} GB/s, {intra.latency * 1e6:.0f} us, {intra.overlap:.0%} hidden under matmuls")
+    log(f"intra-node: {intra.bandwidth / 1e9:.2f} GB/s, {intra.latency * 1e6:.0f} us, "
+        f"{intra.overlap:.0%} hidden under matmuls")
     inter, cluster = measure_link(2, 1, bandwidth, latency, sizes, repeats)
     delay = f"{latency} delay" if cluster.get("latency_shaped") else "no added delay (this kernel has no netem)"
     log(f"inter-node ({bandwidth}, {delay}): {inter.bandwidth / 1e6:.1f} MB/s, {inter.latency * 1e6:.0f} us, "
@@ -368,7 +372,8 @@ def calibrate(bandwidth: str = "1gbit", latency: str = "100us", sizes=SIZES, rep
 
 def write_profile(profile: dict, path: Path, how: str) -> None:
     lines = [f"# {how}"]
-    lines += [f"{key}: {value!r}" if isinstance(value, str) else f"{key}: {value:.6g}" for key, value in profile.items()]
+    lines += [f"{key}: {value!r}" if isinstance(value, str) else f"{key}: {value:.6g}"
+              for key, value in profile.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

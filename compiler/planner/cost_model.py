@@ -132,7 +132,8 @@ class Timeline:
 
 
 class CostModel:
-    """Estimates node times on a ``HardwareProfile``; collectives use the inter-node link when the topology spans nodes."""
+    """Estimates node times on a ``HardwareProfile``; collectives use the inter-node link when the topology spans
+    nodes."""
 
     def __init__(self, profile: HardwareProfile | None = None, topology=None, hardware: Hardware | None = None):
         self.hardware = hardware

@@ -149,10 +149,12 @@ def measure(configs, base: Hardware, steps: int = 15, log=print) -> list[dict]:
                                                      run["calibration"]["link"]))
             run |= {"predicted_step_s": predicted["step_s"], "predicted_memory_bytes": predicted["memory_bytes"]}
             results[config] = run
-            log(f"{layout} {bandwidth:>7} ep {config.ep} top-{config.top_k} {'hier' if config.hierarchical else 'flat'} "
+            log(f"{layout} {bandwidth:>7} ep {config.ep} top-{config.top_k} "
+                f"{'hier' if config.hierarchical else 'flat'} "
                 f"chunks {config.chunks}: measured {run['step_s'] * 1e3:7.1f} ms, predicted "
                 f"{run['predicted_step_s'] * 1e3:7.1f} ms ({run['predicted_step_s'] / run['step_s'] - 1:+.0%}); "
-                f"memory {run['memory_bytes'] / 2**20:6.1f} MiB, predicted {run['predicted_memory_bytes'] / 2**20:6.1f}")
+                f"memory {run['memory_bytes'] / 2**20:6.1f} MiB, "
+                f"predicted {run['predicted_memory_bytes'] / 2**20:6.1f}")
     return [results[c] for c in configs]
 
 

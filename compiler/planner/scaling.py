@@ -53,8 +53,9 @@ class ScaledLinks:
         return (f"scaled to {self.target}: {self.target_flops / 1e12:.0f} TFLOP/s a device does "
                 f"{self.inter_flop_per_byte:,.0f} FLOP per inter-node byte and {self.intra_flop_per_byte:,.0f} per "
                 f"intra-node byte; this host's ranks compute {self.host_flops / 1e9:.1f} GFLOP/s, so each rank gets "
-                f"{self.inter_node_rank_rate / 1e6:.2f} MB/s across nodes (uplink {self.uplink_bits(ranks_per_node) / 1e6:.1f} "
-                f"Mbit/s for {ranks_per_node} rank(s) a node) and {self.intra_node_rank_rate / 1e6:.1f} MB/s inside its node "
+                f"{self.inter_node_rank_rate / 1e6:.2f} MB/s across nodes "
+                f"(uplink {self.uplink_bits(ranks_per_node) / 1e6:.1f} Mbit/s for {ranks_per_node} rank(s) a node) "
+                f"and {self.intra_node_rank_rate / 1e6:.1f} MB/s inside its node "
                 f"(loopback {self.loopback_bits(ranks_per_node) / 1e6:.0f} Mbit/s)")
 
     def to_json(self) -> dict:

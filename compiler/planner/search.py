@@ -155,7 +155,8 @@ def plot_pareto(plan: Plan, path) -> None:
     axis.scatter(plan.predicted["memory_bytes"][fitting] / 2**30, plan.predicted["tokens_per_s"][fitting], s=4,
                  alpha=0.3, label="layouts that fit")
     front = plan.pareto()
-    axis.plot([r["memory_bytes"] / 2**30 for r in front], [r["tokens_per_s"] for r in front], "r.-", label="Pareto front")
+    axis.plot([r["memory_bytes"] / 2**30 for r in front], [r["tokens_per_s"] for r in front], "r.-",
+              label="Pareto front")
     axis.set_xlabel("memory per device (GiB)")
     axis.set_ylabel("tokens/s")
     axis.set_title(f"{plan.model.name} on {plan.devices} x {plan.hardware.name}")

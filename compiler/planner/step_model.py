@@ -204,7 +204,8 @@ class StepModel:
         self.model, self.hardware, self.devices = model, hardware, devices
         self.symbols = {name: sp.Symbol(name, positive=True) for name in LAYOUT}
         self.expressions = self._expressions()
-        self._compiled = sp.lambdify([self.symbols[n] for n in LAYOUT], list(self.expressions.values()), "numpy", cse=True)
+        self._compiled = sp.lambdify([self.symbols[n] for n in LAYOUT], list(self.expressions.values()), "numpy",
+                                     cse=True)
 
     def evaluate(self, layout: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = [np.asarray(layout[name], dtype=np.float64) for name in LAYOUT]
@@ -302,7 +303,8 @@ class StepModel:
         dense_in_stage = first_is_slowest * dense_in_first
         stage_fwd = moe_in_stage * moe_fwd + dense_in_stage * dense_fwd
         stage_bwd = moe_in_stage * moe_bwd + dense_in_stage * dense_bwd
-        # the output layer's logits, forward and backward, spread over the stages (frameworks give its stage fewer layers)
+        # the output layer's logits, forward and backward, spread over the stages (frameworks give its stage fewer
+        # layers)
         output_layer = matmul(2 * tokens * h * m.vocab / tp, tokens) * 3
         pp_bandwidth, pp_latency = link(pp, self.devices / pp)
         p2p = _above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
@@ -339,14 +341,16 @@ class StepModel:
         logits = 4 * tokens * m.vocab / tp
         memory = states + layers_per_stage * layer_acts * in_flight + logits
 
-        model_flops = 6 * m.global_batch * s * m.active_params + 6 * m.global_batch * s * s * m.heads * m.head_dim * m.layers
+        model_flops = (6 * m.global_batch * s * m.active_params
+                       + 6 * m.global_batch * s * s * m.heads * m.head_dim * m.layers)
         return {
             "step_s": step,
             "memory_bytes": memory,
             "tokens_per_s": m.global_batch * s / step,
             "mfu": model_flops / (step * self.devices * hw.matmul_flops),
             "bubble_s": (pp - 1) / vpp * per_microbatch,
-            "a2a_exposed_s": microbatches * moe_in_stage * (exposed_a2a(expert_compute) + exposed_a2a(2 * expert_compute)),
+            "a2a_exposed_s": microbatches * moe_in_stage * (exposed_a2a(expert_compute)
+                                                            + exposed_a2a(2 * expert_compute)),
             "dp_exposed_s": dp_exposed,
         }
 

@@ -13,8 +13,10 @@ the ascend target decomposes it (``kernels.ascend.ATEN_FORMS``), or, for a
 moe_ascend op, when its GE form is covered. ``missing_converters(gm)`` lists the rest with the reason;
 ``check_dump(dir)`` does it for every post-grad graph of a dump, after every pass.
 
-    moe-ascend doctor --ascend-check DUMP_DIR                                   # the check of a dump
-    python -m moe_ascend.compiler.report.ascend_coverage regenerate PATH/TO/torchair   # the table, from torchair's sources
+    # the check of a dump
+    moe-ascend doctor --ascend-check DUMP_DIR
+    # the table, from torchair's sources
+    python -m moe_ascend.compiler.report.ascend_coverage regenerate PATH/TO/torchair
 """
 
 from __future__ import annotations
@@ -180,7 +182,8 @@ def scan_torchair(package: Path) -> dict[str, str]:
 
 
 def _registered_op(call: ast.AST) -> str | None:
-    if not (isinstance(call, ast.Call) and call.args and ast.unparse(call.func).endswith("register_fx_node_ge_converter")):
+    if not (isinstance(call, ast.Call) and call.args
+            and ast.unparse(call.func).endswith("register_fx_node_ge_converter")):
         return None
     target = ast.unparse(call.args[0])
     return target.removeprefix("torch.ops.")
@@ -188,7 +191,8 @@ def _registered_op(call: ast.AST) -> str | None:
 
 def _only_raises(function) -> bool:
     body = function.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+    if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
         body = body[1:]
     return len(body) == 1 and isinstance(body[0], ast.Raise)
 
@@ -197,7 +201,8 @@ def regenerate(torchair_checkout: Path, out: Path = TABLE, commit: str | None = 
     """Rewrite the table from a torchair checkout (its ``python/torchair`` package); returns the row count."""
     package = torchair_checkout / "python" / "torchair"
     if not package.is_dir():
-        raise MoEAscendError(f"{torchair_checkout} has no python/torchair; give the root of an Ascend/torchair checkout")
+        raise MoEAscendError(f"{torchair_checkout} has no python/torchair; "
+                             "give the root of an Ascend/torchair checkout")
     if commit is None:
         commit = _git(torchair_checkout, "rev-parse", "HEAD") or "unknown commit"
     if date is None:
@@ -207,9 +212,11 @@ def regenerate(torchair_checkout: Path, out: Path = TABLE, commit: str | None = 
         "GE converter coverage of torchair, the torch.compile backend in torch_npu (mode 'max-autotune').",
         f"Read from Ascend/torchair {commit} ({date}); regenerate from a torchair checkout with",
         "  python -m moe_ascend.compiler.report.ascend_coverage regenerate PATH/TO/torchair [--commit C --date D]",
-        "op overload<TAB>implemented | stub (the converter only raises) | decomposed (torchair's default decompositions)",
+        "op overload<TAB>implemented | stub (the converter only raises) | decomposed (torchair's default "
+        "decompositions)",
     ]
-    out.write_text("".join(f"# {line}\n" for line in header) + "".join(f"{op}\t{s}\n" for op, s in sorted(rows.items())))
+    out.write_text("".join(f"# {line}\n" for line in header)
+                   + "".join(f"{op}\t{s}\n" for op, s in sorted(rows.items())))
     converter_table.cache_clear()
     return len(rows)
 

@@ -98,7 +98,8 @@ class GraphRecord:
         self.result: dict[str, Any] = {}
         self.view: dict | None = None  # the page's view, made once the graph is finished
 
-    def pass_done(self, p: Pass, modified: bool, nodes_before: list[torch.fx.Node], gm: torch.fx.GraphModule, seconds: float) -> None:
+    def pass_done(self, p: Pass, modified: bool, nodes_before: list[torch.fx.Node], gm: torch.fx.GraphModule,
+                  seconds: float) -> None:
         before, after = set(nodes_before), set(gm.graph.nodes)
         self.passes.append(
             {

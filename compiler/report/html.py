@@ -33,7 +33,8 @@ def graph_view(folder: Path, graph: dict) -> dict:
     steps, previous = [], None
     for label, relative in files:
         code = (folder / relative).read_text()
-        diff = "" if previous is None else "\n".join(difflib.unified_diff(previous.splitlines(), code.splitlines(), "before", label, lineterm="", n=2))
+        diff = "" if previous is None else "\n".join(difflib.unified_diff(previous.splitlines(), code.splitlines(),
+                                                                          "before", label, lineterm="", n=2))
         steps.append({"label": label, "file": relative, "code": code, "diff": diff})
         previous = code
     estimate = graph.get("estimate") or {}
@@ -72,7 +73,8 @@ def _graphviz_svg(region: dict) -> str:
         lines.append(f'"{node["name"]}" [label="{label}", fillcolor="{ROLE_COLOURS[node["role"]]}"];')
     lines += [f'"{a}" -> "{b}";' for a, b in region["edges"]]
     lines.append("}")
-    out = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True, timeout=30,
+                         check=True)
     return out.stdout[out.stdout.index("<svg"):]
 
 
@@ -93,7 +95,8 @@ def _layered_svg(region: dict) -> str:
             position[node["name"]] = (10 + i * (box_w + gap_x), 10 + d * (box_h + gap_y))
     width = 20 + max(len(r) for r in rows.values()) * (box_w + gap_x)
     height = 20 + len(rows) * (box_h + gap_y)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica" font-size="10">']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="Helvetica" font-size="10">']
     for a, b in region["edges"]:
         (xa, ya), (xb, yb) = position[a], position[b]
         parts.append(f'<line x1="{xa + box_w / 2}" y1="{ya + box_h}" x2="{xb + box_w / 2}" y2="{yb}" stroke="#888"/>')
@@ -115,7 +118,8 @@ def timeline_svg(events: list[dict], step_s: float, width: int = 1000) -> str:
         return "<p>no timeline</p>"
     lanes = {"compute": 20, "comm": 50, "wait": 80}
     scale = (width - 90) / step_s
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="110" font-family="Helvetica" font-size="11">']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="110" '
+             'font-family="Helvetica" font-size="11">']
     for lane, y in lanes.items():
         parts.append(f'<text x="0" y="{y + 14}">{lane}</text>')
     for e in events:
@@ -224,4 +228,4 @@ function render() {
 }
 render();
 </script></body></html>
-"""
+"""  # noqa: E501 (the page's script, kept as written)

@@ -6,19 +6,22 @@ from moe_ascend.compiler.report.summary import load_summary  # noqa: F401  (the 
 
 
 def format_table(summary: dict) -> str:
-    """One block per graph: its passes, then its MoE layers, collectives, estimated and measured exposed communication."""
+    """One block per graph: its passes, then its MoE layers, collectives, estimated and measured exposed
+    communication."""
     out = []
     for graph in summary["graphs"]:
         out.append(f"{graph['name']}  [{graph['stage']}, {graph['role']}]  {graph.get('nodes', '?')} nodes")
         out.append(f"  {'pass':<28}{'modified':>9}{'nodes':>14}{'added':>7}{'removed':>8}")
         for p in graph["passes"]:
             nodes = f"{p['nodes_before']}->{p['nodes_after']}"
-            out.append(f"  {p['name']:<28}{str(p['modified']):>9}{nodes:>14}{p['nodes_added']:>7}{p['nodes_removed']:>8}")
+            out.append(f"  {p['name']:<28}{str(p['modified']):>9}{nodes:>14}{p['nodes_added']:>7}"
+                       f"{p['nodes_removed']:>8}")
         layers = graph.get("moe_layers", [])
         if layers:
             counts = ", ".join(
-                f"layer {l['layer']}: " + " ".join(f"{r}={len(l[r])}" for r in ("router", "dispatch", "experts", "combine"))
-                for l in layers
+                f"layer {layer['layer']}: "
+                + " ".join(f"{r}={len(layer[r])}" for r in ("router", "dispatch", "experts", "combine"))
+                for layer in layers
             )
             out.append(f"  MoE layers: {len(layers)} ({counts})")
         else:
@@ -28,7 +31,8 @@ def format_table(summary: dict) -> str:
         out.append(f"  collectives: {text or 'none'}")
         sent = graph.get("exchange_bytes")
         if text and isinstance(sent, dict):
-            out.append(f"  all-to-all bytes per run: inter-node {sent['inter_node']:,}, intra-node {sent['intra_node']:,}")
+            out.append(f"  all-to-all bytes per run: inter-node {sent['inter_node']:,}, "
+                       f"intra-node {sent['intra_node']:,}")
         elif text and sent:
             out.append(f"  all-to-all bytes per run: {sent} (counted at run time: moe_ascend.runtime.traffic)")
         if "ge_missing" in graph:

@@ -21,9 +21,11 @@ def load_summary(folder: str | Path) -> dict:
     if not path.exists():
         ranks = sorted(folder.glob("rank*/summary.json"))
         if not ranks:
-            raise MoEAscendError(f"{folder} holds no summary.json; compile with options={{'dump_dir': '{folder}'}} first")
+            raise MoEAscendError(f"{folder} holds no summary.json; "
+                                 f"compile with options={{'dump_dir': '{folder}'}} first")
         path = ranks[0]
     summary = json.loads(path.read_text())
     if summary.get("version") != SUMMARY_VERSION:
-        raise MoEAscendError(f"{path} has summary version {summary.get('version')}; this moe_ascend reads {SUMMARY_VERSION}")
+        raise MoEAscendError(f"{path} has summary version {summary.get('version')}; "
+                             f"this moe_ascend reads {SUMMARY_VERSION}")
     return summary

@@ -82,7 +82,8 @@ def capacity_exchange(layer) -> CapacityExchange | str:
     ep_size = dist.get_world_size(dist.distributed_c10d._resolve_process_group(group))
     num_experts, capacity = dispatch.args[3], dispatch.args[4]
     want = (num_experts // ep_size, ep_size * capacity)
-    if num_experts % ep_size or tuple(expert_in.meta["val"].shape[:2]) != want or tuple(expert_out.meta["val"].shape[:2]) != want:
+    if (num_experts % ep_size or tuple(expert_in.meta["val"].shape[:2]) != want
+            or tuple(expert_out.meta["val"].shape[:2]) != want):
         return f"its experts' input is not the flat exchange's [E/W, W*C, d] = [{want[0]}, {want[1]}, d]"
     return CapacityExchange(dispatch, combine, expert_in, experts, expert_out, group, ep_size, num_experts, capacity)
 

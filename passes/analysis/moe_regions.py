@@ -113,10 +113,12 @@ def cut_routers(gm: torch.fx.GraphModule, layers: list[MoERegion]) -> list[MoERe
 
 
 def annotate(layer: MoERegion) -> None:
-    """Write ``{"layer": i, "role": r}`` into ``node.meta["custom"]["moe"]``, the key AOTAutograd keeps."""
+    """Write ``{"layer": i, "role": r}`` into ``node.meta["custom"]["moe"]``, the key AOTAutograd keeps (a
+    rewrite's own tags there, such as a token group, stay)."""
     for role, nodes in layer.nodes.items():
         for node in nodes:
-            node.meta.setdefault("custom", {})[META_KEY] = {"layer": layer.index, "role": role}
+            custom = node.meta.setdefault("custom", {})
+            custom[META_KEY] = {**custom.get(META_KEY, {}), "layer": layer.index, "role": role}
 
 
 def layers_from_annotations(gm: torch.fx.GraphModule) -> list[dict]:
@@ -201,7 +203,8 @@ def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.N
 
 
 def _roles(region, data_nodes, router_nodes, matmuls, order) -> dict[torch.fx.Node, str]:
-    """Data before the expert matmuls is dispatch, between them experts, after them combine; weights follow their users."""
+    """Data before the expert matmuls is dispatch, between them experts, after them combine; weights follow their
+    users."""
     after_matmul = descendants(matmuls) & data_nodes
     before_matmul = ancestors_of_set(matmuls) & data_nodes
     roles: dict[torch.fx.Node, str] = {n: "router" for n in router_nodes}
@@ -219,7 +222,8 @@ def _roles(region, data_nodes, router_nodes, matmuls, order) -> dict[torch.fx.No
 
 
 def _back_to_token_shape(point: torch.fx.Node, tokens: torch.fx.Node) -> torch.fx.Node:
-    """Follow the meeting point's sole users until the values are token-shaped again (``[T·k, d]`` summed to ``[T, d]``)."""
+    """Follow the meeting point's sole users until the values are token-shaped again (``[T·k, d]`` summed to
+    ``[T, d]``)."""
     node = point
     while _numel(node) != _numel(tokens) and len(node.users) == 1:
         user = next(iter(node.users))
@@ -238,7 +242,8 @@ def _numel(node: torch.fx.Node) -> int | None:
 
 
 def _is_per_token(node: torch.fx.Node, tokens: int | None) -> bool:
-    """Routing values that still have a value per token (choices, weights, masks), not statistics reduced over tokens."""
+    """Routing values that still have a value per token (choices, weights, masks), not statistics reduced over
+    tokens."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False

@@ -77,3 +77,21 @@ def cut_dim(node: torch.fx.Node) -> int | None:
     if op_name(node) not in ("chunk", "split"):
         return None
     return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+
+
+def module_holding(parameter_source) -> torch.nn.Module | None:
+    """The module a Dynamo-traced parameter belongs to, from its source
+    (``L['self']._modules['moe']._modules['gate']._parameters['weight']`` → that gate), while Dynamo traces."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    parameters = getattr(parameter_source, "base", None)
+    if getattr(parameters, "member", None) != "_parameters":
+        return None
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return None
+    try:
+        module = tx.output.resolve_source_value(parameters.base)
+    except Exception:  # a source Dynamo cannot resolve from the frame: no module found
+        return None
+    return module if isinstance(module, torch.nn.Module) else None

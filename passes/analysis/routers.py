@@ -34,7 +34,8 @@ class Router:
 
 
 def routed_layers(ctx) -> list:
-    """The layers whose router a routing rewrite may change: whole layers, and layers a graph break cut after the router."""
+    """The layers whose router a routing rewrite may change: whole layers, and layers a graph break cut after the
+    router."""
     return ctx.analyses.get("moe_layers", []) + ctx.analyses.get("cut_routers", [])
 
 
@@ -57,7 +58,8 @@ def canonical_router(layer) -> Router | str:
     if op_name(topk) != "topk_softmax":
         return "its router is not softmax then top-k over fp32 logits (the form canonicalise rewrites)"
     logits, k, renormalize = topk.args
-    if op_name(logits) != "linear" or logits.kwargs or len(logits.args) > 3 or (len(logits.args) == 3 and logits.args[2] is not None):
+    if (op_name(logits) != "linear" or logits.kwargs or len(logits.args) > 3
+            or (len(logits.args) == 3 and logits.args[2] is not None)):
         return "its gate is not a linear layer without bias (the affinity is a cosine with the gate's rows)"
     tokens, gate_weight = logits.args[:2]
     if tokens.meta["val"].dim() != 2:

@@ -193,7 +193,8 @@ class ExpertBalancer:
         """What the next decisions depend on: the step count, the last migration, the predictor's state, the
         measured migration cost and the windows (the step-time fit reads the recent ones)."""
         return {"steps": self.steps, "last_migration": self.last_migration, "seconds_per_byte": self.seconds_per_byte,
-                "predictor": dict(vars(self.predictor)), "windows": self.windows, "started": self.window_started is not None}
+                "predictor": dict(vars(self.predictor)), "windows": self.windows,
+                "started": self.window_started is not None}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``'s: the window restarts at the next step (the clock is this process's)."""
@@ -233,7 +234,8 @@ class ExpertBalancer:
         loads, step_time = read_loads(self.layers, self.group, step_time)
         loads = loads / self.interval  # tokens per expert per step
         window = {"step": self.steps, "step_time_s": step_time,
-                  "busiest": self._busiest(self.placements, loads), "imbalance": sum(map(imbalance, self.placements, loads)) / len(self.layers),
+                  "busiest": self._busiest(self.placements, loads),
+                  "imbalance": sum(map(imbalance, self.placements, loads)) / len(self.layers),
                   "load": loads.tolist()}
         self.predictor.update(loads)
         self.windows.append(window)
@@ -302,7 +304,8 @@ class ExpertBalancer:
 
     def _seconds_saved(self, new: list[Placement], predicted) -> float:
         """Per step: the busiest ranks' tokens that ``new`` takes off, less the replica sums it adds across ranks."""
-        compute = self._seconds_per_token() * (self._busiest(self.placements, predicted) - self._busiest(new, predicted))
+        compute = self._seconds_per_token() * (self._busiest(self.placements, predicted)
+                                               - self._busiest(new, predicted))
         return compute - (self._replica_sum_seconds(new) - self._replica_sum_seconds(self.placements))
 
     def _replica_sum_seconds(self, placements: list[Placement]) -> float:
@@ -310,7 +313,8 @@ class ExpertBalancer:
         at ``bandwidth``, counted whole (backward hides part of it; a measured wait would time the ranks' skew too)."""
         per_byte = 2 * (self.ranks - 1) / self.ranks / self.bandwidth
         return per_byte * sum(
-            spanning_replicas(p) * slot_bytes([layer.w_gate_up, layer.w_down]) for layer, p in zip(self.layers, placements))
+            spanning_replicas(p) * slot_bytes([layer.w_gate_up, layer.w_down])
+            for layer, p in zip(self.layers, placements))
 
     def _bytes_to_move(self, new: list[Placement]) -> int:
         return sum(slot_bytes(slot_tensors(layer, self.optimizer)) * len(transfers(old, placement))

@@ -53,7 +53,8 @@ def slot_tensors(layer, optimizer: torch.optim.Optimizer | None) -> list[torch.T
             tensors.append(weight.grad)
         state = optimizer.state.get(weight, {}) if optimizer is not None else {}
         tensors += [state[key] for key in sorted(state)
-                    if isinstance(state[key], torch.Tensor) and state[key].dim() and state[key].shape[0] == weight.shape[0]]
+                    if isinstance(state[key], torch.Tensor) and state[key].dim()
+                    and state[key].shape[0] == weight.shape[0]]
     return tensors
 
 
@@ -130,8 +131,8 @@ def migrate(layers: list, new_placements: list[Placement], optimizer: torch.opti
     agreed = widths.clone()
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(agreed, widths):
-        raise MigrationError("ranks disagree on the state each expert slot holds (gradients present on some ranks only, "
-                             "or different optimizers); migrate right after optimizer.step() on every rank")
+        raise MigrationError("ranks disagree on the state each expert slot holds (gradients present on some ranks "
+                             "only, or different optimizers); migrate right after optimizer.step() on every rank")
 
     staged, moved, received_bytes = [], 0, 0
     for layer, layer_tensors, new in zip(layers, tensors, new_placements):

@@ -33,7 +33,8 @@ class PlacementError(MoEAscendError, ValueError):
 
 @dataclass(frozen=True)
 class Placement:
-    """``slot_experts[g]``: the logical expert that physical slot ``g`` computes (slot ``g`` on rank ``g // slots_per_rank``)."""
+    """``slot_experts[g]``: the logical expert that physical slot ``g`` computes (slot ``g`` on rank
+    ``g // slots_per_rank``)."""
 
     slot_experts: tuple[int, ...]
     num_experts: int
@@ -56,7 +57,8 @@ class Placement:
                                  f"{ranks} expert-parallel ranks; choose multiples of {ranks}")
         own, extra = num_experts // ranks, redundant // ranks
         if extra > own:
-            raise PlacementError(f"{extra} redundant slots per rank exceed its {own} experts; use at most {own * ranks}")
+            raise PlacementError(f"{extra} redundant slots per rank exceed its {own} experts; "
+                                 f"use at most {own * ranks}")
         slots = []
         for rank in range(ranks):
             first = rank * own

@@ -51,8 +51,9 @@ PREDICTORS = {"ema": Ema, "trend": Trend}
 
 
 def prediction_error(trace: torch.Tensor, predictor: str, horizon: int = 1) -> float:
-    """Mean relative error of ``predictor`` on a recorded ``trace [windows, experts]`` (or ``[windows, layers, experts]``):
-    each window predicts the mean of the next ``horizon``, error = Σ|predicted − actual| / Σ actual."""
+    """Mean relative error of ``predictor`` on a recorded ``trace [windows, experts]`` (or
+    ``[windows, layers, experts]``): each window predicts the mean of the next ``horizon``, error =
+    Σ|predicted − actual| / Σ actual."""
     model = PREDICTORS[predictor]()
     error = total = 0.0
     for window in range(len(trace) - horizon):

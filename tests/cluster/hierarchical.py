@@ -1,4 +1,5 @@
-"""On every rank: the hierarchical exchange against the flat one, same weights, same tokens (``hierarchical.py equal|golden``)."""
+"""On every rank: the hierarchical exchange against the flat one, same weights, same tokens
+(``hierarchical.py equal|golden``)."""
 
 import json
 import sys
@@ -26,8 +27,8 @@ def hierarchical_forward(layer, x, h, chunks=1):
     weights, ids = ops.topk_softmax(layer.gate(x), layer.top_k, layer.renormalize)
     if layer.capacity_factor is None:
         return hierarchical.dropless_moe(x, ids, weights, layer.num_experts, h, layer._experts_grouped, chunks)
-    expert_in, plan = hierarchical.capacity_dispatch(x, ids, weights, weights, layer.num_experts, layer.capacity(x.shape[0]),
-                                                     layer.drop_policy, h)
+    expert_in, plan = hierarchical.capacity_dispatch(x, ids, weights, weights, layer.num_experts,
+                                                     layer.capacity(x.shape[0]), layer.drop_policy, h)
     return hierarchical.capacity_combine(layer._experts_batched(expert_in), plan, h)
 
 
@@ -54,7 +55,8 @@ def eager() -> dict:
     h = topology.hierarchy()
     worst = {}
     for mode, policy, capacity_factor, chunks in (("position", "position", 1.0, 1), ("score", "score", 1.0, 1),
-                                                   ("dropless", "position", None, 1), ("dropless_3_chunks", "position", None, 3)):
+                                                   ("dropless", "position", None, 1),
+                                                  ("dropless_3_chunks", "position", None, 3)):
         layer, x = layer_and_tokens(policy=policy, capacity_factor=capacity_factor)
         flat = layer(x)
         flat_grads = gradients(layer, x, flat)
@@ -76,7 +78,8 @@ def compiled() -> dict:
         flat = layer(x)
         flat_grads = gradients(layer, x, flat)
         torch._dynamo.reset()
-        options = {"hierarchical_a2a": True, "target": "eager"} | ({"dump_dir": dump_dir} if dump_dir and policy == "score" else {})
+        options = ({"hierarchical_a2a": True, "target": "eager"}
+                   | ({"dump_dir": dump_dir} if dump_dir and policy == "score" else {}))
         compiled_layer = torch.compile(layer, backend="moe_ascend", options=options)
         hier = compiled_layer(x)
         hier_grads = gradients(layer, x, hier)
@@ -103,7 +106,8 @@ def golden() -> dict:
 
     @register_pass(name="record_collectives", stage="post_grad", after=("verify_collectives",))
     def record(gm, ctx):
-        seen[ctx.role] = [[op_name(n), names.get(collective_group(n), "other")] for n in gm.graph.nodes if is_collective(n)]
+        seen[ctx.role] = [[op_name(n), names.get(collective_group(n), "other")] for n in gm.graph.nodes
+                          if is_collective(n)]
         return PassResult(gm, False)
 
     @register_pass(name="record_pre_grad", stage="pre_grad", after=("hierarchical_a2a",), roles=("dynamo",))
@@ -114,7 +118,8 @@ def golden() -> dict:
     try:
         layer, x = layer_and_tokens()
         torch._dynamo.reset()
-        torch.compile(layer, backend="moe_ascend", options={"hierarchical_a2a": True, "target": "eager"})(x).sum().backward()
+        torch.compile(layer, backend="moe_ascend",
+                      options={"hierarchical_a2a": True, "target": "eager"})(x).sum().backward()
     finally:
         unregister_pass("record_collectives")
         unregister_pass("record_pre_grad")
@@ -138,7 +143,8 @@ def traffic() -> dict:
         forward(x).sum().backward()
         return counter.read().to_json()
 
-    counts = {"eager_flat": one_step(layer), "eager_hierarchical": one_step(lambda t: hierarchical_forward(layer, t, h))}
+    counts = {"eager_flat": one_step(layer),
+              "eager_hierarchical": one_step(lambda t: hierarchical_forward(layer, t, h))}
     dump_dir = tempfile.mkdtemp()
     for name, setting in (("compiled_flat", False), ("compiled_hierarchical", True)):
         torch._dynamo.reset()

@@ -21,7 +21,8 @@ def layer_kwargs(mode):
 
 
 def largest_difference(mode: str, compiled: bool) -> float:
-    """The EP layer's outputs and grads on this rank against a single-process layer's (same weights, all ranks' tokens)."""
+    """The EP layer's outputs and grads on this rank against a single-process layer's (same weights, all ranks'
+    tokens)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     reference = MoELayer(**layer_kwargs(mode))
@@ -43,7 +44,8 @@ def largest_difference(mode: str, compiled: bool) -> float:
 
     pairs = [(out, reference(batches[rank])), (layer.w_gate_up.grad, reference.w_gate_up.grad[local]),
              (layer.w_down.grad, reference.w_down.grad[local])]
-    for mine, theirs in [(layer.gate.weight, reference.gate.weight), *zip(layer.shared.parameters(), reference.shared.parameters())]:
+    for mine, theirs in [(layer.gate.weight, reference.gate.weight),
+                         *zip(layer.shared.parameters(), reference.shared.parameters())]:
         dist.all_reduce(mine.grad)  # replicated parameters: each rank holds its own tokens' share
         pairs.append((mine.grad, theirs.grad))
     return max((a - b).abs().max().item() for a, b in pairs)

@@ -22,7 +22,8 @@ class NodeLimitedLayer(MoELayer):
     """The reference: MoELayer routed by the node-limited kernel, in eager."""
 
     def route(self, tokens):
-        return node_limited_topk_softmax(self.gate(tokens), self.top_k, self.renormalize, Topology.detect().nodes, MAX_NODES)
+        return node_limited_topk_softmax(self.gate(tokens), self.top_k, self.renormalize, Topology.detect().nodes,
+                                         MAX_NODES)
 
 
 def layer(cls=MoELayer):
