@@ -1,17 +1,20 @@
-"""Training step time of a MoE transformer block with the all-to-all hidden under the experts, on the emulated cluster.
+"""Training step time of a MoE transformer with the all-to-all hidden under computation, on the emulated cluster.
 
-The block (attention, then a capacity-mode MoE layer with fine-grained routed
-experts and a shared one, expert parallel over all ranks) is shaped like the
-seeds' models; on links scaled to a real cluster's balance (``--regimes``, the
+The model (``--layers`` blocks: attention, then a capacity-mode MoE layer with
+fine-grained routed experts and a shared one, expert parallel over all ranks)
+is shaped like the seeds' models; on links scaled to a real cluster's balance (``--regimes``, the
 first: ascend-910b) its all-to-all is about as long as its compute, as
 DeepSeek-V3 reports for real clusters (``comm_share``: T_comm_only over the
 serial step, 35-60 % is that regime). Each rank times forward + backward
-of the block compiled six ways, in rounds, the order rotating every round:
+of the model compiled these ways (``--configs`` picks some), in rounds, the order rotating every round:
 
     inductor     torch.compile(backend="inductor"): the baseline
     off          moe_ascend, overlap=False: one all-to-all each way, waited at once (T_serial)
     n=2, n=4     moe_ascend, the exchange in 2 / 4 chunks, scheduled to overlap
     auto         moe_ascend, overlap="auto": the cost model's chunk count
+    g=2          moe_ascend, overlap={"token_groups": 2, "changes_numerics": True}: the batch in two groups whose
+                 exchanges hide under each other's attention and experts (each group's capacity is half the
+                 layer's, so it may drop other tokens: ``max_abs_diff_vs_off`` is its output against off's)
 
 and beside each moe_ascend one, the same compiled step with every all-to-all
 replaced by a local copy of the same size (T_compute_only, a post_grad pass
@@ -52,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_regime_arguments, anchored_figure, cpu_seconds, host_comm_share_checked, median,  # noqa: E402
                      run_layouts, worker_arguments, write_cluster_result)
 
-CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto"}
+CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto",
+           "g=2": {"token_groups": 2, "changes_numerics": True}}
 
 
 def main() -> None:
@@ -65,10 +69,16 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--shared-experts", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of " + ", ".join(CONFIGS)
+                        + " (off is always run: the hidden fractions are measured from it)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", default=None, help="output path (default bench/results/overlap.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown --configs {sorted(unknown)}; pick from {list(CONFIGS)}")
     if args.worker:
         return worker(args)
 
@@ -141,7 +151,9 @@ def worker(args) -> None:
     logging.getLogger("moe_ascend").addHandler(_Chunks(chosen))
     logging.getLogger("moe_ascend").setLevel(logging.INFO)
 
-    block = Block(args.width, args.ffn, args.experts, args.top_k, args.shared_experts, heads=max(1, args.width // 64))
+    block = torch.nn.Sequential(*(Block(args.width, args.ffn, args.experts, args.top_k, args.shared_experts,
+                                        heads=max(1, args.width // 64), seed=layer) for layer in range(args.layers)))
+    configs = {name: overlap for name, overlap in CONFIGS.items() if name in args.configs.split(",") or name == "off"}
     torch.manual_seed(1 + rank)
     x = torch.randn(args.tokens // args.sequence, args.sequence, args.width)
     grad = torch.randn_like(x)
@@ -150,8 +162,8 @@ def worker(args) -> None:
         fn(x).backward(grad)
         block.zero_grad(set_to_none=True)
 
-    steps, chunks = {}, {}
-    for name, overlap in CONFIGS.items():
+    steps, chunks, outputs = {}, {}, {}
+    for name, overlap in configs.items():
         for variant in ("", " compute") if overlap is not None else ("",):
             compiling = name + variant
             if overlap is None:
@@ -165,6 +177,8 @@ def worker(args) -> None:
             step(fn)
             steps[compiling] = fn
             if not variant:
+                outputs[name] = fn(x).detach()  # with grad: no inference graph compiled, none of its exchanges
+            if not variant:
                 chunks[name] = chosen[0] if chosen else (1 if overlap is not None else None)
 
     def replay(name):
@@ -173,7 +187,7 @@ def worker(args) -> None:
             fc.wait_tensor(fc.all_to_all_single(torch.empty(shape, dtype=dtype), None, None, group))
 
     timed = {**{n: (lambda f=f: step(f)) for n, f in steps.items()},
-             **{n + " comm": (lambda n=n: replay(n)) for n, o in CONFIGS.items() if o is not None}}
+             **{n + " comm": (lambda n=n: replay(n)) for n, o in configs.items() if o is not None}}
     times: dict[str, list[float]] = {n: [] for n in timed}
     cpu: dict[str, list[float]] = {n: [] for n in timed}  # the busiest rank's CPU seconds (all its threads)
     names = list(timed)
@@ -191,9 +205,11 @@ def worker(args) -> None:
         t = {n: median(v) for n, v in times.items()}
         serial = t["off"]
         cluster = cluster_from_environment()
-        for name, overlap in CONFIGS.items():
+        for name, overlap in configs.items():
             run = {"config": name, "chunks": chunks[name], "T_step": t[name], "T_step_all_s": times[name],
-                   "shaped": cluster["shaped"], "ranks": dist.get_world_size()}
+                   "shaped": cluster["shaped"], "ranks": dist.get_world_size(), "layers": args.layers,
+                   "token_groups": overlap["token_groups"] if isinstance(overlap, dict) else 1,
+                   "max_abs_diff_vs_off": float((outputs[name] - outputs["off"]).abs().max())}
             if overlap is not None:
                 compute, comm = t[name + " compute"], t[name + " comm"]
                 comm_cpu = median(cpu[name + " comm"])
@@ -224,7 +240,7 @@ class _Chunks:
             self.into.append(int(found.group(1)))
 
 
-def Block(width: int, ffn: int, experts: int, top_k: int, shared_experts: int, heads: int):
+def Block(width: int, ffn: int, experts: int, top_k: int, shared_experts: int, heads: int, seed: int = 0):
     """Pre-norm attention, then a capacity MoE layer expert-parallel over every rank; same weights everywhere."""
     import torch
     import torch.distributed as dist
@@ -248,7 +264,7 @@ def Block(width: int, ffn: int, experts: int, top_k: int, shared_experts: int, h
             x = x + self.proj(attended)
             return x + self.moe(self.norm2(x))
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return MoEBlock()
 
 

@@ -75,9 +75,7 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for layer in ctx.analyses.get("moe_layers", []):
         site = capacity_exchange(layer)
         if isinstance(site, str):
-            why = _why_not(layer, site)
-            if why:
-                say("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index, why)
+            say("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index, _why_not(layer, site))
             continue
         experts = list(site.experts)
         not_row_wise = next((n for n in experts if not is_row_wise(n)), None)
@@ -102,7 +100,7 @@ def _why_not(layer, reason: str) -> str:
                 "use hierarchical_a2a=False to chunk the flat one")
     if reason == NOT_CAPACITY:
         return reason + "; chunk a dropless layer with MoELayer(..., overlap_chunks=n)"
-    return reason
+    return reason or "it exchanges nothing (one process, or every expert is local): there is no all-to-all to hide"
 
 
 def _chunk_count(site: CapacityExchange, ctx: PassContext) -> int:

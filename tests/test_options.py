@@ -27,6 +27,10 @@ def test_defaults():
          r"has \['max_nodes'\], which routing='keep' does not take"),
         ({"overlap": 1}, r"a chunk count >= 2"),
         ({"overlap": True}, r"a chunk count >= 2"),
+        ({"overlap": {"token_groups": 1}}, r"option 'overlap'\['token_groups'\] is 1; give an int >= 2"),
+        ({"overlap": {"groups": 2}}, r"option 'overlap' has \['groups'\]; a dict takes \['token_groups', "
+                                     r"'changes_numerics'\]"),
+        ({"overlap": {"token_groups": 2, "changes_numerics": "yes"}}, r"\['changes_numerics'\] is 'yes'; give True"),
         ({"hierarchical_a2a": "yes"}, r"'auto', True, False"),
         ({"topology": {"nodes": 2}}, r"\{'ranks_per_node': G\}"),
         ({"disable": [3]}, r"give pass names"),
@@ -43,6 +47,11 @@ def test_bad_options_say_what_is_valid(options, message):
 def test_good_options():
     opts = Options.from_user({"target": "eager", "overlap": 4, "hierarchical_a2a": False, "disable": "find_moe"})
     assert opts.overlap == 4 and opts.disable == ("find_moe",)
+    assert (opts.token_groups, opts.overlap_chunks) == (1, 4)
+    grouped = Options.from_user({"overlap": {"token_groups": 2}})
+    assert (grouped.token_groups, grouped.overlap_chunks) == (2, False)
+    assert grouped.overlap_option("changes_numerics") is False
+    assert "('token_groups', 2)" in grouped.fingerprint()
 
 
 def test_dump_dir_falls_back_to_the_environment(monkeypatch):

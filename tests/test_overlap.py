@@ -139,6 +139,16 @@ def test_experts_that_mix_slots_keep_one_exchange_and_say_which_node(fake_two_ra
     assert sum(is_collective(n) for n in graphs["forward"]) == 2
 
 
+def test_chunks_asked_for_in_one_process_are_refused_with_the_reason(temporary_passes, caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("INFO", logger="moe_ascend"):
+        compiled_graphs(temporary_passes, {"overlap": 2}, MoELayer(8, 16, 4, 2, capacity_factor=1.0))
+    said = [r for r in caplog.records if "not chunked for overlap" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
+    assert said[0].getMessage().endswith("MoE layer 0 is not chunked for overlap: it exchanges nothing (one process, "
+                                         "or every expert is local): there is no all-to-all to hide")
+
+
 def overlapped_pairs(code: str) -> int:
     """How many all-to-alls of Inductor's generated code have an expert matmul between their issue and wait."""
     lines = code.splitlines()
@@ -236,7 +246,8 @@ def _random_scheduled_steps(rank, seed, steps):
                   for _ in range(2)]
         model = torch.nn.Sequential(*layers)
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="moe_ascend", options={"target": target, "overlap": chunks})
+        overlap = shared.choice([chunks, {"token_groups": 2, "changes_numerics": True}])
+        compiled = torch.compile(model, backend="moe_ascend", options={"target": target, "overlap": overlap})
         tokens = shared.choice([8, 16, 24])
         for _ in range(steps):
             time.sleep(own.random() * 0.02)
