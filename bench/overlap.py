@@ -12,8 +12,8 @@ of the model compiled these ways (``--configs`` picks some), in rounds, the orde
     off          moe_ascend, overlap=False: one all-to-all each way, waited at once (T_serial)
     n=2, n=4     moe_ascend, the exchange in 2 / 4 chunks, scheduled to overlap
     auto         moe_ascend, overlap="auto": the cost model's chunk count
-    g=2          moe_ascend, overlap={"token_groups": 2, "changes_numerics": True}: the batch in two groups whose
-                 exchanges hide under each other's attention and experts (each group's capacity is half the
+    g=2, g=4     moe_ascend, overlap={"token_groups": g, "changes_numerics": True}: the batch in g groups whose
+                 exchanges hide under each other's attention and experts (each group's capacity is 1/g of the
                  layer's, so it may drop other tokens: ``max_abs_diff_vs_off`` is its output against off's)
 
 and beside each moe_ascend one, the same compiled step with every all-to-all
@@ -32,6 +32,10 @@ rank that CPU time cannot run under the rank's compute, so
     hidden_fraction_ceiling = 1 - comm_cpu_s / (T_serial - T_compute_only)
 
 and ``host_comm_share = comm_cpu_s / T_comm_only``, the fidelity of the regime (at most 0.05 with a core per rank).
+
+Each moe_ascend config's second warm-up step runs under the profiler (``options["profile"]``): rank 0's measured
+timeline of each graph (compute, transfers, waits) goes into its run, drawn as ``overlap-LAYOUT-REGIME-CONFIG.png``
+beside the JSON.
 
 hierarchical_a2a is off throughout: this measures overlap alone (the two-step
 exchange has bench/a2a.py). The figure is auto's hidden fraction on 2 nodes x
@@ -56,7 +60,7 @@ from _common import (add_regime_arguments, anchored_figure, cpu_seconds, host_co
                      run_layouts, worker_arguments, write_cluster_result)
 
 CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto",
-           "g=2": {"token_groups": 2, "changes_numerics": True}}
+           "g=2": {"token_groups": 2, "changes_numerics": True}, "g=4": {"token_groups": 4, "changes_numerics": True}}
 
 
 def main() -> None:
@@ -93,6 +97,11 @@ def main() -> None:
                  f"{run['comm_share']:>12.3f}" if "T_compute_only" in run else ""), flush=True)
 
     runs = run_layouts(__file__, args, worker_args, show)
+    out = Path(args.json).parent if args.json else Path(__file__).resolve().parent / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        if run.get("timelines"):
+            run["timeline_png"] = str(draw_timelines(run, out))
     figure = anchored_figure(runs, "hidden_fraction", "hidden_fraction", 0.90,
                              lambda r: r["layout"] == "2x1" and r["config"] == "auto")
     serial = next((r for r in runs if r["layout"] == "2x1" and r["config"] == "off"), None)
@@ -112,6 +121,7 @@ def worker(args) -> None:
     import torch.distributed._functional_collectives as fc
 
     import moe_ascend.compiler.backend  # noqa: F401  (registers the backend)
+    from moe_ascend.compiler.profile import measured_timelines
     from moe_ascend.passes import PassResult, register_pass
     from moe_ascend.passes.analysis.ops import collective_group, is_collective, is_wait, op_name
     from moe_ascend.runtime.launcher import cluster_from_environment, end_process_group
@@ -162,7 +172,7 @@ def worker(args) -> None:
         fn(x).backward(grad)
         block.zero_grad(set_to_none=True)
 
-    steps, chunks, outputs = {}, {}, {}
+    steps, chunks, outputs, timelines = {}, {}, {}, {}
     for name, overlap in configs.items():
         for variant in ("", " compute") if overlap is not None else ("",):
             compiling = name + variant
@@ -170,14 +180,18 @@ def worker(args) -> None:
                 fn = torch.compile(block, backend="inductor")
             else:
                 options = {"overlap": overlap, "hierarchical_a2a": False, "target": "inductor",
-                           "passes": ["local_copies"] if variant else []}
+                           "passes": ["local_copies"] if variant else [], "profile": not variant}
                 fn = torch.compile(block, backend="moe_ascend", options=options)
             del chosen[:]
+            measured_before = measured_timelines()
             step(fn)
-            step(fn)
+            step(fn)  # the second call is the profiled one
             steps[compiling] = fn
             if not variant:
                 outputs[name] = fn(x).detach()  # with grad: no inference graph compiled, none of its exchanges
+            if overlap is not None and not variant:  # the third call ended the profiler's session
+                timelines[name] = {graph: timeline.to_json() for graph, timeline in measured_timelines().items()
+                                   if measured_before.get(graph) is not timeline}
             if not variant:
                 chunks[name] = chosen[0] if chosen else (1 if overlap is not None else None)
 
@@ -209,7 +223,8 @@ def worker(args) -> None:
             run = {"config": name, "chunks": chunks[name], "T_step": t[name], "T_step_all_s": times[name],
                    "shaped": cluster["shaped"], "ranks": dist.get_world_size(), "layers": args.layers,
                    "token_groups": overlap["token_groups"] if isinstance(overlap, dict) else 1,
-                   "max_abs_diff_vs_off": float((outputs[name] - outputs["off"]).abs().max())}
+                   "max_abs_diff_vs_off": float((outputs[name] - outputs["off"]).abs().max()),
+                   "timelines": timelines.get(name, {})}
             if overlap is not None:
                 compute, comm = t[name + " compute"], t[name + " comm"]
                 comm_cpu = median(cpu[name + " comm"])
@@ -224,6 +239,32 @@ def worker(args) -> None:
                         "T_compute_only_all_s": times[name + " compute"], "T_comm_only_all_s": times[name + " comm"]}
             print("RESULT " + json.dumps(run), flush=True)
     end_process_group()
+
+
+def draw_timelines(run: dict, folder: Path) -> Path:
+    """One config's measured timelines on a time axis: a row per graph and lane (compute, transfers, waits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"compute": "tab:blue", "comm": "tab:orange", "wait": "tab:red"}
+    rows = [(graph, lane) for graph in sorted(run["timelines"]) for lane in ("compute", "comm", "wait")]
+    fig, ax = plt.subplots(figsize=(12, 0.4 * len(rows) + 1.2))
+    for y, (graph, lane) in enumerate(rows):
+        events = [e for e in run["timelines"][graph]["events"] if e["lane"] == lane]
+        ax.broken_barh([(e["start"] * 1e3, (e["end"] - e["start"]) * 1e3) for e in events], (y - 0.4, 0.8),
+                       color=colours[lane])
+    ax.set_yticks(range(len(rows)), [f"{graph} {lane}" for graph, lane in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms from the graph's start (rank 0, the profiled warm-up step)")
+    ax.set_title(f"{run['layout']} {run['regime']} {run['config']}: T_step {run['T_step'] * 1e3:.0f} ms, "
+                 f"hidden {run.get('hidden_fraction', 0):.2f}")
+    fig.tight_layout()
+    path = folder / f"overlap-{run['layout']}-{run['regime']}-{run['config'].replace('=', '')}.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 class _Chunks:

@@ -11,11 +11,15 @@ window, the timeline has three lanes, as the estimate has:
     compute  the rest of the window, minus the calls that issue collectives
 
 ``exposed_comm_s`` is the time in waits; ``hidden_fraction`` is ``1 - exposed / comm``.
-Regions measured together share one profiler, stopped when the last window closes.
+Regions measured together share one profiler, stopped when the last window closes; when that is in a backward,
+at the next call (the autograd engine gives its caller back the profiler state it had before the backward, so a
+profiler stopped inside one would stay on and slow every later op): a graph's timeline is there after the call
+that follows the measured one.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 from typing import Callable
@@ -57,6 +61,7 @@ def measuring(compiled: Callable, graph_name: str, on_measured: Callable[[str, T
     @functools.wraps(compiled)
     def run(*args):
         nonlocal calls, backward
+        _Window.end_session()  # a session whose last window closed in a backward ends here, outside it
         calls += 1
         if backward is not None and not backward.opened:
             backward.abandon()  # that call's backward never ran
@@ -116,12 +121,25 @@ class _Window:
         self._release()
 
     def abandon(self) -> None:
+        if self.abandoned:
+            return
         self.abandoned = True
         self._release()
 
     def _release(self) -> None:
         _Window.outstanding -= 1
         if _Window.outstanding or _Window.session is None:
+            return
+        if torch._C._current_graph_task_id() != -1:
+            # Inside a backward: the autograd engine restores its caller's profiler state when the backward ends,
+            # so a profiler stopped here would stay on (and slow every later op); the next call stops it.
+            return
+        _Window.end_session()
+
+    @staticmethod
+    def end_session() -> None:
+        """Stop the session once every window closed, and hand each window its timeline."""
+        if _Window.session is None or _Window.outstanding:
             return
         session, windows = _Window.session, _Window.closed
         _Window.session, _Window.closed = None, []
@@ -131,6 +149,15 @@ class _Window:
             found = timeline_of(events, window.label)
             if found is not None:
                 window.on_measured(window.role, found)
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """A session still on when the process ends (its next call never came) stops before the interpreter does: a
+    profiler left running through finalization crashes it."""
+    if _Window.session is not None:
+        _Window.outstanding = 0
+        _Window.end_session()
 
 
 def timeline_of(events, label: str) -> Timeline | None:

@@ -299,6 +299,23 @@ def test_profile_measures_each_graph_with_its_transfers_waits_and_compute(tmp_pa
                               table)) == 2
 
 
+def test_a_measured_step_leaves_the_profiler_off_and_the_next_model_measurable():
+    # The backward's window closes inside the backward, where stopping the profiler does not last.
+    from moe_ascend.compiler.profile import measured_timelines
+
+    for _ in range(2):
+        torch.manual_seed(0)
+        torch._dynamo.reset()  # a model of its own, compiled afresh
+        before = measured_timelines()
+        compiled = torch.compile(MoELayer(8, 16, 4, 2, capacity_factor=1.0), backend="moe_ascend",
+                                 options={"target": "eager", "profile": True})
+        for _ in range(3):
+            compiled(torch.randn(12, 8, requires_grad=True)).sum().backward()
+        assert not torch._C._autograd._profiler_enabled()
+        assert sorted(g.rsplit(".", 1)[1] for g, t in measured_timelines().items() if before.get(g) is not t) == [
+            "backward", "forward"]
+
+
 @pytest.mark.parametrize("overlap_efficiency, chunks", [(1.0, 6), (0.0, 0)])
 def test_auto_takes_the_chunk_count_the_step_model_predicts_fastest(fake_two_ranks, temporary_passes, tmp_path,
                                                                     monkeypatch, overlap_efficiency, chunks):
