@@ -265,13 +265,11 @@ def _check_dims(node: torch.fx.Node, values: dict[torch.fx.Node, Grouped]) -> No
 
 def _named_arguments(node: torch.fx.Node) -> dict:
     """The node's arguments by name, where its schema can say (else its keyword arguments)."""
-    target = node.target
-    args = node.args
-    if node.op == "call_method":
-        target, args = getattr(torch, node.target, None), node.args
+    target = getattr(torch, node.target, None) if node.op == "call_method" else node.target  # x.sum(0) ~ torch.sum
     if callable(target):
         try:
-            normalized = normalize_function(target, tuple(args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+            normalized = normalize_function(target, tuple(node.args), dict(node.kwargs),
+                                            normalize_to_only_use_kwargs=True)
         except Exception:
             normalized = None
         if normalized is not None:
