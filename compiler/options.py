@@ -155,8 +155,8 @@ class Options:
 
     def overlap_option(self, key: str) -> Any:
         """A key of a token-group ``overlap`` dict, its default where not given."""
-        return dict(self.overlap).get(key, TOKEN_GROUP_OPTIONS[key]) if isinstance(self.overlap, Mapping) else \
-            TOKEN_GROUP_OPTIONS[key]
+        given = dict(self.overlap) if isinstance(self.overlap, Mapping) else {}
+        return given.get(key, TOKEN_GROUP_OPTIONS[key])
 
     def ascend_option(self, key: str) -> Any:
         """An ``ascend_options`` value, its default where not given."""

@@ -82,11 +82,11 @@ import torch.fx
 import torch.nn as nn
 
 from moe_ascend.kernels import affinity as kernels
-from moe_ascend.kernels import hierarchical
 from moe_ascend.kernels.errors import PassError
-from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
+from moe_ascend.passes.analysis.exchange_sites import (CapacityExchange, capacity_at, capacity_dispatch,
+                                                       capacity_exchange)
 from moe_ascend.passes.analysis.moe_regions import descendants
-from moe_ascend.passes.analysis.ops import module_holding, op_name
+from moe_ascend.passes.analysis.ops import module_holding
 from moe_ascend.passes.analysis.routers import Router, rewritable_routers
 from moe_ascend.passes.infra import (PassContext, PassResult, infer_meta, register_pass, replace_node,
                                     shape_generic_exchange)
@@ -126,14 +126,14 @@ def affinity_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         phase = _phase(fixed_phase, owner)
         routed = _route_by_affinity(gm, layer, router, ctx)
         expert_ids, delta = _output(gm, routed, 1, "expert_ids"), _output(gm, routed, 2, "delta")
-        dispatch = _capacity_dispatch(layer)
+        dispatch = capacity_dispatch(layer)
         if dispatch is None:
             ctx.logger.info("%s: MoE layer %d stays in token choice: expert choice needs a capacity dispatch",
                             ctx.graph_name, layer.index)
         elif phase == kernels.TOKEN_CHOICE and fixed_phase == "auto" and owner is not None:
             _observe(gm, layer, gate_key(router.gate_weight), delta, expert_ids)
             ctx.analyses.setdefault("affinity_layers", []).append(
-                RoutedLayer(owner, *router.tokens.meta["val"].shape, router.num_experts, _capacity_at(dispatch)[1],
+                RoutedLayer(owner, *router.tokens.meta["val"].shape, router.num_experts, capacity_at(dispatch)[1],
                             phase, ctx.options.routing_option("bound")))
         elif phase == kernels.EXPERT_CHOICE:
             _expert_choice(gm, layer, router, dispatch, owner, delta, expert_ids, ctx)
@@ -191,22 +191,10 @@ def _observe(gm: torch.fx.GraphModule, layer, key: int, delta: torch.fx.Node, ex
     layer.nodes["router"].append(observe)
 
 
-def _capacity_dispatch(layer) -> torch.fx.Node | None:
-    return next((n for n in layer.nodes.get("dispatch", []) if op_name(n) == "capacity_dispatch"
-                 or n.target is hierarchical.capacity_dispatch), None)
-
-
-def _capacity_at(dispatch: torch.fx.Node) -> tuple[int, int]:
-    """Where the capacity is among the dispatch's arguments ``(…, scores, E, C, policy[, hierarchy])``, and its
-    value."""
-    at = 5 if dispatch.target is hierarchical.capacity_dispatch else 4
-    return at, dispatch.args[at]
-
-
 def _expert_choice(gm, layer, router: Router, dispatch, owner, delta, expert_ids, ctx: PassContext) -> None:
     """The layer's capacity dispatch keeps each expert's best C choosers by δ; the shapes after it follow C."""
     site = capacity_exchange(layer)  # before the capacity changes: its shapes are checked against it
-    at, layer_capacity = _capacity_at(dispatch)
+    at, layer_capacity = capacity_at(dispatch)
     tokens, width = router.tokens.meta["val"].shape
     state = getattr(owner, STATE) if owner is not None else None
     capacity = kernels.expert_choice_capacity(tokens, width, router.num_experts, layer_capacity, state,

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 import torch
 import torch.fx
 
+from moe_ascend.kernels import exchange
 from moe_ascend.kernels.errors import OptionError, PassOrderError, PassRegistrationError
 from moe_ascend.passes.analysis.moe_regions import META_KEY
 
@@ -268,8 +269,6 @@ def shape_generic_exchange(graph: torch.fx.Graph, site, layer) -> None:
     """Replace the flat exchange of ``site`` (a ``CapacityExchange``), whose reshapes and split sizes hold the
     capacity as constants, by one that works them out from the buffer: a rewrite that changes the capacity keeps
     a working exchange."""
-    from moe_ascend.kernels import exchange
-
     with graph.inserting_before(site.experts[0]):
         expert_in = graph.create_node("call_function", exchange.to_experts, (site.dispatched, site.group, site.ep_size),
                                       name="expert_in")

@@ -55,7 +55,8 @@ import torch.fx
 from torch.fx.operator_schemas import normalize_function
 
 from moe_ascend.kernels import exchange, hierarchical
-from moe_ascend.passes.analysis.exchange_sites import CapacityExchange, capacity_exchange
+from moe_ascend.passes.analysis.exchange_sites import (CapacityExchange, capacity_at, capacity_dispatch,
+                                                       capacity_exchange)
 from moe_ascend.passes.analysis.moe_regions import META_KEY, annotate, find_moe_layers
 from moe_ascend.passes.analysis.ops import is_collective, op_name
 from moe_ascend.passes.infra import PassContext, PassResult, infer_meta, register_pass, shape_generic_exchange
@@ -123,11 +124,10 @@ def _group_capacities(layers, groups: int, ctx: PassContext) -> dict[torch.fx.No
     the copies can follow the smaller buffer. A capacity below the layer's tokens needs the user's consent."""
     capacities = {}
     for layer in layers:
-        dispatch = next((n for n in layer.nodes.get("dispatch", []) if op_name(n) == "capacity_dispatch"
-                         or n.target is hierarchical.capacity_dispatch), None)
+        dispatch = capacity_dispatch(layer)
         if dispatch is None:
             continue
-        tokens, capacity = dispatch.args[0].meta["val"].shape[0], dispatch.args[_capacity_index(dispatch)]
+        tokens, capacity = dispatch.args[0].meta["val"].shape[0], capacity_at(dispatch)[1]
         if capacity < tokens and not ctx.options.overlap_option("changes_numerics"):
             raise Refusal(dispatch, f"can drop tokens (capacity {capacity} slots per expert for {tokens} tokens), and "
                           "groups' buffers drop differently from one buffer for all; pass "
@@ -137,11 +137,6 @@ def _group_capacities(layers, groups: int, ctx: PassContext) -> dict[torch.fx.No
             shape_generic_exchange(dispatch.graph, site, layer)
         capacities[dispatch] = math.ceil(capacity / groups)
     return capacities
-
-
-def _capacity_index(dispatch: torch.fx.Node) -> int:
-    """Where a capacity dispatch takes C: ``(tokens, ids, scores, E, C, …)``, the two-step one after its weights."""
-    return 5 if dispatch.target is hierarchical.capacity_dispatch else 4
 
 
 def _split(gm: torch.fx.GraphModule, groups: int, ctx: PassContext) -> None:
@@ -209,7 +204,7 @@ def _copy_per_group(graph: torch.fx.Graph, node: torch.fx.Node, values: dict[tor
         copy.meta["custom"] = {**(copy.meta.get("custom") or {}), GROUP_KEY: j}  # AOTAutograd carries it along
         if node in capacities:
             args = list(copy.args)
-            args[_capacity_index(node)] = capacities[node]
+            args[capacity_at(node)[0]] = capacities[node]
             copy.args = tuple(args)
         if shape is not None:
             copy.args = (copy.args[0], *shape)

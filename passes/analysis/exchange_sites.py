@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import torch.fx
 
+from moe_ascend.kernels import hierarchical
 from moe_ascend.passes.analysis.moe_regions import ancestors, descendants
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
 
@@ -49,6 +50,19 @@ class CapacityExchange:
     def dispatched(self) -> torch.fx.Node:
         """The ``[E, C, d]`` buffer: ``capacity_dispatch(...)[0]``."""
         return next(u for u in self.dispatch.users if u.args[1] == 0)
+
+
+def capacity_dispatch(layer) -> torch.fx.Node | None:
+    """The layer's capacity dispatch, flat or two-step, if it has one."""
+    return next((n for n in layer.nodes.get("dispatch", []) if op_name(n) == "capacity_dispatch"
+                 or n.target is hierarchical.capacity_dispatch), None)
+
+
+def capacity_at(dispatch: torch.fx.Node) -> tuple[int, int]:
+    """Where the capacity is among a capacity dispatch's arguments, ``(…, scores, E, C, policy[, hierarchy])``
+    (the two-step one takes its weights first), and its value."""
+    at = 5 if dispatch.target is hierarchical.capacity_dispatch else 4
+    return at, dispatch.args[at]
 
 
 def exchange_collectives(layer) -> list[torch.fx.Node]:
