@@ -27,14 +27,14 @@ $(STAMP): pyproject.toml Makefile
 	  else echo "iproute2 not installed (not root): moe-ascend launch runs on loopback, unshaped"; fi; }
 	@touch $(STAMP)
 
-# Everything, as CI runs it.
+# Everything, as CI runs it; two tests at a time (pytest-xdist), those marked `exclusive` alone.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The edit loop: unit, golden and single-process numerical tests (no `slow` ones: multi-process and training runs).
 check: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 demo: setup
 	$(PY) examples/quickstart.py --steps 20 --dump-dir $(DUMPS)

@@ -69,12 +69,15 @@ def techniques_from(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def backend_options(techniques: tuple[str, ...], chunks: str = "auto", profile: bool = True) -> dict:
+def backend_options(techniques: tuple[str, ...], chunks: str = "auto", profile: bool = True,
+                    target: str = "auto") -> dict:
     """The moe_ascend options that turn on ``techniques`` and nothing else (balancing is the layers' and the
-    balancer's, not the compiler's); ``chunks``: the overlap's chunk count, or "auto"."""
+    balancer's, not the compiler's); ``chunks``: the overlap's chunk count, or "auto"; ``target``: what lowers
+    the transformed graphs."""
     overlap = (chunks if chunks == "auto" else int(chunks)) if "overlap" in techniques else False
     return {"hierarchical_a2a": "hierarchical" in techniques, "overlap": overlap,
-            "routing": "affinity" if "affinity" in techniques else "keep", "profile": profile}
+            "routing": "affinity" if "affinity" in techniques else "keep", "profile": profile,
+            "target": target}
 
 
 class Block(nn.Module):
@@ -150,7 +153,8 @@ class Trainer:
         self.balancer = ExpertBalancer(self.model, self.optimizer, interval=5, horizon=8, min_interval=20,
                                        clock=self.stopwatch) if "balance" in self.techniques else None
         options = ({} if args.backend == "inductor"
-                   else {"options": backend_options(self.techniques, args.chunks, not args.no_profile)})
+                   else {"options": backend_options(self.techniques, args.chunks, not args.no_profile,
+                                                   args.target)})
         self.compiled = torch.compile(self.model, backend=args.backend, **options)
         self.data = stdlib_bytes()
         self.step, self.losses, self.seconds = 0, [], []  # seconds: each step's, slowest rank
@@ -282,6 +286,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--techniques", default="all", help=f"all, none, or a comma-separated subset of {TECHNIQUES}")
     p.add_argument("--backend", default="moe_ascend", choices=("moe_ascend", "inductor"))
+    p.add_argument("--target", default="auto", choices=("auto", "inductor", "eager"),
+                   help="what lowers moe_ascend's transformed graphs (eager: no Inductor, quicker to compile)")
     p.add_argument("--chunks", default="auto", help="the overlap's chunk count (2 or more), or auto")
     p.add_argument("--no-profile", action="store_true", help="do not measure the exposed communication")
     p.add_argument("--layers", type=int, default=4)

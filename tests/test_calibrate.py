@@ -25,8 +25,10 @@ def test_the_link_fit_recovers_latency_and_bandwidth():
         fit_link(sent, [1e-3, 1e-3, 1e-3, 1e-3])
 
 
-needs_cluster = pytest.mark.skipif(shaping_unavailable() is not None,
-                                   reason=f"no emulated cluster: {shaping_unavailable()}")
+def needs_cluster(test):
+    """A run on the emulated cluster, alone on the machine: it measures the links and the steps."""
+    return pytest.mark.exclusive(pytest.mark.skipif(shaping_unavailable() is not None,
+                                                    reason=f"no emulated cluster: {shaping_unavailable()}")(test))
 
 
 @pytest.mark.slow

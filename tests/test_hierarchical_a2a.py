@@ -15,8 +15,12 @@ SCRIPT = str(Path(__file__).parent / "cluster" / "hierarchical.py")
 
 @pytest.fixture(scope="module")
 def two_by_two() -> list[dict]:
-    """The 2 x 2 checks, each rank's, from one job (four ranks started once on two cores, not three times)."""
+    """The 2 x 2 checks, each rank's, from one job (four ranks started once on two cores, not three times; its
+    tests share one pytest-xdist worker, `on_two_by_two`)."""
     return launch(2, 2, SCRIPT, "equal", "golden", "traffic")
+
+
+on_two_by_two = pytest.mark.xdist_group("two_by_two")
 
 
 def assert_equal(results: list[dict]) -> None:
@@ -30,6 +34,7 @@ def assert_equal(results: list[dict]) -> None:
 
 
 @pytest.mark.slow
+@on_two_by_two
 def test_hierarchical_equals_flat_forward_and_backward_on_2x2(two_by_two):
     assert_equal([rank["equal"] for rank in two_by_two])
 
@@ -40,6 +45,7 @@ def test_hierarchical_equals_flat_forward_and_backward_on_4x2():
 
 
 @pytest.mark.slow
+@on_two_by_two
 def test_golden_two_collectives_on_two_groups_in_order(two_by_two):
     result = two_by_two[0]["golden"]
     assert result["pre_grad"] == [
@@ -59,6 +65,7 @@ def test_golden_two_collectives_on_two_groups_in_order(two_by_two):
 
 
 @pytest.mark.slow
+@on_two_by_two
 def test_the_runtime_counts_bytes_per_link_for_eager_and_compiled_exchanges(two_by_two):
     # Capacity layer: [16 experts, 6 slots, 8] fp64 = 6144 bytes a buffer, a quarter to each of the 4 ranks;
     # rank 0 on 2 x 2 sends two quarters off its node and one to its node-mate, four times a step

@@ -19,10 +19,11 @@ PROBE = str(Path(__file__).parent / "cluster" / "probe.py")
 
 
 def needs_shaping(test):
-    """A test on the emulated cluster: multi-process, so make test runs it and make check does not."""
+    """A test on the emulated cluster: multi-process, so make test runs it and make check does not; alone, as it
+    measures the links or looks at every namespace of the machine."""
     unavailable = shaping_unavailable()
-    return pytest.mark.slow(pytest.mark.skipif(unavailable is not None,
-                                               reason=f"no emulated cluster here: {unavailable}")(test))
+    return pytest.mark.exclusive(pytest.mark.slow(pytest.mark.skipif(
+        unavailable is not None, reason=f"no emulated cluster here: {unavailable}")(test)))
 
 
 def run_launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
