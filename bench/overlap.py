@@ -11,10 +11,13 @@ of the model compiled these ways (``--configs`` picks some), in rounds, the orde
     inductor     torch.compile(backend="inductor"): the baseline
     off          moe_ascend, overlap=False: one all-to-all each way, waited at once (T_serial)
     n=2, n=4     moe_ascend, the exchange in 2 / 4 chunks, scheduled to overlap
-    auto         moe_ascend, overlap="auto": the cost model's chunk count
+    auto         moe_ascend, overlap="auto": the cost model's choice of chunks or token groups, where grouping
+                 keeps the numerics (every layer's capacity holds its tokens; not this model's)
     g=2, g=4     moe_ascend, overlap={"token_groups": g, "changes_numerics": True}: the batch in g groups whose
                  exchanges hide under each other's attention and experts (each group's capacity is 1/g of the
                  layer's, so it may drop other tokens: ``max_abs_diff_vs_off`` is its output against off's)
+    auto+drops   moe_ascend, overlap={"token_groups": "auto", "changes_numerics": True}: the cost model's choice
+                 with grouping allowed to drop as g=2 does
 
 and beside each moe_ascend one, the same compiled step with every all-to-all
 replaced by a local copy of the same size (T_compute_only, a post_grad pass
@@ -60,7 +63,8 @@ from _common import (add_regime_arguments, anchored_figure, cpu_seconds, host_co
                      run_layouts, worker_arguments, write_cluster_result)
 
 CONFIGS = {"inductor": None, "off": False, "n=2": 2, "n=4": 4, "auto": "auto",
-           "g=2": {"token_groups": 2, "changes_numerics": True}, "g=4": {"token_groups": 4, "changes_numerics": True}}
+           "g=2": {"token_groups": 2, "changes_numerics": True}, "g=4": {"token_groups": 4, "changes_numerics": True},
+           "auto+drops": {"token_groups": "auto", "changes_numerics": True}}
 
 
 def main() -> None:
@@ -86,12 +90,13 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    print(f"{'layout':<7}{'config':<10}{'chunks':>7}{'T_step ms':>11}{'compute ms':>12}{'comm ms':>9}{'hidden':>8}"
-          f"{'/max':>7}{'comm cpu ms':>13}{'ceiling':>9}{'comm share':>12}", flush=True)
+    print(f"{'layout':<7}{'config':<12}{'chunks':>7}{'groups':>7}{'T_step ms':>11}{'compute ms':>12}{'comm ms':>9}"
+          f"{'hidden':>8}{'/max':>7}{'comm cpu ms':>13}{'ceiling':>9}{'comm share':>12}", flush=True)
     worker_args = worker_arguments(args)
 
     def show(run: dict) -> None:
-        print(f"{run['layout']:<7}{run['config']:<10}{run['chunks'] or '':>7}{run['T_step'] * 1e3:>11.1f}"
+        print(f"{run['layout']:<7}{run['config']:<12}{run['chunks'] or '':>7}{run['token_groups']:>7}"
+              f"{run['T_step'] * 1e3:>11.1f}"
               + (f"{run['T_compute_only'] * 1e3:>12.1f}{run['T_comm_only'] * 1e3:>9.1f}{run['hidden_fraction']:>8.3f}"
                  f"{run['step_over_max']:>7.2f}{run['comm_cpu_s'] * 1e3:>13.1f}{run['hidden_fraction_ceiling']:>9.3f}"
                  f"{run['comm_share']:>12.3f}" if "T_compute_only" in run else ""), flush=True)
@@ -157,8 +162,8 @@ def worker(args) -> None:
                 exchanges.setdefault(compiling, []).append((tuple(val.shape), val.dtype, collective_group(node)))
         return PassResult(gm, False)
 
-    chosen = []
-    logging.getLogger("moe_ascend").addHandler(_Chunks(chosen))
+    chosen, grouped = [], []
+    logging.getLogger("moe_ascend").addHandler(_Chosen(chosen, grouped))
     logging.getLogger("moe_ascend").setLevel(logging.INFO)
 
     block = torch.nn.Sequential(*(Block(args.width, args.ffn, args.experts, args.top_k, args.shared_experts,
@@ -172,7 +177,7 @@ def worker(args) -> None:
         fn(x).backward(grad)
         block.zero_grad(set_to_none=True)
 
-    steps, chunks, outputs, timelines = {}, {}, {}, {}
+    steps, chunks, groups, outputs, timelines = {}, {}, {}, {}, {}
     for name, overlap in configs.items():
         for variant in ("", " compute") if overlap is not None else ("",):
             compiling = name + variant
@@ -182,7 +187,7 @@ def worker(args) -> None:
                 options = {"overlap": overlap, "hierarchical_a2a": False, "target": "inductor",
                            "passes": ["local_copies"] if variant else [], "profile": not variant}
                 fn = torch.compile(block, backend="moe_ascend", options=options)
-            del chosen[:]
+            del chosen[:], grouped[:]
             measured_before = measured_timelines()
             step(fn)
             step(fn)  # the second call is the profiled one
@@ -194,6 +199,7 @@ def worker(args) -> None:
                                    if measured_before.get(graph) is not timeline}
             if not variant:
                 chunks[name] = chosen[0] if chosen else (1 if overlap is not None else None)
+                groups[name] = grouped[0] if grouped else 1
 
     def replay(name):
         """The step's all-to-alls alone: same sizes, same groups, same order, each waited before the next."""
@@ -222,7 +228,7 @@ def worker(args) -> None:
         for name, overlap in configs.items():
             run = {"config": name, "chunks": chunks[name], "T_step": t[name], "T_step_all_s": times[name],
                    "shaped": cluster["shaped"], "ranks": dist.get_world_size(), "layers": args.layers,
-                   "token_groups": overlap["token_groups"] if isinstance(overlap, dict) else 1,
+                   "token_groups": groups[name],
                    "max_abs_diff_vs_off": float((outputs[name] - outputs["off"]).abs().max()),
                    "timelines": timelines.get(name, {})}
             if overlap is not None:
@@ -267,18 +273,22 @@ def draw_timelines(run: dict, folder: Path) -> Path:
     return path
 
 
-class _Chunks:
-    """Catches the chunk count chunk_for_overlap announces (a logging handler)."""
+class _Chosen:
+    """Catches the chunk counts chunk_for_overlap announces and the token groups token_groups does (a logging
+    handler)."""
 
     level = 0
 
-    def __init__(self, into: list):
-        self.into = into
+    def __init__(self, chunks: list, groups: list):
+        self.chunks, self.groups = chunks, groups
 
     def handle(self, record) -> None:
-        found = re.search(r"exchanges its tokens in (\d+) chunks", record.getMessage())
-        if found:
-            self.into.append(int(found.group(1)))
+        message = record.getMessage()
+        for pattern, into in ((r"exchanges its tokens in (\d+) chunks", self.chunks),
+                              (r"split into (\d+) token groups", self.groups)):
+            found = re.search(pattern, message)
+            if found:
+                into.append(int(found.group(1)))
 
 
 def Block(width: int, ffn: int, experts: int, top_k: int, shared_experts: int, heads: int, seed: int = 0):

@@ -80,7 +80,7 @@ class Options:
         elif not (self.overlap in ("auto", False) or _count(self.overlap)):
             raise OptionError(
                 f"option 'overlap' is {self.overlap!r}; valid values are 'auto', False, a chunk count >= 2, "
-                "or {'token_groups': g} with g >= 2 (and optionally 'changes_numerics': True)"
+                "or {'token_groups': g} with g >= 2 or 'auto' (and optionally 'changes_numerics': True)"
             )
         if not isinstance(self.profile, bool):
             raise OptionError(f"option 'profile' is {self.profile!r}; valid values are True, False")
@@ -136,22 +136,28 @@ class Options:
         unknown = sorted(set(given) - set(TOKEN_GROUP_OPTIONS))
         if unknown:
             raise OptionError(f"option 'overlap' has {unknown}; a dict takes {list(TOKEN_GROUP_OPTIONS)}")
-        if not _count(given.get("token_groups")):
-            raise OptionError(f"option 'overlap'['token_groups'] is {given.get('token_groups')!r}; give an int >= 2")
+        if not (_count(given.get("token_groups")) or given.get("token_groups") == "auto"):
+            raise OptionError(f"option 'overlap'['token_groups'] is {given.get('token_groups')!r}; give an int >= 2, "
+                              "or 'auto' (the cost model's choice of groups, or chunks)")
         if not isinstance(given.get("changes_numerics", False), bool):
             raise OptionError(f"option 'overlap'['changes_numerics'] is {given['changes_numerics']!r}; give True "
                               "to let capacity layers drop per group, or False")
 
     @property
-    def token_groups(self) -> int:
-        """How many token groups the graph is split into (1: not split)."""
-        return dict(self.overlap)["token_groups"] if isinstance(self.overlap, Mapping) else 1
+    def token_groups(self) -> int | str:
+        """How many token groups the graph is split into (1: not split), or "auto" (the cost model chooses between
+        groups and chunks: ``overlap="auto"``)."""
+        if isinstance(self.overlap, Mapping):
+            return dict(self.overlap)["token_groups"]
+        return "auto" if self.overlap == "auto" else 1
 
     @property
     def overlap_chunks(self) -> str | bool | int:
-        """The chunk count of each capacity exchange: "auto", False or an int (False with token groups: a group's
-        exchange is not chunked yet)."""
-        return False if isinstance(self.overlap, Mapping) else self.overlap
+        """The chunk count of each capacity exchange: "auto", False or an int (False with a token-group count: a
+        group's exchange is not chunked yet)."""
+        if isinstance(self.overlap, Mapping):
+            return "auto" if self.token_groups == "auto" else False
+        return self.overlap
 
     def overlap_option(self, key: str) -> Any:
         """A key of a token-group ``overlap`` dict, its default where not given."""

@@ -67,8 +67,8 @@ MOST_CHUNKS = 8
 @register_pass(name="chunk_for_overlap", stage="pre_grad", after=("find_moe", "canonicalise", "hierarchical_a2a"),
                roles=("dynamo",))
 def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    if ctx.options.overlap_chunks is False:
-        return PassResult(gm, False)
+    if ctx.options.overlap_chunks is False or ctx.analyses.get("token_groups", 1) > 1:
+        return PassResult(gm, False)  # (a token group's exchange is not chunked yet)
     # Asked for chunks and not given them is a warning; "auto" passing a layer by is a note.
     say = ctx.logger.info if ctx.options.overlap_chunks == "auto" else ctx.logger.warning
     modified = False

@@ -56,6 +56,11 @@ class CostModel(Protocol):
     def best_chunks(self, site: Any, most: int) -> int:
         """The chunk count (1 … ``most``) with the fastest predicted step for an exchange site the passes found."""
 
+    def best_overlap(self, gm: torch.fx.GraphModule, sites: list, most_chunks: int,
+                     group_counts: list[int]) -> tuple[int, int]:
+        """(chunks, token groups) with the fastest predicted step of a graph whose MoE layers exchange at
+        ``sites``: chunks of one group, or one chunk of each of ``group_counts`` groups."""
+
     def hierarchical_pays(self, site: Any) -> bool:
         """Whether the two-step exchange makes that site's layer faster than the flat one."""
 

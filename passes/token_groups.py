@@ -27,6 +27,13 @@ one does; with a smaller capacity the groups' buffers drop differently (by
 position or score among fewer tokens), so that needs
 ``{"token_groups": g, "changes_numerics": True}``.
 
+Under ``overlap="auto"`` (or ``{"token_groups": "auto"}``) the cost model
+chooses: ``g`` groups where the step model predicts them faster than any chunk
+count of one group (``CostModel.best_overlap``: the groups hide under the
+whole layer, attention included, where chunks hide under the experts only),
+else the graph is left to ``chunk_for_overlap``. Plain ``"auto"`` keeps the
+numerics: it groups only layers whose capacity holds every token.
+
 Before (``g = 2``, tokens ``x [4, 8]``)::
 
     linear = torch._C._nn.linear(x, w)
@@ -59,6 +66,7 @@ from moe_ascend.passes.analysis.exchange_sites import (CapacityExchange, capacit
                                                        capacity_exchange)
 from moe_ascend.passes.analysis.moe_regions import META_KEY, annotate, find_moe_layers
 from moe_ascend.passes.analysis.ops import is_collective, op_name
+from moe_ascend.passes.chunk_for_overlap import MOST_CHUNKS
 from moe_ascend.passes.infra import PassContext, PassResult, infer_meta, register_pass, shape_generic_exchange
 
 EXCHANGE_KERNELS = (exchange.to_experts, exchange.from_experts, exchange.dropless_dispatch, exchange.dropless_send,
@@ -71,6 +79,8 @@ _SHAPED_VIEWS = {"view", "reshape", "expand"}
 # than its rows of a whole-batch value; the router must keep to rows (a statistic over all tokens is refused).
 _BUFFER_ROLES = ("dispatch", "experts", "combine")
 GROUP_KEY = "token_group"  # node.meta["custom"][GROUP_KEY]: the group a copy computes for
+GROUPS_KEY = "token_groups"  # ctx.analyses[GROUPS_KEY]: how many groups the graph was split into
+MOST_GROUPS = 4  # "auto" tries 2 … MOST_GROUPS
 ITEMS = "items"  # the rows' axis of a tuple (topk's values and indices, unbind's pieces): each item's own
 
 
@@ -93,25 +103,45 @@ class Grouped:
 @register_pass(name="token_groups", stage="pre_grad",
                after=("find_moe", "canonicalise", "hierarchical_a2a", "affinity_routing", "node_limited_routing"),
                before=("chunk_for_overlap", "skip_empty_slots", "mc2_dispatch"), roles=("dynamo",),
-               enabled=lambda options: options.token_groups > 1)
+               enabled=lambda options: options.token_groups != 1)
 def token_groups(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    groups = ctx.options.token_groups
+    asked = ctx.options.token_groups
     layers = ctx.analyses.get("moe_layers", [])
     if not any(_exchanges(n) for n in gm.graph.nodes):
-        ctx.logger.warning("%s: not split into %d token groups: the graph exchanges nothing (%s), so there is no "
-                           "communication for a group to hide", ctx.graph_name, groups,
-                           "no MoE layer" if not layers else "one process, or experts that are all local")
+        if asked != "auto":  # (under "auto", chunk_for_overlap says it once)
+            ctx.logger.warning("%s: not split into %d token groups: the graph exchanges nothing (%s), so there is "
+                               "no communication for a group to hide", ctx.graph_name, asked,
+                               "no MoE layer" if not layers else "one process, or experts that are all local")
+        return PassResult(gm, False)
+    groups = _chosen_groups(gm, layers, ctx) if asked == "auto" else asked
+    if groups == 1:
         return PassResult(gm, False)
     try:  # on a copy first: a refusal leaves the graph as it was
         _split(_graph_copy(gm), groups, ctx)
     except Refusal as refusal:
-        ctx.logger.warning("%s: not split into %d token groups: %s; the graph is left as it was", ctx.graph_name,
-                           groups, refusal)
+        say = ctx.logger.info if asked == "auto" else ctx.logger.warning
+        say("%s: not split into %d token groups: %s; the graph is left as it was", ctx.graph_name, groups, refusal)
         return PassResult(gm, False)
     _split(gm, groups, ctx)
     ctx.analyses["moe_layers"] = _regions(gm)
+    ctx.analyses[GROUPS_KEY] = groups
     ctx.logger.info("%s: split into %d token groups (%d MoE layers each)", ctx.graph_name, groups, len(layers))
     return PassResult(gm, True)
+
+
+def _chosen_groups(gm: torch.fx.GraphModule, layers, ctx: PassContext) -> int:
+    """Under "auto": the group count the cost model predicts fastest; 1 where chunks (or nothing) do better, or
+    where it cannot price every layer (a layer that is not one flat capacity exchange)."""
+    sites = [capacity_exchange(layer) for layer in layers]
+    if ctx.cost_model is None or not sites or not all(isinstance(site, CapacityExchange) for site in sites):
+        return 1
+    rows = [node.meta["val"].shape[0] for node in gm.graph.nodes if node.op == "placeholder" and _carries_rows(node)]
+    counts = [g for g in range(2, MOST_GROUPS + 1) if all(r % g == 0 for r in rows)]
+    chunks, groups = ctx.cost_model.best_overlap(gm, sites, MOST_CHUNKS, counts)
+    if groups == 1:
+        ctx.logger.info("%s: not split into token groups: the cost model predicts %s faster", ctx.graph_name,
+                        f"{chunks} chunks of each exchange" if chunks > 1 else "no overlap")
+    return groups
 
 
 def _exchanges(node: torch.fx.Node) -> bool:
@@ -131,7 +161,8 @@ def _group_capacities(layers, groups: int, ctx: PassContext) -> dict[torch.fx.No
         if capacity < tokens and not ctx.options.overlap_option("changes_numerics"):
             raise Refusal(dispatch, f"can drop tokens (capacity {capacity} slots per expert for {tokens} tokens), and "
                           "groups' buffers drop differently from one buffer for all; pass "
-                          f"overlap={{'token_groups': {groups}, 'changes_numerics': True}} to accept that")
+                          f"overlap={{'token_groups': {ctx.options.token_groups!r}, 'changes_numerics': True}} to "
+                          "accept that")
         site = capacity_exchange(layer)
         if isinstance(site, CapacityExchange):
             shape_generic_exchange(dispatch.graph, site, layer)

@@ -27,7 +27,7 @@ def test_defaults():
          r"has \['max_nodes'\], which routing='keep' does not take"),
         ({"overlap": 1}, r"a chunk count >= 2"),
         ({"overlap": True}, r"a chunk count >= 2"),
-        ({"overlap": {"token_groups": 1}}, r"option 'overlap'\['token_groups'\] is 1; give an int >= 2"),
+        ({"overlap": {"token_groups": 1}}, r"option 'overlap'\['token_groups'\] is 1; give an int >= 2, or 'auto'"),
         ({"overlap": {"groups": 2}}, r"option 'overlap' has \['groups'\]; a dict takes \['token_groups', "
                                      r"'changes_numerics'\]"),
         ({"overlap": {"token_groups": 2, "changes_numerics": "yes"}}, r"\['changes_numerics'\] is 'yes'; give True"),
@@ -52,6 +52,11 @@ def test_good_options():
     assert (grouped.token_groups, grouped.overlap_chunks) == (2, False)
     assert grouped.overlap_option("changes_numerics") is False
     assert "('token_groups', 2)" in grouped.fingerprint()
+    # "auto": the cost model chooses between token groups and chunks
+    auto = Options.from_user({"overlap": "auto"})
+    assert (auto.token_groups, auto.overlap_chunks, auto.overlap_option("changes_numerics")) == ("auto", "auto", False)
+    auto = Options.from_user({"overlap": {"token_groups": "auto", "changes_numerics": True}})
+    assert (auto.token_groups, auto.overlap_chunks, auto.overlap_option("changes_numerics")) == ("auto", "auto", True)
 
 
 def test_dump_dir_falls_back_to_the_environment(monkeypatch):

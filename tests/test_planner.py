@@ -51,7 +51,7 @@ def test_parameter_counts_match_the_published_models():
 
 
 def test_the_compiled_function_is_the_formulas(small):
-    layout = dict(tp=2, ep=4, pp=2, vpp=2, dp=8, mb=2, recompute=1, chunks=2, hierarchical=1)
+    layout = dict(tp=2, ep=4, pp=2, vpp=2, dp=8, mb=2, recompute=1, chunks=2, hierarchical=1, groups=2)
     compiled = small.evaluate(layout)
     for name, expression in small.expressions.items():
         exact = float(expression.xreplace({small.symbols[n]: sp.Integer(v) for n, v in layout.items()}))
@@ -82,6 +82,22 @@ def test_each_chunk_pays_the_latency_and_hides_only_what_the_device_overlaps():
     no_overlap = Hardware(**{**H100.__dict__, "overlap_efficiency": 0.0})
     chunked = vary(StepModel(SMALL, no_overlap, devices=32), chunks=[1, 4])
     assert chunked["a2a_exposed_s"][1] >= chunked["a2a_exposed_s"][0]
+
+
+def test_token_groups_hide_all_but_one_exchange_under_the_whole_layer_and_shrink_each_matmul():
+    # no latency, and a link fast enough for the rest of a layer to hide all but one exchange
+    quick_start = Hardware(**{**H100.__dict__, "inter_node_latency": 0.0, "intra_node_latency": 0.0,
+                              "inter_node_bandwidth": 10 * H100.inter_node_bandwidth})
+    model = StepModel(SMALL, quick_start, devices=32)
+    assert model.evaluate(LAYOUT_ONE)["step_s"] == model.evaluate({**LAYOUT_ONE, "groups": 1})["step_s"]
+    one, two = vary(model, groups=[1, 2])["a2a_exposed_s"]
+    # two groups send dispatch and combine twice, each half the bytes: one of the four stays exposed
+    assert two == pytest.approx(one / 4)
+    chunked = vary(model, chunks=[1, 2])["a2a_exposed_s"][1]
+    assert two < chunked  # two chunks hide under the experts only, and expose the first and the last
+    no_overlap = StepModel(SMALL, Hardware(**{**quick_start.__dict__, "overlap_efficiency": 0.0}), devices=32)
+    ungrouped, grouped = vary(no_overlap, groups=[1, 2])["step_s"]
+    assert grouped > ungrouped  # nothing hidden, and each matmul has half the rows
 
 
 def test_the_training_recipe_sets_the_bytes_each_weight_holds():

@@ -95,14 +95,17 @@ class LayerShape:
     top_k: int
     ep_size: int
     expert_flops: float  # the experts' matmuls, forward
+    other_flops: float = 0.0  # the layer's share of the graph's other matmuls (attention, shared experts), forward
 
     def model(self) -> MoEModel:
         """A one-layer model of this layer alone: its experts (SwiGLU of the width that gives their FLOPs), one
-        sequence of its tokens, no attention, embeddings or output layer to speak of."""
+        sequence of its tokens, its other matmuls as attention's weights, no embeddings or output layer to speak
+        of."""
         expert_ffn = max(1.0, self.expert_flops / (6 * self.width * self.tokens * self.top_k))
         return MoEModel(name="layer", layers=1, hidden=self.width, heads=1, head_dim=1, vocab=1,
                         experts=self.num_experts, top_k=self.top_k, expert_ffn=expert_ffn, sequence=self.tokens,
-                        global_batch=self.ep_size, attention_params=0.0, dtype_bytes=self.element_bytes)
+                        global_batch=self.ep_size, attention_params=self.other_flops / (2 * self.tokens),
+                        dtype_bytes=self.element_bytes)
 
 
 @dataclass
@@ -144,20 +147,33 @@ class CostModel:
     def for_platform(cls, topology=None) -> "CostModel":
         return cls(topology=topology, hardware=platform_hardware())
 
-    def layer_step_seconds(self, shape: LayerShape, chunks, hierarchical) -> np.ndarray:
-        """The step model's time of ``shape``'s layer, forward and backward, for each (chunks, hierarchical)."""
+    def layer_step_seconds(self, shape: LayerShape, chunks, hierarchical, groups=1) -> np.ndarray:
+        """The step model's time of ``shape``'s layer, forward and backward, for each (chunks, hierarchical,
+        token groups)."""
         ranks_per_node = self.topology.ranks_per_node if self.topology is not None else 1
         hardware = replace(self.hardware or platform_hardware(), ranks_per_node=ranks_per_node)
         step_model = _layer_model(shape, hardware)
         ep = shape.ep_size
         return step_model.evaluate(dict(tp=1, ep=ep, pp=1, vpp=1, dp=ep, mb=1, recompute=0, chunks=chunks,
-                                        hierarchical=hierarchical))["step_s"]
+                                        hierarchical=hierarchical, groups=groups))["step_s"]
 
     def best_chunks(self, site, most: int) -> int:
         """The overlap chunk count (1 … ``most``) with the fastest predicted step of ``site``'s layer (a
         ``passes.analysis.exchange_sites.CapacityExchange``)."""
         chunks = np.arange(1, most + 1)
         return int(chunks[np.argmin(self.layer_step_seconds(layer_shape(site), chunks, 0))])
+
+    def best_overlap(self, gm: torch.fx.GraphModule, sites, most_chunks: int, group_counts) -> tuple[int, int]:
+        """(chunks, token groups) with the fastest predicted step of ``gm``, whose MoE layers exchange at
+        ``sites``: chunks 1 … ``most_chunks`` of one group, or one chunk of each of ``group_counts`` groups. The
+        graph's matmuls outside the experts are spread over its layers: the groups hide under them too."""
+        expert_flops = [sum(_matmul_flops(node) for node in site.experts) for site in sites]
+        other_flops = max(0.0, sum(_matmul_flops(node) for node in gm.graph.nodes) - sum(expert_flops)) / len(sites)
+        candidates = np.array([(n, 1) for n in range(1, most_chunks + 1)] + [(1, g) for g in group_counts])
+        step = sum(self.layer_step_seconds(replace(layer_shape(site), other_flops=other_flops),
+                                           candidates[:, 0], 0, candidates[:, 1]) for site in sites)
+        chunks, groups = candidates[int(np.argmin(step))]
+        return int(chunks), int(groups)
 
     def hierarchical_pays(self, site) -> bool:
         """Whether the two-step exchange makes ``site``'s layer's predicted step faster than the flat one."""
@@ -239,11 +255,17 @@ def _bytes_touched(node: torch.fx.Node) -> int:
 
 
 def _matmul_flops(node: torch.fx.Node) -> float:
-    """2·(output elements)·(contracted size) for the matmul family, else 0."""
+    """2·(output elements)·(contracted size) for the matmul family, attention's two products, else 0."""
     name = op_name(node)
     out = node.meta.get("val")
     if not isinstance(out, torch.Tensor):
         return 0.0
+    if name == "scaled_dot_product_attention":  # q·kᵀ and its softmax·v: 4·(q's elements)·(keys), half if causal
+        causal = bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
+        keys = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
+        if not isinstance(keys, torch.Tensor):
+            return 0.0
+        return 4.0 * _numel(out) * int(keys.shape[-2]) / (2 if causal else 1)
     if name in ("mm", "bmm", "matmul", "addmm", "baddbmm", "grouped_mm_batched", "grouped_mm"):
         left = node.args[1] if name in ("addmm", "baddbmm") else node.args[0]
     elif name == "linear":

@@ -7,6 +7,7 @@ function, so a search evaluates whole arrays of layouts at once:
     model = StepModel(MoEModel.load("mixtral-8x7b"), Hardware.load("h100"), devices=64)
     out = model.evaluate({"tp": tp, "ep": ep, "pp": pp, "vpp": vpp, "dp": dp, "mb": mb,
                           "recompute": rc, "chunks": n, "hierarchical": hier})   # arrays in, arrays out
+    model.evaluate({..., "groups": g})   # and token groups, where a pass asks (the planner searches g = 1)
     out["step_s"], out["memory_bytes"], out["tokens_per_s"], out["mfu"]
 
 What one step costs, on the busiest device (the slowest pipeline stage, the
@@ -26,7 +27,10 @@ busiest expert-parallel rank):
   hierarchical (a token crosses to each destination node once: the expected
   number of distinct remote nodes among its top-k), hidden under the experts
   with ``chunks`` chunks as the overlap pass pipelines them (each chunk pays
-  the latency; the device hides ``overlap_efficiency`` of what overlaps);
+  the latency; the device hides ``overlap_efficiency`` of what overlaps), or
+  with the micro-batch in ``groups`` token groups (each group's exchanges
+  hide under the other groups' whole layer, attention included, all but one
+  exchange per layer; every matmul has a group's rows);
   pipeline p2p; the data-parallel gradient reduce-scatter and parameter
   all-gather (distributed optimizer), hidden under one micro-batch's backward
   and forward unless the recipe says not to;
@@ -58,6 +62,7 @@ from moe_ascend.kernels.errors import MoEAscendError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LAYOUT = ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks", "hierarchical")
+OPTIONAL = {"groups": 1}  # symbols a layout may leave out, and their value then
 
 
 class PlannerError(MoEAscendError, ValueError):
@@ -202,13 +207,13 @@ class StepModel:
 
     def __init__(self, model: MoEModel, hardware: Hardware, devices: int):
         self.model, self.hardware, self.devices = model, hardware, devices
-        self.symbols = {name: sp.Symbol(name, positive=True) for name in LAYOUT}
+        self.symbols = {name: sp.Symbol(name, positive=True) for name in (*LAYOUT, *OPTIONAL)}
         self.expressions = self._expressions()
-        self._compiled = sp.lambdify([self.symbols[n] for n in LAYOUT], list(self.expressions.values()), "numpy",
-                                     cse=True)
+        self._compiled = sp.lambdify(list(self.symbols.values()), list(self.expressions.values()), "numpy", cse=True)
 
     def evaluate(self, layout: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = [np.asarray(layout[name], dtype=np.float64) for name in LAYOUT]
+        arrays = [np.asarray(layout[name] if name in LAYOUT else layout.get(name, OPTIONAL[name]), dtype=np.float64)
+                  for name in self.symbols]
         shape = np.broadcast_shapes(*(a.shape for a in arrays))
         return {name: np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
                 for name, value in zip(self.expressions, self._compiled(*arrays))}
@@ -217,7 +222,7 @@ class StepModel:
 
     def _expressions(self) -> dict[str, sp.Expr]:
         m, hw = self.model, self.hardware
-        tp, ep, pp, vpp, dp, mb, rc, chunks, hier = (self.symbols[n] for n in LAYOUT)
+        tp, ep, pp, vpp, dp, mb, rc, chunks, hier, groups = self.symbols.values()
         b = m.dtype_bytes
         master = 4 if b < 4 else 0  # mixed precision keeps an fp32 copy of the weights
         h, s, k, f, E = m.hidden, m.sequence, m.top_k, m.expert_ffn, m.experts
@@ -243,22 +248,23 @@ class StepModel:
 
         # -- one layer, one micro-batch, forward, on one device ---------------------------------------
         attention_rate = hw.attention_flops or hw.matmul_flops * hw.matmul_efficiency
-        attention = (matmul(2 * tokens * m.attention_params_per_layer / tp, tokens)
+        rows = tokens / groups  # each matmul multiplies one token group's rows
+        attention = (matmul(2 * tokens * m.attention_params_per_layer / tp, rows)
                      + 2 * tokens * s * m.heads * m.head_dim / tp / attention_rate)  # (causal: half the scores)
         elementwise = m.hidden * hw.elementwise_bytes_per_token * b / 2 * tokens / tp / hw.memory_bandwidth
         rows_per_device = tokens * k / tp  # (token, choice) pairs one device computes, on average
         experts_per_device = E / ep
         # each chunk's experts multiply a chunk's share of their rows, at that size's efficiency
         expert_compute = m.imbalance * matmul(
-            6 * h * f * rows_per_device, rows_per_device / experts_per_device / chunks,
+            6 * h * f * rows_per_device, rows_per_device / experts_per_device / chunks / groups,
             (hw.expert_matmul_flops or hw.matmul_flops) * hw.matmul_efficiency,
             hw.expert_rows_at_half_efficiency or hw.rows_at_half_efficiency)
         # each row copied in by the dispatch (h read, h written), SwiGLU's silu(gate)·up (2f read, f written), and
         # read back by the combine (h)
         expert_elementwise = m.imbalance * rows_per_device * (3 * h + 3 * f) * b / hw.memory_bandwidth
-        shared = matmul(6 * h * f * m.shared_experts * tokens / tp, tokens) if m.shared_experts else 0
-        router = matmul(2 * tokens * h * E / tp, tokens)
-        dense_ffn = matmul(6 * h * m.dense_ffn * tokens / tp, tokens) if m.dense_layers else 0
+        shared = matmul(6 * h * f * m.shared_experts * tokens / tp, rows) if m.shared_experts else 0
+        router = matmul(2 * tokens * h * E / tp, rows)
+        dense_ffn = matmul(6 * h * m.dense_ffn * tokens / tp, rows) if m.dense_layers else 0
         tp_comm = 4 * ring(tokens * h * b, tp, 1)  # all-gather and reduce-scatter around attention and the MLP
 
         # the expert all-to-all: ep ranks tp apart; those inside one node, and the nodes the group spans
@@ -277,18 +283,21 @@ class StepModel:
             * (1 + hier / 2)
         a2a_transfer = inter_bytes / inter_per_rank + intra_bytes / hw.intra_node_bandwidth
 
-        def exposed_a2a(compute):
-            """Dispatch and combine around ``compute``, in ``chunks`` chunks (each paying the latency): the link
-            and the experts pipeline, the first dispatch and the last combine stay exposed (the overlap pass's
-            schedule), and of the rest the device hides ``overlap_efficiency``."""
-            per_chunk_a2a = a2a_latency + a2a_transfer / chunks
-            overlapped = 2 * (chunks - 1) * per_chunk_a2a
-            return 2 * per_chunk_a2a + overlapped - hw.overlap_efficiency * sp.Min(overlapped, compute)
+        def exposed_a2a(experts, layer):
+            """Dispatch and combine of each token group in ``chunks`` chunks (each exchange paying the latency),
+            hidden under what the schedule lets them overlap, of which the device hides ``overlap_efficiency``.
+            One group: its own ``experts``, all but the first dispatch and the last combine (the chunk pipeline).
+            Several: the other groups' whole ``layer``, all but one exchange (the groups take turns)."""
+            per_exchange = a2a_latency + a2a_transfer / (chunks * groups)
+            link = 2 * chunks * groups * per_exchange
+            grouped = _above(groups, 1)
+            exposed_at_least = (2 - grouped) * per_exchange
+            under = grouped * layer + (1 - grouped) * experts
+            return link - hw.overlap_efficiency * sp.Min(link - exposed_at_least, under)
 
-        moe_fwd = attention + elementwise + expert_elementwise + router + shared + expert_compute + tp_comm \
-            + exposed_a2a(expert_compute)
-        moe_bwd = 2 * (attention + elementwise + expert_elementwise + router + shared + expert_compute) + tp_comm \
-            + exposed_a2a(2 * expert_compute)
+        moe_compute = attention + elementwise + expert_elementwise + router + shared + expert_compute
+        moe_fwd = moe_compute + tp_comm + exposed_a2a(expert_compute, moe_compute)
+        moe_bwd = 2 * moe_compute + tp_comm + exposed_a2a(2 * expert_compute, 2 * moe_compute)
         dense_fwd = attention + elementwise + dense_ffn + tp_comm
         dense_bwd = 2 * (attention + elementwise + dense_ffn) + tp_comm
 
@@ -305,7 +314,7 @@ class StepModel:
         stage_bwd = moe_in_stage * moe_bwd + dense_in_stage * dense_bwd
         # the output layer's logits, forward and backward, spread over the stages (frameworks give its stage fewer
         # layers)
-        output_layer = matmul(2 * tokens * h * m.vocab / tp, tokens) * 3
+        output_layer = matmul(2 * tokens * h * m.vocab / tp, rows) * 3
         pp_bandwidth, pp_latency = link(pp, self.devices / pp)
         p2p = _above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
         per_microbatch = stage_fwd * (1 + rc) + stage_bwd + p2p + output_layer / pp
@@ -349,8 +358,8 @@ class StepModel:
             "tokens_per_s": m.global_batch * s / step,
             "mfu": model_flops / (step * self.devices * hw.matmul_flops),
             "bubble_s": (pp - 1) / vpp * per_microbatch,
-            "a2a_exposed_s": microbatches * moe_in_stage * (exposed_a2a(expert_compute)
-                                                            + exposed_a2a(2 * expert_compute)),
+            "a2a_exposed_s": microbatches * moe_in_stage * (exposed_a2a(expert_compute, moe_compute)
+                                                            + exposed_a2a(2 * expert_compute, 2 * moe_compute)),
             "dp_exposed_s": dp_exposed,
         }
 
