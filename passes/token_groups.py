@@ -122,6 +122,12 @@ def token_groups(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         say = ctx.logger.info if asked == "auto" else ctx.logger.warning
         say("%s: not split into %d token groups: %s; the graph is left as it was", ctx.graph_name, groups, refusal)
         return PassResult(gm, False)
+    except Exception as error:  # the default ("auto") must not fail a compile the user did not ask to group
+        if asked != "auto":
+            raise
+        ctx.logger.warning("%s: not split into %d token groups: the pass failed on this graph (%s: %s), a bug to "
+                           "report; the graph is left as it was", ctx.graph_name, groups, type(error).__name__, error)
+        return PassResult(gm, False)
     _split(gm, groups, ctx)
     ctx.analyses["moe_layers"] = _regions(gm)
     ctx.analyses[GROUPS_KEY] = groups

@@ -23,13 +23,6 @@ RUNNING = Path(tempfile.gettempdir()) / "moe_ascend-tests.running"
 TURNSTILE = Path(tempfile.gettempdir()) / "moe_ascend-tests.turnstile"
 
 
-def pytest_collection_modifyitems(items):
-    """Exclusive tests first, while nothing else runs (later, one would wait idle for the other worker's test),
-    then file order, which mixes multi-process tests with single-process ones (two multi-process tests at once
-    on two cores took 18 % longer than file order)."""
-    items.sort(key=lambda item: item.get_closest_marker("exclusive") is None)
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Every test, its fixtures' setup and teardown included, holds RUNNING shared; an exclusive one holds it
