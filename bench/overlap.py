@@ -199,14 +199,14 @@ def worker(args) -> None:
             step(fn)
             step(fn)  # the second call is the profiled one
             steps[compiling] = fn
-            if not variant:
-                outputs[name] = fn(x).detach()  # with grad: no inference graph compiled, none of its exchanges
-            if overlap is not None and not variant:  # the third call ended the profiler's session
+            if variant:
+                continue
+            outputs[name] = fn(x).detach()  # with grad: no inference graph compiled, none of its exchanges
+            if overlap is not None:  # the third call ended the profiler's session
                 timelines[name] = {graph: timeline.to_json() for graph, timeline in measured_timelines().items()
                                    if measured_before.get(graph) is not timeline}
-            if not variant:
-                chunks[name] = chosen[0] if chosen else (1 if overlap is not None else None)
-                groups[name] = grouped[0] if grouped else 1
+            chunks[name] = chosen[0] if chosen else (1 if overlap is not None else None)
+            groups[name] = grouped[0] if grouped else 1
 
     def replay(name):
         """The step's all-to-alls alone: same sizes, same groups, same order, each waited before the next."""
