@@ -5,8 +5,8 @@ For each shipped model on its hardware (Mixtral 8x7B on 64 H100, DeepSeek-V3 on
 evaluation, the memory filter) and, separately, the step model evaluating a
 batch of a million layouts (the search space repeated), in one process on one
 core and in ``--processes`` at once. Configurations per hour is the figure the
-bar counts; building a model's formulas (sympy, once per model, hardware and
-device count) is reported beside it.
+bar counts; setting a model up (once per model, hardware and device count) is
+reported beside it.
 
 The figure of merit, ``mean_abs_error``, is against measured step times on the
 emulated cluster (``compiler.planner.measured``): each of the 34 configurations of the
@@ -73,7 +73,7 @@ def main() -> None:
                      "configs_per_hour_one_core": evaluated / seconds * 3600,
                      "best": {k: best[k] for k in ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks",
                                                    "hierarchical", "step_s", "mfu")}})
-        print(f"{name} on {devices} x {hardware_name}: formulas built in {built:.1f} s; search of {plan.evaluated} "
+        print(f"{name} on {devices} x {hardware_name}: set up in {built:.3f} s; search of {plan.evaluated} "
               f"layouts {plan.seconds:.2f} s; a million layouts in {seconds:.2f} s on one core "
               f"({evaluated / seconds * 3600:.3g} an hour); best {runs[-1]['best']}", flush=True)
     with multiprocessing.get_context("spawn").Pool(args.processes) as pool:

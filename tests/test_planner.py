@@ -50,7 +50,7 @@ def test_parameter_counts_match_the_published_models():
     assert deepseek.active_params == pytest.approx(37e9, rel=0.03)
 
 
-def test_the_compiled_function_is_the_formulas(small):
+def test_the_numbers_are_the_formulas(small):
     layout = dict(tp=2, ep=4, pp=2, vpp=2, dp=8, mb=2, recompute=1, chunks=2, hierarchical=1, groups=2)
     compiled = small.evaluate(layout)
     for name, expression in small.expressions.items():

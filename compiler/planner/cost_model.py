@@ -16,7 +16,6 @@ YAML path), evaluated for each choice at once; the fastest step wins.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -152,7 +151,7 @@ class CostModel:
         token groups)."""
         ranks_per_node = self.topology.ranks_per_node if self.topology is not None else 1
         hardware = replace(self.hardware or platform_hardware(), ranks_per_node=ranks_per_node)
-        step_model = _layer_model(shape, hardware)
+        step_model = StepModel(shape.model(), hardware, shape.ep_size)
         ep = shape.ep_size
         return step_model.evaluate(dict(tp=1, ep=ep, pp=1, vpp=1, dp=ep, mb=1, recompute=0, chunks=chunks,
                                         hierarchical=hierarchical, groups=groups))["step_s"]
@@ -227,11 +226,6 @@ def layer_shape(site) -> LayerShape:
     return LayerShape(tokens=int(tokens.shape[0]), width=int(tokens.shape[1]), element_bytes=tokens.element_size(),
                       num_experts=site.num_experts, top_k=int(expert_ids.shape[1]), ep_size=site.ep_size,
                       expert_flops=sum(_matmul_flops(node) for node in site.experts))
-
-
-@functools.lru_cache(maxsize=64)
-def _layer_model(shape: LayerShape, hardware: Hardware) -> StepModel:
-    return StepModel(shape.model(), hardware, shape.ep_size)
 
 
 def _tensor_bytes(val) -> int:

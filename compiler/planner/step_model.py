@@ -1,8 +1,10 @@
 """A symbolic model of one MoE transformer training step: time and memory per device.
 
-The formulas are written once with sympy over the parallel layout (the
-*layout symbols* below) and compiled with ``lambdify`` into one numpy
-function, so a search evaluates whole arrays of layouts at once:
+The formulas are written once over the parallel layout (the *layout
+symbols* below) and read two ways: with numpy arrays for the symbols, so a
+search evaluates whole arrays of layouts at once and a pass prices a layer
+without building anything; and with sympy symbols, as expressions to read and
+check (``StepModel.expressions``, built when first asked for):
 
     model = StepModel(MoEModel.load("mixtral-8x7b"), Hardware.load("h100"), devices=64)
     out = model.evaluate({"tp": tp, "ep": ep, "pp": pp, "vpp": vpp, "dp": dp, "mb": mb,
@@ -52,6 +54,7 @@ parallel inside it), then pipeline (Megatron's order).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -187,9 +190,25 @@ class Hardware:
         return asdict(self)
 
 
-def _above(a, b) -> sp.Expr:
-    """1 where ``a > b``, else 0 (a step function: lambdify keeps it a plain numpy call)."""
-    return sp.Heaviside(a - b, 0)
+class _Numeric:
+    """The formulas' few functions beyond arithmetic, on numpy arrays (and plain numbers)."""
+
+    max, min, ceiling = staticmethod(np.maximum), staticmethod(np.minimum), staticmethod(np.ceil)
+
+    @staticmethod
+    def above(a, b):
+        """1 where ``a > b``, else 0."""
+        return np.greater(a, b).astype(np.float64)
+
+
+class _Symbolic:
+    """The same functions on sympy expressions."""
+
+    max, min, ceiling = staticmethod(sp.Max), staticmethod(sp.Min), staticmethod(sp.ceiling)
+
+    @staticmethod
+    def above(a, b) -> sp.Expr:
+        return sp.Heaviside(a - b, 0)
 
 
 def distinct_nodes_fraction(experts: int, top_k: int, nodes) -> object:
@@ -207,22 +226,30 @@ class StepModel:
 
     def __init__(self, model: MoEModel, hardware: Hardware, devices: int):
         self.model, self.hardware, self.devices = model, hardware, devices
-        self.symbols = {name: sp.Symbol(name, positive=True) for name in (*LAYOUT, *OPTIONAL)}
-        self.expressions = self._expressions()
-        self._compiled = sp.lambdify(list(self.symbols.values()), list(self.expressions.values()), "numpy", cse=True)
 
     def evaluate(self, layout: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = [np.asarray(layout[name] if name in LAYOUT else layout.get(name, OPTIONAL[name]), dtype=np.float64)
-                  for name in self.symbols]
-        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        arrays = {name: np.asarray(layout[name] if name in LAYOUT else layout.get(name, OPTIONAL[name]),
+                                   dtype=np.float64) for name in (*LAYOUT, *OPTIONAL)}
+        shape = np.broadcast_shapes(*(a.shape for a in arrays.values()))
         return {name: np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
-                for name, value in zip(self.expressions, self._compiled(*arrays))}
+                for name, value in self._formulas(arrays, _Numeric).items()}
+
+    @functools.cached_property
+    def symbols(self) -> dict[str, sp.Symbol]:
+        return {name: sp.Symbol(name, positive=True) for name in (*LAYOUT, *OPTIONAL)}
+
+    @functools.cached_property
+    def expressions(self) -> dict[str, sp.Expr]:
+        """The formulas over the layout symbols (``symbols``)."""
+        return self._formulas(self.symbols, _Symbolic)
 
     # --- the formulas ----------------------------------------------------------------------------
 
-    def _expressions(self) -> dict[str, sp.Expr]:
+    def _formulas(self, layout: dict, fn) -> dict:
+        """Step time, memory and their parts of the ``layout`` (a value per symbol: arrays or sympy symbols), with
+        ``fn``'s max, min, ceiling and step function (``_Numeric`` or ``_Symbolic``)."""
         m, hw = self.model, self.hardware
-        tp, ep, pp, vpp, dp, mb, rc, chunks, hier, groups = self.symbols.values()
+        tp, ep, pp, vpp, dp, mb, rc, chunks, hier, groups = (layout[name] for name in (*LAYOUT, *OPTIONAL))
         b = m.dtype_bytes
         master = 4 if b < 4 else 0  # mixed precision keeps an fp32 copy of the weights
         h, s, k, f, E = m.hidden, m.sequence, m.top_k, m.expert_ffn, m.experts
@@ -237,7 +264,7 @@ class StepModel:
 
         def link(size, stride):
             """(bandwidth, latency) of a group of ``size`` ranks ``stride`` apart: intra-node if one node holds it."""
-            inside = 1 - _above(size * stride, hw.ranks_per_node)
+            inside = 1 - fn.above(size * stride, hw.ranks_per_node)
             return (inside * hw.intra_node_bandwidth + (1 - inside) * inter_per_rank,
                     inside * hw.intra_node_latency + (1 - inside) * hw.inter_node_latency)
 
@@ -268,7 +295,7 @@ class StepModel:
         tp_comm = 4 * ring(tokens * h * b, tp, 1)  # all-gather and reduce-scatter around attention and the MLP
 
         # the expert all-to-all: ep ranks tp apart; those inside one node, and the nodes the group spans
-        ep_per_node = sp.Max(1, sp.Min(ep, hw.ranks_per_node / tp))
+        ep_per_node = fn.max(1, fn.min(ep, hw.ranks_per_node / tp))
         ep_nodes = ep / ep_per_node
         pairs_bytes = rows_per_device * h * b
         remote_share = (ep - ep_per_node) / ep
@@ -290,10 +317,10 @@ class StepModel:
             Several: the other groups' whole ``layer``, all but one exchange (the groups take turns)."""
             per_exchange = a2a_latency + a2a_transfer / (chunks * groups)
             link = 2 * chunks * groups * per_exchange
-            grouped = _above(groups, 1)
+            grouped = fn.above(groups, 1)
             exposed_at_least = (2 - grouped) * per_exchange
             under = grouped * layer + (1 - grouped) * experts
-            return link - hw.overlap_efficiency * sp.Min(link - exposed_at_least, under)
+            return link - hw.overlap_efficiency * fn.min(link - exposed_at_least, under)
 
         moe_compute = attention + elementwise + expert_elementwise + router + shared + expert_compute
         moe_fwd = moe_compute + tp_comm + exposed_a2a(expert_compute, moe_compute)
@@ -302,10 +329,10 @@ class StepModel:
         dense_bwd = 2 * (attention + elementwise + dense_ffn) + tp_comm
 
         # -- the slowest pipeline stage: its share of the layers, all MoE (or the first, with the dense ones) --
-        layers_per_stage = sp.ceiling(m.layers / (pp * vpp)) * vpp
-        dense_in_first = sp.Min(m.dense_layers, layers_per_stage)
-        moe_in_stage = sp.Min(m.moe_layers, layers_per_stage)
-        first_is_slowest = _above(
+        layers_per_stage = fn.ceiling(m.layers / (pp * vpp)) * vpp
+        dense_in_first = fn.min(m.dense_layers, layers_per_stage)
+        moe_in_stage = fn.min(m.moe_layers, layers_per_stage)
+        first_is_slowest = fn.above(
             dense_in_first * (dense_fwd + dense_bwd) + (layers_per_stage - dense_in_first) * (moe_fwd + moe_bwd),
             moe_in_stage * (moe_fwd + moe_bwd))
         moe_in_stage = first_is_slowest * (layers_per_stage - dense_in_first) + (1 - first_is_slowest) * moe_in_stage
@@ -316,7 +343,7 @@ class StepModel:
         # layers)
         output_layer = matmul(2 * tokens * h * m.vocab / tp, rows) * 3
         pp_bandwidth, pp_latency = link(pp, self.devices / pp)
-        p2p = _above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
+        p2p = fn.above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
         per_microbatch = stage_fwd * (1 + rc) + stage_bwd + p2p + output_layer / pp
         pipeline = (microbatches + (pp - 1) / vpp) * per_microbatch
 
@@ -326,7 +353,7 @@ class StepModel:
         grad_sync = ring(4 * dense_per_device, dp, tp) + ring(4 * expert_per_device, dp / ep, tp * ep)
         param_sync = ring(b * dense_per_device, dp, tp) + ring(b * expert_per_device, dp / ep, tp * ep)
         if m.overlap_grad_sync:
-            dp_exposed = sp.Max(0, grad_sync - stage_bwd) + sp.Max(0, param_sync - stage_fwd)
+            dp_exposed = fn.max(0, grad_sync - stage_bwd) + fn.max(0, param_sync - stage_fwd)
         else:
             dp_exposed = grad_sync + param_sync
         # the weights each optimizer updates: its shard (distributed optimizer) or all of them
@@ -346,7 +373,7 @@ class StepModel:
         expert_acts = m.imbalance * rows_per_device * (2 * h + 4 * f) * b
         shared_acts = tokens * (2 * h + 4 * f * m.shared_experts) * b / tp
         layer_acts = (1 - rc) * (attention_acts + expert_acts + shared_acts) + rc * layer_input
-        in_flight = sp.Min(microbatches, pp) * (1 + _above(vpp, 1) * (pp - 1) / (pp * vpp))
+        in_flight = fn.min(microbatches, pp) * (1 + fn.above(vpp, 1) * (pp - 1) / (pp * vpp))
         logits = 4 * tokens * m.vocab / tp
         memory = states + layers_per_stage * layer_acts * in_flight + logits
 
