@@ -52,6 +52,7 @@ class RunConfig:
     hierarchical: bool = False
     chunks: int = 1
     ep: int = 2  # expert-parallel ranks (the rest of data parallel holds copies of the experts)
+    target: str = "auto"  # what lowers the transformed graphs (the backend's option)
 
     @property
     def nodes(self) -> int:
@@ -67,7 +68,8 @@ class RunConfig:
 
     def options(self) -> dict:
         """The backend options that give this configuration."""
-        return {"hierarchical_a2a": self.hierarchical, "overlap": self.chunks if self.chunks > 1 else False}
+        return {"hierarchical_a2a": self.hierarchical, "overlap": self.chunks if self.chunks > 1 else False,
+                "target": self.target}
 
     def model(self) -> MoEModel:
         return dataclasses.replace(WORKLOAD, top_k=self.top_k, global_batch=MICRO_BATCH * self.world)

@@ -1,5 +1,6 @@
-"""On every rank of a 2 x 1 emulated cluster: examples/train_moe.py's two-layer model with every technique on,
-compiled with the overlap schedule and without it (``disable: ["schedule_overlap"]``, which keeps numerics).
+"""On every rank of a 2 x 1 emulated cluster: examples/train_moe.py's two-layer model with every technique on, in
+float64, lowered by Inductor with the overlap schedule, and run as the unscheduled graph (``disable:
+["schedule_overlap"]``, which keeps numerics) by the eager target: the reference without Inductor's fusions.
 
 Prints one ``RESULT {json}`` line per rank: the largest difference of the loss, of each block's output and of
 every gradient between the two.
@@ -32,10 +33,10 @@ class Probed(train_moe.MoETransformer):
         return [torch.nn.functional.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1)), *outputs]
 
 
-def run(args, disable: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def run(args, target: str, disable: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     torch.manual_seed(0)
-    model = Probed(args, dist.group.WORLD, balance=True)
-    options = train_moe.backend_options(train_moe.TECHNIQUES, "2") | {"profile": False, "disable": disable}
+    model = Probed(args, dist.group.WORLD, balance=True).double()
+    options = train_moe.backend_options(train_moe.TECHNIQUES, "2", profile=False, target=target) | {"disable": disable}
     ids, targets = train_moe.batch_at(train_moe.stdlib_bytes(), 0, dist.get_rank(), args)
     outputs = torch.compile(model, backend="moe_ascend", options=options)(ids, targets)
     outputs[0].backward()
@@ -46,7 +47,7 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     args = train_moe.parser().parse_args(ARGS)
-    unscheduled, scheduled = run(args, ["schedule_overlap"]), run(args, [])
+    unscheduled, scheduled = run(args, "eager", ["schedule_overlap"]), run(args, "inductor", [])
     differences = {kind: max(float((a - b).abs().max()) for a, b in zip(x, y))
                    for kind, x, y in zip(("outputs", "gradients"), unscheduled, scheduled)}
     print("RESULT " + json.dumps({"rank": dist.get_rank(), **differences}), flush=True)
