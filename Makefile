@@ -29,12 +29,12 @@ $(STAMP): pyproject.toml Makefile
 
 # Everything, as CI runs it; two tests at a time (pytest-xdist), those marked `exclusive` alone.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 # The edit loop: unit, golden and single-process numerical tests (no `slow` ones: multi-process and training runs).
 check: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 demo: setup
 	$(PY) examples/quickstart.py --steps 20 --dump-dir $(DUMPS)
