@@ -166,11 +166,12 @@ class CostModel:
         """(chunks, token groups) with the fastest predicted step of ``gm``, whose MoE layers exchange at
         ``sites``: chunks 1 … ``most_chunks`` of one group, or one chunk of each of ``group_counts`` groups. The
         graph's matmuls outside the experts are spread over its layers: the groups hide under them too."""
-        expert_flops = [sum(_matmul_flops(node) for node in site.experts) for site in sites]
-        other_flops = max(0.0, sum(_matmul_flops(node) for node in gm.graph.nodes) - sum(expert_flops)) / len(sites)
+        shapes = [layer_shape(site) for site in sites]
+        expert_flops = sum(shape.expert_flops for shape in shapes)
+        other_flops = max(0.0, sum(_matmul_flops(node) for node in gm.graph.nodes) - expert_flops) / len(sites)
         candidates = np.array([(n, 1) for n in range(1, most_chunks + 1)] + [(1, g) for g in group_counts])
-        step = sum(self.layer_step_seconds(replace(layer_shape(site), other_flops=other_flops),
-                                           candidates[:, 0], 0, candidates[:, 1]) for site in sites)
+        step = sum(self.layer_step_seconds(replace(shape, other_flops=other_flops), candidates[:, 0], 0,
+                                           candidates[:, 1]) for shape in shapes)
         chunks, groups = candidates[int(np.argmin(step))]
         return int(chunks), int(groups)
 
