@@ -88,3 +88,19 @@ def fake_two_ranks():
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     yield dist.group.WORLD
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def cost_model_hardware(tmp_path, monkeypatch):
+    """``use(**fields)``: the passes' cost model prices layers on a test profile (``$MOE_ASCEND_HARDWARE``): a slow
+    link (100 kB/s), everything else quick and at full efficiency, but for ``fields``."""
+    def use(**fields):
+        profile = dict(name="test", matmul_efficiency=1, rows_at_half_efficiency=0, expert_rows_at_half_efficiency=0,
+                       attention_flops=1e12, memory_bandwidth=1e12, optimizer_bandwidth=1e12, memory_bytes=1e9,
+                       ranks_per_node=1, intra_node_bandwidth=1e5, inter_node_bandwidth=1e5, intra_node_latency=1e-6,
+                       inter_node_latency=1e-6, overlap_efficiency=1.0)
+        path = tmp_path / "profile.yaml"
+        path.write_text("".join(f"{key}: {value}\n" for key, value in {**profile, **fields}.items()))
+        monkeypatch.setenv("MOE_ASCEND_HARDWARE", str(path))
+
+    return use

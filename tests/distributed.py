@@ -10,11 +10,12 @@ import sys
 import traceback
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_ascend.runtime.launcher import end_process_group, free_port
+from moe_ascend.runtime.launcher import end_process_group, free_port, shaping_unavailable
 
 
 def _rank_main(rank, world_size, port, fn, args, results, collective_timeout):
@@ -73,3 +74,11 @@ def launch(nodes: int, ranks_per_node: int, script: str, *args: str, timeout: fl
     found = [json.loads(m) for m in re.findall(r"^\[r\d+\] RESULT (.*)$", done.stdout, flags=re.M)]
     assert len(found) == nodes * ranks_per_node, done.stdout[-4000:]
     return sorted(found, key=lambda r: r["rank"])
+
+
+def alone_on_the_emulated_cluster(test):
+    """A test on the emulated cluster that runs alone on the machine (``exclusive``: it measures the links or the
+    steps, or looks at every namespace); multi-process, so ``slow``; skipped where the cluster cannot be built."""
+    unavailable = shaping_unavailable()
+    return pytest.mark.exclusive(pytest.mark.slow(pytest.mark.skipif(
+        unavailable is not None, reason=f"no emulated cluster here: {unavailable}")(test)))

@@ -2,12 +2,13 @@
 the step model on the profile it writes predicts measured training steps (compiler.planner.measured)."""
 
 import pytest
+from distributed import alone_on_the_emulated_cluster
 
 from moe_ascend.compiler.planner.calibrate import calibrate, fit_link, fit_matmul, write_profile
 from moe_ascend.compiler.planner.measured import RunConfig, measure
 from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, StepModel
 from moe_ascend.kernels.errors import CalibrationError
-from moe_ascend.runtime.launcher import parse_rate, shaping_unavailable
+from moe_ascend.runtime.launcher import parse_rate
 
 
 def test_the_matmul_fit_recovers_the_rate_curve():
@@ -25,14 +26,7 @@ def test_the_link_fit_recovers_latency_and_bandwidth():
         fit_link(sent, [1e-3, 1e-3, 1e-3, 1e-3])
 
 
-def needs_cluster(test):
-    """A run on the emulated cluster, alone on the machine: it measures the links and the steps."""
-    return pytest.mark.exclusive(pytest.mark.skipif(shaping_unavailable() is not None,
-                                                    reason=f"no emulated cluster: {shaping_unavailable()}")(test))
-
-
-@pytest.mark.slow
-@needs_cluster
+@alone_on_the_emulated_cluster
 def test_a_calibration_measures_the_shaped_link_and_plans_with_it(tmp_path):
     profile, how = calibrate("200mbit", "100us", repeats=3, log=lambda line: None)
     shaped = parse_rate("200mbit") / 8
@@ -48,8 +42,7 @@ def test_a_calibration_measures_the_shaped_link_and_plans_with_it(tmp_path):
     assert float(step["step_s"]) > 0
 
 
-@pytest.mark.slow
-@needs_cluster
+@alone_on_the_emulated_cluster
 def test_the_calibrated_step_model_predicts_measured_training_steps():
     # lowered by the eager target: Inductor's compile of two models on two ranks would take most of the test
     configs = [RunConfig("2x1", "200mbit", 1, target="eager"),

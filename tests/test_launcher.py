@@ -10,20 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from distributed import alone_on_the_emulated_cluster
 
 from moe_ascend.kernels.errors import LaunchError
 from moe_ascend.runtime import launcher
-from moe_ascend.runtime.launcher import ClusterSpec, parse_rate, parse_time, shaping_unavailable
+from moe_ascend.runtime.launcher import ClusterSpec, parse_rate, parse_time
 
 PROBE = str(Path(__file__).parent / "cluster" / "probe.py")
-
-
-def needs_shaping(test):
-    """A test on the emulated cluster: multi-process, so make test runs it and make check does not; alone, as it
-    measures the links or looks at every namespace of the machine."""
-    unavailable = shaping_unavailable()
-    return pytest.mark.exclusive(pytest.mark.slow(pytest.mark.skipif(
-        unavailable is not None, reason=f"no emulated cluster here: {unavailable}")(test)))
 
 
 def run_launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -83,7 +76,7 @@ def test_a_rank_ends_its_group_before_the_interpreter_does(monkeypatch):
         ["gloo threads left: [] initialized: False"] * 2
 
 
-@needs_shaping
+@alone_on_the_emulated_cluster
 def test_ranks_see_their_node_and_the_hierarchy_groups():
     done = run_launch("--nodes", "2", "--ranks-per-node", "2", "--", PROBE, "groups")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -96,7 +89,7 @@ def test_ranks_see_their_node_and_the_hierarchy_groups():
     assert our_namespaces() == []
 
 
-@needs_shaping
+@alone_on_the_emulated_cluster
 def test_inter_node_throughput_matches_the_shaping():
     done = run_launch("--nodes", "2", "--inter-node-bandwidth", "200mbit", "--", PROBE, "throughput")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -105,7 +98,7 @@ def test_inter_node_throughput_matches_the_shaping():
     assert receiver["uplink_mtu"] == launcher.UPLINK_MTU
 
 
-@needs_shaping
+@alone_on_the_emulated_cluster
 def test_scaled_links_give_each_rank_the_rates_the_launcher_printed():
     done = run_launch("--nodes", "2", "--ranks-per-node", "2", "--scale-to", "ascend-910b", "--host-flops", "1e11",
                       "--", PROBE, "rates")
@@ -127,7 +120,7 @@ def test_scaled_links_are_asked_for_once():
         assert done.returncode == 2 and "--scale-to" in done.stderr
 
 
-@needs_shaping
+@alone_on_the_emulated_cluster
 def test_a_crashing_rank_ends_the_job_with_its_error_and_leaves_nothing_behind():
     links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count("\n")
     done = run_launch("--nodes", "2", "--", PROBE, "crash")
@@ -139,7 +132,7 @@ def test_a_crashing_rank_ends_the_job_with_its_error_and_leaves_nothing_behind()
     assert subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count("\n") == links_before
 
 
-@needs_shaping
+@alone_on_the_emulated_cluster
 def test_ctrl_c_stops_every_rank_and_removes_the_namespaces():
     job = subprocess.Popen([sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2", "--",
                             PROBE, "sleep"],
@@ -157,7 +150,7 @@ def test_ctrl_c_stops_every_rank_and_removes_the_namespaces():
     assert "probe.py sleep" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
 
 
-@needs_shaping
+@alone_on_the_emulated_cluster
 def test_a_killed_launchers_namespaces_are_removed_by_the_next_launch():
     stale = launcher.EmulatedCluster(ClusterSpec(1, 1), tag=f"{launcher.PREFIX}{_dead_pid()}")
     stale.__enter__()  # created, never exited: as if its launcher had been SIGKILLed

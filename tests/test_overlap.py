@@ -317,18 +317,12 @@ def test_a_measured_step_leaves_the_profiler_off_and_the_next_model_measurable()
 
 
 @pytest.mark.parametrize("overlap_efficiency, chunks", [(1.0, 6), (0.0, 0)])
-def test_auto_takes_the_chunk_count_the_step_model_predicts_fastest(fake_two_ranks, temporary_passes, tmp_path,
-                                                                    monkeypatch, overlap_efficiency, chunks):
+def test_auto_takes_the_chunk_count_the_step_model_predicts_fastest(fake_two_ranks, temporary_passes,
+                                                                    cost_model_hardware, overlap_efficiency, chunks):
     # Slow experts beside a link they can hide: the more chunks the better, up to the 6 slots an expert has. The
     # same link where computation hides nothing: chunks only add latency, so the layer keeps one exchange.
-    profile = dict(name="test", matmul_flops=1e6, matmul_efficiency=1, rows_at_half_efficiency=0,
-                   expert_matmul_flops=1e6, expert_rows_at_half_efficiency=0, attention_flops=1e12,
-                   memory_bandwidth=1e12, optimizer_bandwidth=1e12, memory_bytes=1e9, ranks_per_node=2,
-                   intra_node_bandwidth=1e5, inter_node_bandwidth=1e5, intra_node_latency=1e-5,
-                   inter_node_latency=1e-5, overlap_efficiency=overlap_efficiency)
-    path = tmp_path / "profile.yaml"
-    path.write_text("".join(f"{key}: {value}\n" for key, value in profile.items()))
-    monkeypatch.setenv("MOE_ASCEND_HARDWARE", str(path))
+    cost_model_hardware(matmul_flops=1e6, expert_matmul_flops=1e6, ranks_per_node=2, intra_node_latency=1e-5,
+                        inter_node_latency=1e-5, overlap_efficiency=overlap_efficiency)
     lines = compiled_graphs(temporary_passes, {"overlap": "auto"})["pre_grad"]
     assert sum(bool(re.match(r"\s*slots_\d+ = torch\.narrow", line)) for line in lines) == chunks
 

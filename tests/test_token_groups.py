@@ -128,21 +128,10 @@ def test_a_capacity_that_can_drop_is_grouped_only_when_asked(fake_two_ranks, tem
     assert any(re.match(r"capacity_dispatch_default_group_1 = .*, 4, 6, 'position'\)", line) for line in lines)
 
 
-def hardware_profile(tmp_path, **rates) -> str:
-    """A hardware file for the cost model: a slow link (100 kB/s), matmuls at ``rates``."""
-    profile = dict(name="test", rows_at_half_efficiency=0, expert_rows_at_half_efficiency=0, matmul_efficiency=1,
-                   attention_flops=1e12, memory_bandwidth=1e12, optimizer_bandwidth=1e12, memory_bytes=1e9,
-                   ranks_per_node=1, intra_node_bandwidth=1e5, inter_node_bandwidth=1e5, intra_node_latency=1e-6,
-                   inter_node_latency=1e-6, overlap_efficiency=1.0, **rates)
-    path = tmp_path / "profile.yaml"
-    path.write_text("".join(f"{key}: {value}\n" for key, value in profile.items()))
-    return str(path)
-
-
 def test_auto_groups_where_the_other_groups_attention_can_hide_what_the_experts_cannot(
-        fake_two_ranks, temporary_passes, monkeypatch, tmp_path, caplog):
+        fake_two_ranks, temporary_passes, cost_model_hardware, caplog):
     # Experts too quick to hide any chunk, attention and the shared expert as slow as the link: token groups.
-    monkeypatch.setenv("MOE_ASCEND_HARDWARE", hardware_profile(tmp_path, matmul_flops=1e6, expert_matmul_flops=1e12))
+    cost_model_hardware(matmul_flops=1e6, expert_matmul_flops=1e12)
     torch.manual_seed(0)
     model, x = nn.Sequential(Block(), Block()), torch.randn(4, 6, 8)
     with caplog.at_level(logging.INFO, logger="moe_ascend"):
@@ -165,11 +154,11 @@ def test_auto_groups_where_the_other_groups_attention_can_hide_what_the_experts_
     assert any(line.startswith("l_args_0__group_3 = ") for line in lines)
 
 
-def test_auto_keeps_to_chunks_where_the_experts_hide_them(fake_two_ranks, temporary_passes, monkeypatch, tmp_path,
+def test_auto_keeps_to_chunks_where_the_experts_hide_them(fake_two_ranks, temporary_passes, cost_model_hardware,
                                                            caplog):
     # Slow experts, quick attention: eight chunks hide under the experts all but a quarter of the exchange; two
     # groups (two sequences) would leave half of it (one of four exchanges) with nothing more to hide under.
-    monkeypatch.setenv("MOE_ASCEND_HARDWARE", hardware_profile(tmp_path, matmul_flops=1e12, expert_matmul_flops=1e6))
+    cost_model_hardware(matmul_flops=1e12, expert_matmul_flops=1e6)
     torch.manual_seed(0)
     with caplog.at_level(logging.INFO, logger="moe_ascend"):
         lines = compiled_graphs(temporary_passes, nn.Sequential(Block(), Block()), torch.randn(2, 12, 8),
