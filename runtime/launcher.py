@@ -380,13 +380,16 @@ def cluster_from_environment() -> dict | None:
     return json.loads(text) if text else None
 
 
-def end_process_group(timeout_s: float = 10.0) -> None:
-    """Destroy the default process group, then wait, with the GIL free, until gloo's worker threads are gone.
+def end_process_group(timeout_s: float = 10.0, settled_s: float = 0.5) -> None:
+    """Destroy the default process group, then wait, with the GIL free, until gloo's worker threads are gone or
+    none has ended for ``settled_s``.
 
     A gloo worker thread drops a finished collective's tensors after ``wait()`` has returned, and dropping
     them takes the GIL. Were the interpreter already finalizing, that thread would be killed holding a
     C++ frame and the whole rank abort ("terminate called without an active exception", once in about
     eight two-rank runs measured here), after every result was written. So a rank ends here, not at exit.
+    A group that a functional collective has run on outlives ``destroy_process_group`` (torch 2.13 keeps a
+    reference in C++): its threads idle until exit, never end, and waiting longer for them only costs time.
     """
     import gc
 
@@ -395,12 +398,12 @@ def end_process_group(timeout_s: float = 10.0) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     deadline = time.monotonic() + timeout_s
-    while _gloo_threads() and time.monotonic() < deadline:
+    left, changed = _gloo_threads(), time.monotonic()
+    while left and time.monotonic() < min(deadline, changed + settled_s):
         gc.collect()  # a group kept alive by a reference cycle goes now, its threads with it
         time.sleep(0.01)
-    if left := _gloo_threads():  # a group still referenced somewhere: say so, the abort at exit would not
-        print(f"moe-ascend: gloo threads {left} still run {timeout_s:g} s after destroy_process_group; this rank "
-              f"may abort at exit: drop the references to its process groups first", file=sys.stderr, flush=True)
+        if (now := _gloo_threads()) != left:
+            left, changed = now, time.monotonic()
 
 
 def _gloo_threads() -> list[str]:
