@@ -27,6 +27,6 @@ from moe_ascend.passes.infra import (  # noqa: F401  (the public pass API)
 
 # Built-in passes register themselves on import; their order comes from after=/before=.
 from moe_ascend.passes import (  # noqa: F401,E402
-    affinity_routing, canonicalise, chunk_for_overlap, find_moe, hierarchical_a2a, mc2_dispatch, node_limited_routing,
-    normalise, schedule_overlap, skip_empty_slots, token_groups, verify_collectives,
+    affinity_routing, canonicalise, chunk_for_overlap, find_moe, functionalise, hierarchical_a2a, mc2_dispatch,
+    node_limited_routing, normalise, schedule_overlap, skip_empty_slots, token_groups, verify_collectives,
 )

@@ -53,9 +53,9 @@ def test_user_pass_runs_at_its_declared_point_and_shows_in_the_dump(clone_matmul
         code_before = (tmp_path / graph(summary, role)["input_file"]).read_text()
         code_after = (tmp_path / passes[1]["file"]).read_text()
         assert "aten.clone.default" not in code_before and "aten.clone.default" in code_after
-    assert [p["name"] for p in graph(summary, "dynamo")["passes"]] == ["normalise", "find_moe", "hierarchical_a2a",
-                                                                       "token_groups", "chunk_for_overlap",
-                                                                       "skip_empty_slots"]
+    assert [p["name"] for p in graph(summary, "dynamo")["passes"]] == ["normalise", "functionalise", "find_moe",
+                                                                       "hierarchical_a2a", "token_groups",
+                                                                       "chunk_for_overlap", "skip_empty_slots"]
 
 
 def test_user_pass_keeps_numerics(clone_matmul_outputs, tmp_path):

@@ -21,10 +21,11 @@ def names(stage, **options):
 
 
 def test_built_in_order_is_declared_not_imported():
-    assert names("pre_grad") == ["normalise", "find_moe", "hierarchical_a2a", "token_groups", "chunk_for_overlap",
-                                 "skip_empty_slots"]
-    assert names("pre_grad", passes=["canonicalise"]) == ["normalise", "find_moe", "canonicalise", "hierarchical_a2a",
-                                                          "token_groups", "chunk_for_overlap", "skip_empty_slots"]
+    assert names("pre_grad") == ["normalise", "functionalise", "find_moe", "hierarchical_a2a", "token_groups",
+                                 "chunk_for_overlap", "skip_empty_slots"]
+    assert names("pre_grad", passes=["canonicalise"]) == ["normalise", "functionalise", "find_moe", "canonicalise",
+                                                          "hierarchical_a2a", "token_groups", "chunk_for_overlap",
+                                                          "skip_empty_slots"]
     assert "token_groups" not in names("pre_grad", overlap=2)  # on under "auto" (its choice) or a group count
     assert names("post_grad") == ["schedule_overlap", "verify_collectives"]
 
@@ -33,8 +34,9 @@ def test_after_and_before_place_a_pass(temporary_passes):
     temporary_passes(name="t_late", stage="pre_grad", after=("find_moe",))(noop)
     temporary_passes(name="t_early", stage="pre_grad", before=("normalise",))(noop)
     temporary_passes(name="t_middle", stage="pre_grad", after=("normalise",), before=("find_moe",))(noop)
-    assert names("pre_grad") == ["t_early", "normalise", "t_middle", "find_moe", "hierarchical_a2a", "token_groups",
-                                 "chunk_for_overlap", "skip_empty_slots", "t_late"]  # ties: registration order
+    assert names("pre_grad") == ["t_early", "normalise", "functionalise", "t_middle", "find_moe", "hierarchical_a2a",
+                                 "token_groups", "chunk_for_overlap", "skip_empty_slots",
+                                 "t_late"]  # ties: registration order
 
 
 def test_a_cycle_is_an_error_naming_the_passes(temporary_passes):

@@ -1,5 +1,5 @@
-"""MoE code written by others is recognised: transformers' Mixtral, Qwen2-MoE and DeepSeek-V3, a DeepSeek-style
-router written from scratch, and torchtitan-style EP."""
+"""MoE code written by others is recognised: transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE,
+gpt-oss and DeepSeek-V3, a DeepSeek-style router written from scratch, and torchtitan-style EP."""
 
 import json
 import logging
@@ -32,6 +32,38 @@ def tiny_qwen2_moe(experts_implementation):
     return transformers.Qwen2MoeForCausalLM(config)
 
 
+TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=32)
+
+
+def tiny_qwen3_moe(experts_implementation):
+    config = transformers.Qwen3MoeConfig(**TINY, intermediate_size=32, moe_intermediate_size=16, num_experts=4,
+                                         num_experts_per_tok=2, head_dim=8)
+    config._experts_implementation = experts_implementation
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+def tiny_olmoe(experts_implementation):
+    config = transformers.OlmoeConfig(**TINY, intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                      eos_token_id=None, pad_token_id=None)
+    config._experts_implementation = experts_implementation
+    return transformers.OlmoeForCausalLM(config)
+
+
+def tiny_granitemoe(experts_implementation):
+    config = transformers.GraniteMoeConfig(**TINY, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = experts_implementation
+    return transformers.GraniteMoeForCausalLM(config)
+
+
+def tiny_gpt_oss(experts_implementation):
+    # top-k over the logits, softmax over the k chosen; biased experts (their bias added in place)
+    config = transformers.GptOssConfig(**TINY, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                       head_dim=8, sliding_window=8)
+    config._experts_implementation = experts_implementation
+    return transformers.GptOssForCausalLM(config)
+
+
 def tiny_deepseek_v3():
     # sigmoid router with a selection bias, top-2 of 8 inside the best 2 of 4 groups, routed_scaling_factor 2.5
     config = transformers.DeepseekV3Config(
@@ -52,9 +84,14 @@ class Logits(torch.nn.Module):
         return self.model(ids).logits
 
 
-@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe])
+ROUTER_GATES = ["router_logits", "router_logits_1"]
+FAMILIES = [(tiny_mixtral, ROUTER_GATES), (tiny_qwen2_moe, ROUTER_GATES), (tiny_qwen3_moe, ROUTER_GATES),
+            (tiny_olmoe, ROUTER_GATES), (tiny_granitemoe, ["linear_4", "linear_9"]), (tiny_gpt_oss, ROUTER_GATES)]
+
+
+@pytest.mark.parametrize("build,gates", FAMILIES, ids=[build.__name__ for build, _ in FAMILIES])
 @pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
-def test_transformers_moe_logits_gradients_and_layers(build, experts_implementation, tmp_path):
+def test_transformers_moe_logits_gradients_and_layers(build, gates, experts_implementation, tmp_path):
     torch.manual_seed(0)
     model = Logits(build(experts_implementation))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -64,8 +101,7 @@ def test_transformers_moe_logits_gradients_and_layers(build, experts_implementat
     for graph in summary["graphs"]:
         assert [layer["layer"] for layer in graph["moe_layers"]] == [0, 1], graph["name"]
         assert all(layer[role] for layer in graph["moe_layers"] for role in ROLES)
-    gates = [layer["gate"] for layer in summary["graphs"][0]["moe_layers"]]
-    assert gates == ["router_logits", "router_logits_1"]
+    assert [layer["gate"] for layer in summary["graphs"][0]["moe_layers"]] == gates
 
 
 def test_transformers_shared_expert_stays_outside_the_routed_region(tmp_path):
