@@ -1,5 +1,5 @@
 """MoE code written by others is recognised: transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE,
-gpt-oss and DeepSeek-V3, a DeepSeek-style router written from scratch, and torchtitan-style EP."""
+gpt-oss, PhiMoE and DeepSeek-V3, a DeepSeek-style router written from scratch, and torchtitan-style EP."""
 
 import json
 import logging
@@ -64,6 +64,13 @@ def tiny_gpt_oss(experts_implementation):
     return transformers.GptOssForCausalLM(config)
 
 
+def tiny_phimoe(experts_implementation="grouped_mm"):
+    # no top-k: sparsemixer picks each of its two experts with a max (a Gumbel sample of it while training)
+    config = transformers.PhimoeConfig(**TINY, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = experts_implementation
+    return transformers.PhimoeForCausalLM(config)
+
+
 def tiny_deepseek_v3():
     # sigmoid router with a selection bias, top-2 of 8 inside the best 2 of 4 groups, routed_scaling_factor 2.5
     config = transformers.DeepseekV3Config(
@@ -96,12 +103,28 @@ def test_transformers_moe_logits_gradients_and_layers(build, gates, experts_impl
     model = Logits(build(experts_implementation))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     assert_matches_eager(model, (ids,), {"target": "eager", "dump_dir": str(tmp_path)})
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert_layers_with_every_role(json.loads((tmp_path / "summary.json").read_text()), gates)
+
+
+def assert_layers_with_every_role(summary: dict, gates: list[str], roles=ROLES) -> None:
     assert [g["role"] for g in summary["graphs"]] == ["dynamo", "forward", "backward"]
     for graph in summary["graphs"]:
-        assert [layer["layer"] for layer in graph["moe_layers"]] == [0, 1], graph["name"]
-        assert all(layer[role] for layer in graph["moe_layers"] for role in ROLES)
+        assert [layer["layer"] for layer in graph["moe_layers"]] == list(range(len(gates))), graph["name"]
+        assert all(layer[role] for layer in graph["moe_layers"] for role in roles)
     assert [layer["gate"] for layer in summary["graphs"][0]["moe_layers"]] == gates
+
+
+def test_phimoe_sparsemixer_is_one_router_a_layer_in_training_and_exact_in_eval(tmp_path):
+    torch.manual_seed(0)
+    model = Logits(tiny_phimoe())
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    # training samples each choice; the lowering's decompositions draw other random numbers than eager does
+    torch.compile(model, backend="moe_ascend", options={"target": "eager", "dump_dir": str(tmp_path / "training")})(
+        ids).sum().backward()
+    assert_layers_with_every_role(json.loads((tmp_path / "training" / "summary.json").read_text()), ROUTER_GATES)
+    torch._dynamo.reset()
+    assert_matches_eager(model.eval(), (ids,), {"target": "eager", "dump_dir": str(tmp_path / "eval")})
+    assert_layers_with_every_role(json.loads((tmp_path / "eval" / "summary.json").read_text()), ROUTER_GATES)
 
 
 def test_transformers_shared_expert_stays_outside_the_routed_region(tmp_path):
@@ -150,11 +173,8 @@ def test_transformers_deepseek_v3_logits_gradients_and_layers(tmp_path):
             layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, 8))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     assert_matches_eager(model, (ids,), {"target": "eager", "dump_dir": str(tmp_path)})
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    for graph in summary["graphs"]:
-        assert [layer["layer"] for layer in graph["moe_layers"]] == [0, 1], graph["name"]
-        assert all(layer[role] for layer in graph["moe_layers"] for role in ("router", "experts", "combine"))
-    assert [layer["gate"] for layer in summary["graphs"][0]["moe_layers"]] == ["router_logits", "router_logits_1"]
+    assert_layers_with_every_role(json.loads((tmp_path / "summary.json").read_text()), ROUTER_GATES,
+                                  roles=("router", "experts", "combine"))
 
 
 @pytest.mark.parametrize("target", ["eager", "inductor"])

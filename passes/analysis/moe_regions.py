@@ -29,7 +29,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from moe_ascend.passes.analysis.ops import TOP_K, is_matmul, op_name
+from moe_ascend.passes.analysis.ops import is_matmul, is_top_k, op_name
 
 ROLES = ("router", "dispatch", "experts", "combine")
 META_KEY = "moe"
@@ -86,13 +86,17 @@ def find_moe_layers(
 
 
 def _routers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
-    """Each router's final top-k, in graph order, with its gate. A top-k over something that is not a gate's scores
-    (sampling, metrics) is none; one whose choices feed another top-k over the same gate (group-limited routing
-    picking the groups first) is part of that router's selection."""
-    over_gate = {node: _gate_of(node) for node in gm.graph.nodes if op_name(node) in TOP_K}
-    over_gate = {node: gate for node, gate in over_gate.items() if gate is not None}
-    return {node: gate for node, gate in over_gate.items()
-            if not any(later in over_gate and over_gate[later] is gate for later in descendants([node]))}
+    """Each router's last top-k, in graph order, with its gate. A top-k over something that is not a gate's scores
+    (sampling, metrics) is none; the top-ks over one gate are one router's selection (group-limited routing picks
+    the groups first; PhiMoE's sparsemixer picks each of its experts with a max, and another max sets each one's
+    gradient estimate)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    last: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        gate = _gate_of(node) if is_top_k(node) else None
+        if gate is not None:
+            last[gate] = node
+    return {node: gate for gate, node in sorted(last.items(), key=lambda pair: order[pair[1]])}
 
 
 def cut_routers(gm: torch.fx.GraphModule, layers: list[MoERegion]) -> list[MoERegion]:

@@ -27,6 +27,17 @@ def op_name(node: torch.fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def is_top_k(node: torch.fx.Node) -> bool:
+    """A router's choice of experts: ``torch.topk``, moe_ascend's ``topk_softmax``, or a max along one dimension (a
+    top-1, as PhiMoE's sparsemixer picks each of its two experts)."""
+    name = op_name(node)
+    if name in TOP_K:
+        return True
+    if node.op not in ("call_function", "call_method") or name != "max":
+        return False
+    return isinstance(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None), int)
+
+
 def op_namespace(node: torch.fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
