@@ -7,6 +7,22 @@ compile), autograd, and a reference implementation in plain torch ops that runs
 on any device.
 """
 
+import sys
+
+if __name__ == "kernels":  # the repository root is on sys.path and someone asked for Hugging Face's `kernels`
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+    from pathlib import Path
+
+    _root = Path(__file__).resolve().parents[1]
+    _spec = PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != _root])
+    if _spec is None:
+        del sys.modules[__name__]
+        raise ModuleNotFoundError("No module named 'kernels' (this folder is moe_ascend.kernels)", name="kernels")
+    # the import system hands out what sys.modules holds once this body ends: the package asked for
+    sys.modules[__name__] = module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[__name__])
+
 from moe_ascend.kernels.capacity import capacity_combine, capacity_dispatch, capacity_slots  # noqa: F401
 from moe_ascend.kernels.dropless import permute, unpermute  # noqa: F401
 from moe_ascend.kernels.errors import (  # noqa: F401  (re-exported)

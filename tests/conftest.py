@@ -9,9 +9,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# The tests use the installed moe_ascend; the source root on sys.path (`python -m pytest`) would let
-# its top-level kernels/ shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 torch.set_num_threads(1)

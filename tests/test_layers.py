@@ -80,3 +80,26 @@ def test_no_module_imports_itself_through_others():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+BUILD_A_TRANSFORMERS_MOE = """
+import torch, transformers
+config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                    num_experts_per_tok=2)
+print(tuple(transformers.MixtralForCausalLM(config)(torch.randint(0, 64, (1, 4))).logits.shape))
+import kernels, moe_ascend.kernels
+print(kernels.__file__ != moe_ascend.kernels.__file__, torch.ops.moe_ascend.topk_softmax.__name__)
+"""
+
+
+def test_the_repository_root_is_safe_to_work_in():
+    # `python -c` from the root puts it first on sys.path, where kernels/ would shadow Hugging Face's `kernels`
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    done = subprocess.run([sys.executable, "-c", BUILD_A_TRANSFORMERS_MOE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["(1,", "4,", "64)", "True", "topk_softmax"]
