@@ -56,6 +56,9 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     setting = ctx.options.hierarchical_a2a
     topology = ctx.topology
     if setting is False or topology is None or topology.nodes < 2:
+        if setting is True and ctx.analyses.get("moe_layers"):  # asked for by name: say why it cannot apply
+            ctx.logger.warning("%s: hierarchical_a2a=True leaves the flat all-to-all: %s", ctx.graph_name,
+                               _one_node(topology))
         return PassResult(gm, False)
     modified = False
     for layer in ctx.analyses.get("moe_layers", []):
@@ -72,6 +75,15 @@ def hierarchical_a2a(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         _rewrite(gm, site, hierarchy, ctx, layer)
         modified = True
     return PassResult(gm, modified)
+
+
+def _one_node(topology) -> str:
+    if topology is None:
+        return "this process is in no distributed job, so no exchange crosses a node"
+    ranks = f"{topology.ranks_per_node} rank{'s' if topology.ranks_per_node > 1 else ''}"
+    return (f"the topology is one node of {ranks}, so no exchange crosses a node (under "
+            f"torchrun, LOCAL_WORLD_SIZE below WORLD_SIZE, or options['topology'] = {{'ranks_per_node': G}}, "
+            f"gives several)")
 
 
 def _capacity_exchange(layer, topology) -> CapacityExchange | str:

@@ -100,3 +100,21 @@ def test_the_cost_model_picks_hierarchy_for_bandwidth_bound_exchanges_only():
     latency_bound = LayerShape(tokens=8, width=8, element_bytes=4, num_experts=64, top_k=8, ep_size=8, expert_flops=1e3)
     flat, two_step = cost_model.layer_step_seconds(latency_bound, 1, np.array([0, 1]))
     assert two_step > flat
+
+
+def test_asked_for_in_one_process_it_says_why_it_leaves_the_flat_exchange(caplog):
+    import torch
+
+    from moe_ascend.runtime import MoELayer
+
+    torch.manual_seed(0)
+    layer = torch.compile(MoELayer(8, 16, 4, 2, capacity_factor=1.0), backend="moe_ascend",
+                          options={"target": "eager", "hierarchical_a2a": True})
+    with caplog.at_level("INFO", logger="moe_ascend"):
+        layer(torch.randn(6, 8))
+    said = [r for r in caplog.records if "hierarchical_a2a" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
+    assert said[0].getMessage().endswith(
+        "hierarchical_a2a=True leaves the flat all-to-all: the topology is one node of 1 rank, so no exchange "
+        "crosses a node (under torchrun, LOCAL_WORLD_SIZE below WORLD_SIZE, or options['topology'] = "
+        "{'ranks_per_node': G}, gives several)")
