@@ -89,6 +89,24 @@ def test_router_without_experts_is_reported_once_and_not_annotated(caplog):
     assert roles(gm) == {}
 
 
+def sampled_then_routed_nowhere(x, w):
+    best, _ = torch.topk(x.sum(-1), 2)  # no gate behind it
+    _, chosen = torch.topk(torch.softmax(x @ w, dim=-1), 2, dim=-1)
+    return best.sum() + chosen.float().mean()
+
+
+def test_no_layer_found_names_each_top_k_and_why_in_one_warning(caplog):
+    gm = dynamo_graph(sampled_then_routed_nowhere, torch.randn(6, 16), torch.randn(16, 4))
+    with caplog.at_level(logging.INFO, logger="moe_ascend"):
+        find_moe(gm, context())
+    (record,) = [r for r in caplog.records if r.name.startswith("moe_ascend")]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        "graph_t: no MoE layer found; the graph is compiled unchanged. Its top-k nodes: topk is not over a gate's "
+        "scores (no matmul behind it through softmax or sigmoid and elementwise transforms); topk_1 is router-like "
+        "(over gate matmul) but not an MoE layer: its per-token choices never meet the tokens (no dispatch)")
+
+
 def test_roles_reach_the_forward_and_backward_graphs(tmp_path):
     torch.manual_seed(0)
     model = torch.compile(LoopMoE(), backend="moe_ascend", options={"target": "eager", "dump_dir": str(tmp_path)})

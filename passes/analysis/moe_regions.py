@@ -71,18 +71,31 @@ class MoERegion:
 
 
 def find_moe_layers(
-    gm: torch.fx.GraphModule, warn: Callable[[str], None] = lambda msg: None
+    gm: torch.fx.GraphModule, refuse: Callable[[torch.fx.Node, str], None] = lambda top_k, why: None
 ) -> list[MoERegion]:
-    """Every MoE layer of ``gm`` in graph order; routers that look MoE-like but fail get one ``warn``."""
+    """Every MoE layer of ``gm`` in graph order; each other top-k is ``refuse``d with the reason."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    routers = _routers(gm)
     layers: list[MoERegion] = []
-    for node, gate in _routers(gm).items():
+    for node in gm.graph.nodes:
+        if not is_top_k(node):
+            continue
+        if node not in routers:
+            gate = _gate_of(node)
+            refuse(node, NOT_OVER_A_GATE if gate is None else f"part of the selection of the router over {gate.name}")
+            continue
+        gate = routers[node]
         layer, missing = _layer_from_router(len(layers), gate, node, order)
         if layer is None:
-            warn(f"router-like top-k {node.name} (over gate {gate.name}) is not an MoE layer: {missing}")
+            refuse(node, f"{ROUTER_LIKE} (over gate {gate.name}) but not an MoE layer: {missing}")
             continue
         layers.append(layer)
     return layers
+
+
+ROUTER_LIKE = "router-like"
+NOT_OVER_A_GATE = ("not over a gate's scores (no matmul behind it through softmax or sigmoid and elementwise "
+                   "transforms)")
 
 
 def _routers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
