@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="summarise a dump folder (graphs, passes, MoE layers, collectives)")
     inspect.add_argument("dir")
     inspect.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    inspect.add_argument("--rank", type=int, default=None,
+                         help="the rank to show of a multi-rank dump (default: the lowest)")
 
     doctor = commands.add_parser("doctor", help="what this machine can run")
     doctor.add_argument("--ascend-check", metavar="DIR", type=Path,
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoEAscendError as exc:
         print(f"moe-ascend {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (`| head`): what it read is all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush has somewhere to go
+        return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -98,8 +104,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "inspect":
         from moe_ascend.compiler.report.inspect import format_table, load_summary
+        from moe_ascend.compiler.report.summary import dump_ranks
 
-        summary = load_summary(args.dir)
+        summary = load_summary(args.dir, args.rank)
+        ranks = dump_ranks(args.dir)
+        if len(ranks) > 1:
+            shown = ranks[0] if args.rank is None else args.rank
+            print(f"{args.dir} holds the dumps of ranks {', '.join(map(str, ranks))}; this is rank {shown}"
+                  + (" (--rank N shows another)" if args.rank is None else ""),
+                  file=sys.stderr if args.json else sys.stdout)
         print(json.dumps(summary, indent=1) if args.json else format_table(summary))
         return 0
     if args.command == "launch":

@@ -1,6 +1,7 @@
 """Dumps: a user pass shows at its declared point, summary.json lists the MoE layers, inspect reads it back."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -90,6 +91,29 @@ def test_inspect_reads_the_summary_back(tmp_path):
     assert json.loads(as_json) == summary
     table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
     assert "graph_0.backward" in table and "verify_collectives" in table and "MoE layers: 1" in table
+
+
+def test_inspect_of_a_multi_rank_dump_says_which_rank_it_shows_and_stops_quietly_when_piped(tmp_path, monkeypatch):
+    from moe_ascend.compiler.cli import main
+
+    import shutil
+
+    torch.manual_seed(0)
+    compile_and_step(LoopMoE(), tmp_path / "one")
+    for rank in (0, 1):  # the layout a two-rank job writes
+        shutil.copytree(tmp_path / "one", tmp_path / "job" / f"rank{rank}")
+    cli = [sys.executable, "-m", "moe_ascend.compiler.cli", "inspect", str(tmp_path / "job")]
+    first = subprocess.run(cli, capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    assert first == f"{tmp_path / 'job'} holds the dumps of ranks 0, 1; this is rank 0 (--rank N shows another)"
+    second = subprocess.run(cli + ["--rank", "1"], capture_output=True, text=True, check=True).stdout
+    assert second.splitlines()[0].endswith("this is rank 1") and "graph_0.backward" in second
+    missing = subprocess.run(cli + ["--rank", "2"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no dump of rank 2; its ranks: [0, 1]" in missing.stderr
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head` does once it has its lines
+    with open(write_end, "w", buffering=1) as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert main(["inspect", str(tmp_path / "job")]) == 0
 
 
 def test_inspect_of_a_folder_without_dumps_says_what_to_do(tmp_path):
