@@ -30,7 +30,7 @@ from moe_ascend.compiler.options import Options
 from moe_ascend.compiler.pipeline import PostGradStage, run_stage
 from moe_ascend.compiler.routing_phases import PhaseFollowing
 from moe_ascend.compiler.targets import LOWERINGS, resolve_target
-from moe_ascend.passes.infra import PASS_LOGGER, PassContext, registered_passes
+from moe_ascend.passes.infra import PASS_LOGGER, PassContext, PassLog, registered_passes
 from moe_ascend.runtime import traffic
 from moe_ascend.runtime.topology import Topology
 
@@ -72,7 +72,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Options)
         name = graph_name if role == "dynamo" else f"{graph_name}.{role}"
         return PassContext(
             options=opts, stage=stage, role=role, graph_name=name, topology=topology,
-            cost_model=cost_model, logger=logging.getLogger(PASS_LOGGER),
+            cost_model=cost_model, logger=PassLog(logging.getLogger(PASS_LOGGER)),
             fake_mode=fake_mode if role == "dynamo" else None, training=training,
         )
 

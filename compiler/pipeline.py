@@ -35,6 +35,8 @@ def run_stage(gm: torch.fx.GraphModule, ctx: PassContext, recorder: Any = None) 
         nodes_before = list(gm.graph.nodes)
         vals_before = {n for n in nodes_before if "val" in n.meta}  # side-effect nodes (set_grad_enabled) have none
         order_before = collective_order(gm)
+        said = getattr(ctx.logger, "said", [])  # a PassLog keeps what each pass says
+        said_before = len(said)
         started = time.perf_counter()
         result = _call(p, gm, ctx)
         seconds = time.perf_counter() - started
@@ -43,7 +45,7 @@ def run_stage(gm: torch.fx.GraphModule, ctx: PassContext, recorder: Any = None) 
         gm = result.gm
         _check(p, ctx, gm, nodes_before, vals_before, order_before, result.modified)
         if record is not None:
-            record.pass_done(p, result.modified, nodes_before, gm, seconds)
+            record.pass_done(p, result.modified, nodes_before, gm, seconds, said[said_before:])
     if record is not None:
         record.finish(gm, ctx)
     return gm

@@ -82,10 +82,24 @@ class PassContext:
     graph_name: str
     topology: Any = None
     cost_model: CostModel | None = None
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger(PASS_LOGGER))
+    logger: "logging.Logger | PassLog" = field(default_factory=lambda: PassLog(logging.getLogger(PASS_LOGGER)))
     fake_mode: Any = None
     analyses: dict[str, Any] = field(default_factory=dict)
     training: bool = True
+
+
+class PassLog(logging.LoggerAdapter):
+    """The passes' logger, which also keeps what they said at INFO and above (the dump shows it beside each pass:
+    why a pass asked for did not apply)."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__(logger, {})
+        self.said: list[tuple[str, str]] = []  # (level, message), in order
+
+    def log(self, level: int, msg, *args, **kwargs) -> None:
+        if level >= logging.INFO:
+            self.said.append((logging.getLevelName(level).lower(), str(msg) % args if args else str(msg)))
+        super().log(level, msg, *args, **kwargs)
 
 
 @dataclass(frozen=True)

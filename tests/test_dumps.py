@@ -116,6 +116,25 @@ def test_inspect_of_a_multi_rank_dump_says_which_rank_it_shows_and_stops_quietly
         assert main(["inspect", str(tmp_path / "job")]) == 0
 
 
+def test_what_a_pass_says_is_kept_beside_it_in_the_summary_the_table_and_the_page(tmp_path):
+    from moe_ascend.compiler.report.inspect import format_table, load_summary
+    from moe_ascend.runtime import MoELayer
+
+    torch.manual_seed(0)
+    layer = torch.compile(MoELayer(8, 16, 4, 2, capacity_factor=1.0), backend="moe_ascend",
+                          options={"target": "eager", "hierarchical_a2a": True, "dump_dir": str(tmp_path)})
+    layer(torch.randn(6, 8))
+    summary = load_summary(tmp_path)
+    said = {p["name"]: p["said"] for p in summary["graphs"][0]["passes"]}
+    why = ("graph_0: hierarchical_a2a=True leaves the flat all-to-all: the topology is one node of 1 rank, so no "
+           "exchange crosses a node")
+    ((level, message),) = [(s["level"], s["message"]) for s in said["hierarchical_a2a"]]
+    assert level == "warning" and message.startswith(why)
+    assert said["normalise"] == []
+    assert f"      warning: {why}" in format_table(summary)
+    assert why in (tmp_path / "index.html").read_text()
+
+
 def test_inspect_of_a_folder_without_dumps_says_what_to_do(tmp_path):
     from moe_ascend.compiler.cli import main
 

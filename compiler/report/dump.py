@@ -99,7 +99,7 @@ class GraphRecord:
         self.view: dict | None = None  # the page's view, made once the graph is finished
 
     def pass_done(self, p: Pass, modified: bool, nodes_before: list[torch.fx.Node], gm: torch.fx.GraphModule,
-                  seconds: float) -> None:
+                  seconds: float, said: list[tuple[str, str]] = ()) -> None:
         before, after = set(nodes_before), set(gm.graph.nodes)
         self.passes.append(
             {
@@ -111,6 +111,7 @@ class GraphRecord:
                 "nodes_added": len(after - before),
                 "nodes_removed": len(before - after),
                 "seconds": round(seconds, 6),
+                "said": [{"level": level, "message": message} for level, message in said],
                 "file": self._write_code(len(self.passes) + 1, p.name, gm),
             }
         )

@@ -189,8 +189,8 @@ function diffHtml(diff) {
 }
 function overview(g) {
   let h = "<h2>" + esc(g.name) + " · " + esc(g.stage) + " (" + esc(g.role) + ")</h2>";
-  h += "<h3>Passes</h3><table><tr><th>#</th><th>pass</th><th>modified</th><th>nodes</th><th>added</th><th>removed</th><th>ms</th></tr>";
-  g.passes.forEach((p, i) => { h += "<tr><td>" + (i + 1) + "</td><td>" + esc(p.name) + "</td><td>" + p.modified + "</td><td>" + p.nodes_before + " → " + p.nodes_after + "</td><td>" + p.nodes_added + "</td><td>" + p.nodes_removed + "</td><td>" + (p.seconds * 1e3).toFixed(2) + "</td></tr>"; });
+  h += "<h3>Passes</h3><table><tr><th>#</th><th>pass</th><th>modified</th><th>nodes</th><th>added</th><th>removed</th><th>ms</th><th>said</th></tr>";
+  g.passes.forEach((p, i) => { h += "<tr><td>" + (i + 1) + "</td><td>" + esc(p.name) + "</td><td>" + p.modified + "</td><td>" + p.nodes_before + " → " + p.nodes_after + "</td><td>" + p.nodes_added + "</td><td>" + p.nodes_removed + "</td><td>" + (p.seconds * 1e3).toFixed(2) + "</td><td>" + (p.said || []).map(s => esc(s.level + ": " + s.message)).join("<br>") + "</td></tr>"; });
   h += "</table><h3>MoE layers</h3>";
   if (!g.layers.length) h += "<p>none found</p>";
   else {

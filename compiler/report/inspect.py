@@ -16,6 +16,7 @@ def format_table(summary: dict) -> str:
             nodes = f"{p['nodes_before']}->{p['nodes_after']}"
             out.append(f"  {p['name']:<28}{str(p['modified']):>9}{nodes:>14}{p['nodes_added']:>7}"
                        f"{p['nodes_removed']:>8}")
+            out += [f"      {said['level']}: {said['message']}" for said in p.get("said", [])]
         layers = graph.get("moe_layers", [])
         if layers:
             counts = ", ".join(
