@@ -95,8 +95,9 @@ def dropless_send(tokens: Tensor, expert_ids: Tensor, num_experts: int, ep_size:
     send_splits = tokens_per_expert.reshape(ep_size, local).sum(dim=1).tolist()
     receive_splits = counts_received.sum(dim=1).tolist()
     received = issue(rows, group, receive_splits, send_splits)
+    # the output size given: the received rows, so a compiled graph need not read the counts to size it
     local_expert = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(ep_size),
-                                           counts_received.reshape(-1))
+                                           counts_received.reshape(-1), output_size=received.shape[0])
     by_expert = torch.sort(local_expert, stable=True).indices
     return received, counts_received.sum(dim=0), DroplessPlan(row_map, by_expert, send_splits, receive_splits)
 

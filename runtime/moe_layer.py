@@ -13,9 +13,10 @@ Capacity mode (``capacity_factor`` set) exchanges equal, static blocks: it
 compiles to one graph. Dropless mode first exchanges the per-expert counts,
 then uses them as split sizes. Those sizes are data: under ``torch.compile``
 reading them (``.tolist()``) is a graph break, or, with
-``torch._dynamo.config.capture_scalar_outputs = True``, unbacked sizes that
-Inductor cannot always lower (DESIGN.md, integration notes). With one rank
-no sizes are exchanged and dropless compiles to one graph too.
+``torch._dynamo.config.capture_scalar_outputs = True``, unbacked sizes: the
+layer is then one graph, forward and backward, which Inductor lowers and which
+new sizes do not recompile. With one rank no sizes are exchanged and dropless
+compiles to one graph either way.
 
 ``overlap_chunks=n`` (dropless) sends the tokens in ``n`` chunks, so each chunk's
 experts compute while the other chunks' rows are on the wire; with

@@ -80,6 +80,57 @@ def test_dropless_across_ranks_breaks_the_graph_where_it_reads_split_sizes():
     assert all(breaks >= 1 for breaks in run_ranks(2, dropless_graph_breaks))
 
 
+def dropless_steps_in_one_graph(rank, world_size, dump_dir):
+    """Five training steps of MoELayer dropless and a torchtitan-style layer, each compiled once by moe_ascend's
+    Inductor target with captured split sizes: the largest error against eager, graphs made, layers found."""
+    import copy
+
+    from checks import run_and_grads
+    from models import TitanStyleMoE
+    from torch._dynamo.utils import counters
+
+    from moe_ascend.compiler import backend
+    from moe_ascend.compiler.report.summary import load_summary
+
+    found = {}
+    for name, build in (("moe_layer", lambda: MoELayer(16, 32, 4, 2, ep_group=dist.group.WORLD)),
+                        ("titan_style", lambda: TitanStyleMoE(dist.group.WORLD))):
+        torch.manual_seed(0)
+        eager = build()
+        compiled_model = copy.deepcopy(eager)
+        torch._dynamo.reset()
+        counters.clear()
+        compiles_before, error = backend.graphs_compiled, 0.0
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            compiled = torch.compile(compiled_model, backend="moe_ascend",
+                                     options={"target": "inductor", "dump_dir": f"{dump_dir}/{name}"})
+            for step in range(5):  # other routing, other split sizes, every step
+                x = torch.randn(8, 16, generator=torch.Generator().manual_seed(10 * step + rank))
+                want, want_grads = run_and_grads(eager, (x,))
+                got, got_grads = run_and_grads(compiled_model, (x,), call=compiled)
+                error = max([error, float((got - want).abs().max())]
+                            + [float((got_grads[k] - want_grads[k]).abs().max()) for k in want_grads])
+                eager.zero_grad()
+                compiled_model.zero_grad()
+        summary = load_summary(f"{dump_dir}/{name}", rank)
+        found[name] = {"error": error, "graphs": counters["stats"]["unique_graphs"],
+                       "compiles": backend.graphs_compiled - compiles_before,
+                       "layers": {g["role"]: [[r for r in ("router", "dispatch", "experts", "combine") if layer[r]]
+                                              for layer in g["moe_layers"]] for g in summary["graphs"]}}
+    return found
+
+
+@pytest.mark.slow
+def test_dropless_expert_parallel_is_one_graph_under_inductor_with_captured_split_sizes(tmp_path):
+    every_role = [["router", "dispatch", "experts", "combine"]]
+    for rank, found in enumerate(run_ranks(2, dropless_steps_in_one_graph, str(tmp_path))):
+        for name, result in found.items():
+            assert result["error"] < 1e-5, (rank, name, result)
+            assert (result["graphs"], result["compiles"]) == (1, 1), (rank, name, result)  # no recompile
+            assert result["layers"]["dynamo"] == every_role, (rank, name, result)
+            assert result["layers"]["forward"] == every_role, (rank, name, result)
+
+
 def test_the_balance_loss_is_one_for_uniform_routing_and_e_for_one_expert():
     from moe_ascend.kernels.routing import load_balancing_loss
 

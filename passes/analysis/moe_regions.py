@@ -29,7 +29,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from moe_ascend.passes.analysis.ops import is_matmul, is_top_k, op_name
+from moe_ascend.passes.analysis.ops import RUNTIME_ASSERTS, is_matmul, is_top_k, op_name
 
 ROLES = ("router", "dispatch", "experts", "combine")
 META_KEY = "moe"
@@ -198,7 +198,7 @@ def _layer_from_router(
 
 def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.Node | None, str]:
     """Where every path that carries per-token routing into the tokens meets again, or why there is no such node."""
-    data = descendants([topk]) & token_side
+    data = _without_checks(descendants([topk]) & token_side)
     routing_only = gate_side - token_side
     scores = _numel(gate)
     tokens_routed = scores // int(gate.meta["val"].shape[-1]) if scores else None
@@ -217,6 +217,18 @@ def _layer_output(gate, topk, tokens, token_side, gate_side) -> tuple[torch.fx.N
             )
         return None, "its routed paths never meet again in one node (no combine)"
     return _back_to_token_shape(output, tokens), ""
+
+
+def _without_checks(nodes: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """``nodes`` less the runtime asserts on captured sizes and what only feeds them (``u0 >= 0``): they end no
+    path the tokens take."""
+    kept = {n for n in nodes if op_name(n) not in RUNTIME_ASSERTS}
+    only_checked = [n for n in kept if n.users and all(op_name(u) in RUNTIME_ASSERTS for u in n.users)]
+    while only_checked:
+        kept -= set(only_checked)
+        only_checked = [i for n in only_checked for i in n.all_input_nodes
+                        if i in kept and all(u not in kept for u in i.users)]
+    return kept
 
 
 def _roles(region, data_nodes, router_nodes, matmuls, order) -> dict[torch.fx.Node, str]:

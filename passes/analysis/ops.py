@@ -38,6 +38,11 @@ def is_top_k(node: torch.fx.Node) -> bool:
     return isinstance(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None), int)
 
 
+# Checks a graph makes of its data-dependent sizes (captured scalars): they use a value and produce none.
+RUNTIME_ASSERTS = frozenset({"_assert_scalar", "_assert_async", "_check", "_check_is_size", "sym_constrain_range",
+                             "sym_constrain_range_for_size"})
+
+
 def op_namespace(node: torch.fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
