@@ -68,6 +68,17 @@ class CapacityPlan(NamedTuple):
     weights: Tensor  # [Q, E_rank]: its routing weight per local expert (0: none)
 
 
+def issues_all_to_alls(*groups: str):
+    """Declare the all-to-alls a kernel issues, by the ``Hierarchy`` group each runs on (``"inter"``, ``"intra"``),
+    in order: a graph that holds the kernel as one call (a pass's rewrite, before AOTAutograd traces into it)
+    counts them from here."""
+    def declare(kernel):
+        kernel.all_to_alls = groups
+        return kernel
+    return declare
+
+
+@issues_all_to_alls("inter", "inter", "intra", "intra")
 def capacity_dispatch(
     tokens: Tensor, expert_ids: Tensor, weights: Tensor, scores: Tensor, num_experts: int, capacity: int,
     drop_policy: str, hierarchy: Hierarchy,
@@ -126,6 +137,7 @@ def capacity_dispatch(
     return expert_in, CapacityPlan(node_rows, forward_rows, slot_rows, route[:, per_rank:].to(weights.dtype))
 
 
+@issues_all_to_alls("intra", "inter")
 def capacity_combine(expert_out: Tensor, plan: CapacityPlan, hierarchy: Hierarchy) -> Tensor:
     """``expert_out [E_rank, W·C, d]`` → ``[T, d]``: each token's weighted sum over its experts, summed per node
     first."""

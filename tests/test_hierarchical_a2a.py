@@ -87,6 +87,9 @@ def test_the_runtime_counts_bytes_per_link_for_eager_and_compiled_exchanges(two_
         assert result["eager_hierarchical"] != result["eager_flat"]
         forward, backward = result["report"]  # the inspect report's forward and backward graphs
         assert forward.startswith("all-to-all bytes per run: inter-node ") and backward.startswith("all-to-all bytes")
+        # the Dynamo graph holds the rewrite's kernels as calls: it counts what they issue, as the forward shows
+        dynamo, forward, _ = result["collectives"]
+        assert dynamo == forward and forward.count("x") == 2 and "none" not in forward, result["collectives"]
 
 
 def test_the_cost_model_picks_hierarchy_for_bandwidth_bound_exchanges_only():

@@ -23,7 +23,7 @@ import torch.fx
 from moe_ascend.compiler.report.ascend_coverage import missing_converters
 from moe_ascend.compiler.report.summary import SUMMARY_VERSION
 from moe_ascend.compiler.report.html import graph_view, write_index
-from moe_ascend.passes.analysis.collectives import collectives_by_kind, exchange_bytes
+from moe_ascend.passes.analysis.collectives import collectives_by_kind, declared_all_to_alls, exchange_bytes
 from moe_ascend.passes.analysis.moe_regions import META_KEY, layers_from_annotations
 from moe_ascend.passes.infra import Pass, PassContext
 
@@ -149,8 +149,11 @@ class GraphRecord:
         return str(relative)
 
 
-def _exchange_bytes_json(gm: torch.fx.GraphModule) -> dict | str:
-    """Bytes one run of the graph sends per kind of link; ``"data-dependent"`` when its split sizes are data."""
+def _exchange_bytes_json(gm: torch.fx.GraphModule) -> dict | str | None:
+    """Bytes one run of the graph sends per kind of link; ``"data-dependent"`` when its split sizes are data; None
+    where kernel calls issue them (their sizes are inside: the traced forward and backward graphs count them)."""
+    if any(declared_all_to_alls(node) for node in gm.graph.nodes):
+        return None
     sent = exchange_bytes(gm)
     return sent.to_json() if sent is not None else "data-dependent"
 

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch.fx
 
+from moe_ascend.kernels.hierarchical import Hierarchy
 from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
 from moe_ascend.runtime.topology import LinkBytes, all_to_all_bytes
 
@@ -25,7 +26,16 @@ def collectives_by_kind(gm: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
     for node in gm.graph.nodes:
         if is_collective(node):
             counts[op_name(node)][collective_group(node)] += 1
+        for group in declared_all_to_alls(node):
+            counts["all_to_all_single"][group] += 1
     return {kind: dict(groups) for kind, groups in counts.items()}
+
+
+def declared_all_to_alls(node: torch.fx.Node) -> list[str]:
+    """The groups of the all-to-alls a kernel call issues inside (``hierarchical.issues_all_to_alls``)."""
+    steps = getattr(node.target, "all_to_alls", ()) if node.op == "call_function" else ()
+    hierarchy = next((a for a in node.args if isinstance(a, Hierarchy)), None)
+    return [getattr(hierarchy, f"{step}_group") for step in steps] if hierarchy is not None else []
 
 
 def order_violations(before: dict[str, list[str]], after: dict[str, list[str]]) -> list[str]:

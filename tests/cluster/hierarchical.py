@@ -128,7 +128,7 @@ def golden() -> dict:
 
 def traffic() -> dict:
     """This rank's bytes per kind of link for one training step, counted by the runtime, four ways; and the
-    bytes the inspect report shows for the compiled hierarchical graphs."""
+    bytes and collectives the inspect report shows for the compiled hierarchical graphs."""
     import tempfile
 
     from moe_ascend.compiler.report.inspect import format_table, load_summary
@@ -152,8 +152,9 @@ def traffic() -> dict:
         compiled_layer = torch.compile(layer, backend="moe_ascend", options=options)
         one_step(compiled_layer)  # compiles forward and backward
         counts[name] = one_step(compiled_layer)
-    report = [line.strip() for line in format_table(load_summary(dump_dir)).splitlines() if "bytes per run" in line]
-    return {"rank": dist.get_rank(), **counts, "report": report}
+    table = [line.strip() for line in format_table(load_summary(dump_dir)).splitlines()]
+    return {"rank": dist.get_rank(), **counts, "report": [line for line in table if "bytes per run" in line],
+            "collectives": [line for line in table if line.startswith("collectives:")]}
 
 
 if __name__ == "__main__":
