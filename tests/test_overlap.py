@@ -229,17 +229,18 @@ def test_chunked_and_scheduled_equals_the_layer_forward_and_backward():
 def random_scheduled_steps(rank, world_size, seeds, steps):
     """Random chunked and scheduled two-layer models (four for each of ``seeds``), compiled alike on every rank,
     each rank with its own tokens and its own pace; returns the steps it finished."""
-    return sum(_random_scheduled_steps(rank, seed, steps) for seed in seeds)
+    # the first seed's last model under Inductor (its reordering must keep the schedule), every other one eager
+    return sum(_random_scheduled_steps(rank, seed, steps, inductor=seed == seeds[0]) for seed in seeds)
 
 
-def _random_scheduled_steps(rank, seed, steps):
+def _random_scheduled_steps(rank, seed, steps, inductor):
     import random
     import time
 
     shared = random.Random(seed)  # the same models and options on every rank
     own = random.Random(seed * 100 + rank)  # this rank's tokens and pauses
     done = 0
-    for target in ("eager", "eager", "eager", "inductor"):
+    for target in ("eager", "eager", "eager", "inductor" if inductor else "eager"):
         top_k, chunks = shared.choice([1, 2, 3]), shared.choice([2, 3, 4])
         layers = [MoELayer(8, 16, 8, top_k, capacity_factor=shared.choice([0.5, 1.0, 2.0]), ep_group=dist.group.WORLD,
                            drop_policy=shared.choice(["position", "score"]), num_shared_experts=shared.choice([0, 1]))
@@ -259,8 +260,8 @@ def _random_scheduled_steps(rank, seed, steps):
 
 @pytest.mark.slow
 def test_scheduled_graphs_never_hang_on_four_ranks():
-    # Eight random models in one job. A collective that waits 60 s fails its rank; ranks silent for 300 s fail the
-    # test, named, as a hang.
+    # Eight random models in one job, one lowered by Inductor. A collective that waits 60 s fails its rank; ranks
+    # silent for 300 s fail the test, named, as a hang.
     assert run_ranks(4, random_scheduled_steps, (1, 2), 5, timeout=300, collective_timeout=60) == [40] * 4
 
 
