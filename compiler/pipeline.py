@@ -83,10 +83,13 @@ def _check(
         _fail(p, ctx, f"graph.lint() failed: {exc}")
     gm.recompile()
     old = set(nodes_before)
+    # what a pass made, and what reads it: a new node whose shapes do not fit its readers fails here, by name
+    touched = {n for n in gm.graph.nodes if n not in old}
+    touched |= {user for n in touched for user in n.users}
     problems = [
         f"{n.name}: {why}"
         for n in gm.graph.nodes
-        if n.op != "output" and (why := _meta_problem(n, n not in old, vals_before, ctx.fake_mode))
+        if n.op != "output" and (why := _meta_problem(n, n in touched, vals_before, ctx.fake_mode))
     ]
     if problems:
         _fail(p, ctx, "FakeTensor metadata is wrong: " + "; ".join(problems[:5]))
@@ -96,8 +99,8 @@ def _check(
               "collectives changed order within a process group (ranks would deadlock): " + "; ".join(violations))
 
 
-def _meta_problem(node: torch.fx.Node, created: bool, vals_before: set[torch.fx.Node], fake_mode: Any) -> str | None:
-    if created:
+def _meta_problem(node: torch.fx.Node, touched: bool, vals_before: set[torch.fx.Node], fake_mode: Any) -> str | None:
+    if touched:
         return meta_mismatch(node, fake_mode)
     return "lost its meta['val']" if node in vals_before and "val" not in node.meta else None
 

@@ -370,13 +370,30 @@ def meta_mismatch(node: torch.fx.Node, fake_mode: Any = None) -> str | None:
         return None
     try:
         fresh = _fake_output(node, fake_mode)
-    except Exception:  # ops that cannot run on fake inputs (collectives' internals) are taken on trust
+    except _UNKNOWABLE_ON_FAKE:  # sizes that only data gives (a kernel reading split sizes): taken on trust
         return None
+    except Exception as exc:  # the op does not take these inputs: the graph would fail when it runs
+        return f"its op fails on its inputs' meta['val']: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     claimed = node.meta["val"]
     got, want = _signature(claimed), _signature(fresh)
     if got != want:
         return f"meta['val'] says {got} but the op computes {want}"
     return None
+
+
+def _unknowable_on_fake() -> tuple[type[BaseException], ...]:
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, \
+        GuardOnDataDependentSymNode
+
+
+_UNKNOWABLE_ON_FAKE = _unknowable_on_fake()
 
 
 def _signature(val: Any) -> Any:

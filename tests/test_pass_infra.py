@@ -132,6 +132,22 @@ def test_wrong_fake_metadata_is_caught_and_right_metadata_passes(temporary_passe
     assert torch.equal(gm(torch.ones(3, 4))[0], torch.full((3, 4), 3.0))
 
 
+def test_a_new_node_whose_shape_its_reader_cannot_take_is_caught_naming_the_pass(temporary_passes):
+    @temporary_passes(name="t_misfit", stage="pre_grad", enabled=False)
+    def transpose_the_activations(gm, ctx):
+        relu = next(n for n in gm.graph.nodes if n.target is torch.relu)
+        with gm.graph.inserting_after(relu):
+            flipped = gm.graph.call_method("t", (relu,))
+        infer_meta(flipped)  # its own metadata is right: [4, 3]
+        for reader in [u for u in relu.users if u is not flipped]:
+            reader.replace_input_with(relu, flipped)
+        return PassResult(gm, True)
+
+    gm = dynamo_graph(lambda x, w: torch.relu(x) @ w, torch.randn(3, 4), torch.randn(4, 5))
+    with pytest.raises(PassContractError, match=r"t_misfit.*matmul: its op fails on its inputs' meta\['val'\]"):
+        run_stage(gm, only("t_misfit"))
+
+
 def test_modified_false_with_a_changed_graph_is_caught(temporary_passes):
     @temporary_passes(name="t_liar", stage="pre_grad", enabled=False)
     def liar(gm, ctx):
