@@ -373,7 +373,8 @@ def meta_mismatch(node: torch.fx.Node, fake_mode: Any = None) -> str | None:
     except _UNKNOWABLE_ON_FAKE:  # sizes that only data gives (a kernel reading split sizes): taken on trust
         return None
     except Exception as exc:  # the op does not take these inputs: the graph would fail when it runs
-        return f"its op fails on its inputs' meta['val']: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        return f"its op fails on its inputs' meta['val']: {type(exc).__name__}: {first_line}"
     claimed = node.meta["val"]
     got, want = _signature(claimed), _signature(fresh)
     if got != want:
