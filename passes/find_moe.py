@@ -26,22 +26,28 @@ from __future__ import annotations
 
 import torch.fx
 
-from moe_ascend.passes.analysis.moe_regions import ROUTER_LIKE, annotate, cut_routers, find_moe_layers
+from moe_ascend.passes.analysis.moe_regions import annotate, cut_routers, find_moe_layers
 from moe_ascend.passes.infra import PassContext, PassResult, register_pass
 
 
 @register_pass(name="find_moe", stage="pre_grad", after=("normalise",), roles=("dynamo",))
 def find_moe(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     refused: dict[torch.fx.Node, str] = {}
-    layers = find_moe_layers(gm, refuse=refused.__setitem__)
+    router_like: list[torch.fx.Node] = []  # routers that look like a layer and are not: the user should hear of them
+
+    def refuse(top_k: torch.fx.Node, why: str, router: bool) -> None:
+        refused[top_k] = why
+        if router:
+            router_like.append(top_k)
+
+    layers = find_moe_layers(gm, refuse)
     for layer in layers:
         annotate(layer)
     ctx.analyses["moe_layers"] = layers
     ctx.analyses["cut_routers"] = cut_routers(gm, layers)  # for the routing rewrites
     if layers:
-        for top_k, why in refused.items():
-            if why.startswith(ROUTER_LIKE):  # looks like a layer and is not: the user should hear of it
-                ctx.logger.warning("%s: top-k %s is %s", ctx.graph_name, top_k.name, why)
+        for top_k in router_like:
+            ctx.logger.warning("%s: top-k %s is %s", ctx.graph_name, top_k.name, refused[top_k])
     elif refused:
         ctx.logger.warning("%s: no MoE layer found; the graph is compiled unchanged. Its top-k nodes: %s",
                            ctx.graph_name, "; ".join(f"{top_k.name} is {why}" for top_k, why in refused.items()))

@@ -71,45 +71,43 @@ class MoERegion:
 
 
 def find_moe_layers(
-    gm: torch.fx.GraphModule, refuse: Callable[[torch.fx.Node, str], None] = lambda top_k, why: None
+    gm: torch.fx.GraphModule, refuse: Callable[[torch.fx.Node, str, bool], None] = lambda top_k, why, router: None
 ) -> list[MoERegion]:
-    """Every MoE layer of ``gm`` in graph order; each other top-k is ``refuse``d with the reason."""
+    """Every MoE layer of ``gm`` in graph order; each other top-k is ``refuse``d with the reason, and whether it
+    is a router's last top-k (so looks like a layer)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    routers = _routers(gm)
+    gates = _gates(gm)
+    routers = _routers(gates)
     layers: list[MoERegion] = []
-    for node in gm.graph.nodes:
-        if not is_top_k(node):
-            continue
+    for node, gate in gates.items():
         if node not in routers:
-            gate = _gate_of(node)
-            refuse(node, NOT_OVER_A_GATE if gate is None else f"part of the selection of the router over {gate.name}")
+            refuse(node, NOT_OVER_A_GATE if gate is None else f"part of the selection of the router over {gate.name}",
+                   False)
             continue
-        gate = routers[node]
         layer, missing = _layer_from_router(len(layers), gate, node, order)
         if layer is None:
-            refuse(node, f"{ROUTER_LIKE} (over gate {gate.name}) but not an MoE layer: {missing}")
+            refuse(node, f"router-like (over gate {gate.name}) but not an MoE layer: {missing}", True)
             continue
         layers.append(layer)
     return layers
 
 
-ROUTER_LIKE = "router-like"
 NOT_OVER_A_GATE = ("not over a gate's scores (no matmul behind it through softmax or sigmoid and elementwise "
                    "transforms)")
 
 
-def _routers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
-    """Each router's last top-k, in graph order, with its gate. A top-k over something that is not a gate's scores
-    (sampling, metrics) is none; the top-ks over one gate are one router's selection (group-limited routing picks
-    the groups first; PhiMoE's sparsemixer picks each of its experts with a max, and another max sets each one's
-    gradient estimate)."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    last: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        gate = _gate_of(node) if is_top_k(node) else None
-        if gate is not None:
-            last[gate] = node
-    return {node: gate for gate, node in sorted(last.items(), key=lambda pair: order[pair[1]])}
+def _gates(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node | None]:
+    """Every top-k of ``gm``, in graph order, with the gate it selects over (None: it is not over a gate's scores,
+    as sampling and metrics are not)."""
+    return {node: _gate_of(node) for node in gm.graph.nodes if is_top_k(node)}
+
+
+def _routers(gates: dict[torch.fx.Node, torch.fx.Node | None]) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Each router's last top-k, in graph order, with its gate: the top-ks over one gate are one router's selection
+    (group-limited routing picks the groups first; PhiMoE's sparsemixer picks each of its experts with a max, and
+    another max sets each one's gradient estimate)."""
+    last = {gate: node for node, gate in gates.items() if gate is not None}  # later top-ks overwrite earlier ones
+    return {node: gate for node, gate in gates.items() if gate is not None and last[gate] is node}
 
 
 def cut_routers(gm: torch.fx.GraphModule, layers: list[MoERegion]) -> list[MoERegion]:
@@ -121,7 +119,7 @@ def cut_routers(gm: torch.fx.GraphModule, layers: list[MoERegion]) -> list[MoERe
     whole = {layer.topk for layer in layers}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     cut = []
-    for node, gate in _routers(gm).items():
+    for node, gate in _routers(_gates(gm)).items():
         if node not in whole:
             after = sorted(descendants([node]), key=order.__getitem__)
             cut.append(MoERegion(len(layers) + len(cut), gate, node, gate.args[0], None,
