@@ -33,7 +33,7 @@ from torch import Tensor
 
 from moe_ascend.kernels.capacity import assign_slots, combine_from_slots, dispatch_to_slots
 from moe_ascend.kernels.dropless import permute_rows, unpermute_rows
-from moe_ascend.kernels.routing import top_k_of_softmax
+from moe_ascend.kernels.routing import top_k_of_sigmoid, top_k_of_softmax
 
 ops = torch.ops.moe_ascend
 aten = torch.ops.aten
@@ -83,6 +83,7 @@ def npu_topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor,
 # Every moe_ascend op: its plain form (decomposed for GE), its torch_npu form (fused), or neither (host-side work).
 PLAIN_FORMS: dict[str, Callable] = {
     "topk_softmax": top_k_of_softmax,
+    "topk_sigmoid": top_k_of_sigmoid,  # torch_npu's MoeGatingTopK takes only E = 256, k_group = 4 on A2/A3
     "capacity_slots": assign_slots,
     "capacity_dispatch": dispatch_to_slots,
     "capacity_combine": combine_from_slots,

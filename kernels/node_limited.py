@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ascend.kernels.routing import _probs, _top_k
+from moe_ascend.kernels.routing import _probs, _top_k, within_best_groups
 
 
 def node_limited_topk_softmax(logits: Tensor, k: int, renormalize: bool, num_nodes: int,
@@ -33,11 +33,7 @@ def node_limited_topk_softmax(logits: Tensor, k: int, renormalize: bool, num_nod
                  lambda: f"top-{k} does not fit in {max_nodes} node(s) of {per_node} experts; raise max_nodes")
     probs = _probs(logits)
     best_per_node = min(per_node, max(1, k // max_nodes))
-    best = _top_k(probs.reshape(tokens * num_nodes, per_node), best_per_node)[0]
-    _, nodes = _top_k(best.reshape(tokens, num_nodes, best_per_node).sum(-1), max_nodes)
-    allowed = torch.zeros(tokens, num_nodes, dtype=torch.bool, device=logits.device).scatter(1, nodes, True)
-    eligible = probs.masked_fill(~allowed.repeat_interleave(per_node, dim=1), -1.0)  # probabilities are >= 0
-    _, expert_ids = _top_k(eligible, k)
+    _, expert_ids = _top_k(within_best_groups(probs, num_nodes, max_nodes, best_per_node), k)
     weights = probs.gather(1, expert_ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

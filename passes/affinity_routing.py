@@ -117,7 +117,7 @@ class RoutedLayer:
 def affinity_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     fixed_phase = ctx.options.routing_option("phase")
     modified = False
-    for layer, router in rewritable_routers(ctx):
+    for layer, router in rewritable_routers(ctx, _not_softmax):
         owner = state_owner(router.gate_weight)
         if owner is None and fixed_phase == "auto":
             ctx.logger.warning("%s: MoE layer %d stays in token choice: its gate module is not found, so it has no "
@@ -141,6 +141,12 @@ def affinity_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified)
 
 
+def _not_softmax(layer, router: Router) -> str:
+    if router.score != "softmax":
+        return f"affinity routing needs a softmax router, this one is {router.score}"
+    return ""
+
+
 def _phase(fixed_phase: str, owner: nn.Module | None) -> float:
     if fixed_phase != "auto":
         return kernels.EXPERT_CHOICE if fixed_phase == "expert_choice" else kernels.TOKEN_CHOICE
@@ -150,7 +156,7 @@ def _phase(fixed_phase: str, owner: nn.Module | None) -> float:
 def _route_by_affinity(gm: torch.fx.GraphModule, layer, router: Router, ctx: PassContext) -> torch.fx.Node:
     """``topk_softmax(logits, k, r)`` → ``affinity_top_k(tokens, gate rows, logits, k, r)``."""
     graph = gm.graph
-    with graph.inserting_before(router.topk_softmax):
+    with graph.inserting_before(router.op):
         rows = router.gate_weight
         if ctx.options.routing_option("gate") == "grap":
             width = router.tokens.meta["val"].shape[1]
@@ -161,7 +167,7 @@ def _route_by_affinity(gm: torch.fx.GraphModule, layer, router: Router, ctx: Pas
         routed = graph.create_node("call_function", kernels.affinity_top_k,
                                    (router.tokens, rows, router.logits, router.k, router.renormalize),
                                    name="affinity_routing")
-    replace_node(gm, router.topk_softmax, routed, ctx, layer)
+    replace_node(gm, router.op, routed, ctx, layer)
     return routed
 
 

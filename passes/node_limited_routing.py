@@ -6,7 +6,11 @@ two-step exchange), so limiting the nodes limits those bytes. The router of each
 recognised expert-parallel layer whose experts are spread over the topology's
 nodes in rank order becomes ``kernels.node_limited.node_limited_topk_softmax``:
 nodes ranked by the sum of their best expert probabilities, the token's top k
-taken among the experts of its best M nodes. Layers on one node, or whose
+taken among the experts of its best M nodes. A sigmoid router
+(``topk_sigmoid``, DeepSeek-V3's) gets the same limit as its group limit: the
+nodes become its groups (a node scored by the sum of its best ``max(1, k // M)``
+choices, bias included) and it keeps its best M; a router that already limits
+tokens to its nodes keeps the tighter of the two. Layers on one node, or whose
 experts are not placed over the nodes in rank order, keep their router with a
 warning that says why. A layer that a graph break cuts before its exchange
 (dropless split sizes read on the host) shows only its router here; its experts
@@ -22,10 +26,16 @@ After (2 nodes, M = 1)::
 
     linear = torch._C._nn.linear(x, gate_weight)
     node_limited_routing = moe_ascend.kernels.node_limited.node_limited_topk_softmax(linear, 4, True, 2, 1)
+
+and a sigmoid router, before and after::
+
+    topk_sigmoid = torch.ops.moe_ascend.topk_sigmoid.default(linear, 4, bias, 1, 1, 1, True, 2.5)
+    node_limited_routing = torch.ops.moe_ascend.topk_sigmoid.default(linear, 4, bias, 2, 1, 4, True, 2.5)
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.fx
 
@@ -48,14 +58,39 @@ def node_limited_routing(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
             ctx.logger.info("%s: MoE layer %d keeps its router: max_nodes=%d is every node", ctx.graph_name,
                             layer.index, max_nodes)
             continue
-        with gm.graph.inserting_before(router.topk_softmax):
-            limited = gm.graph.create_node(
-                "call_function", node_limited_topk_softmax,
-                (router.logits, router.k, router.renormalize, ctx.topology.nodes, max_nodes),
-                name="node_limited_routing")
-        replace_node(gm, router.topk_softmax, limited, ctx, layer)
+        if router.score == "softmax":
+            target = node_limited_topk_softmax
+            args = (router.logits, router.k, router.renormalize, ctx.topology.nodes, max_nodes)
+        else:
+            target = torch.ops.moe_ascend.topk_sigmoid.default
+            args = _sigmoid_limited(router, ctx.topology.nodes, max_nodes)
+            if args is None:
+                ctx.logger.info("%s: MoE layer %d keeps its router: it already keeps each token's experts on at "
+                                "most %d nodes", ctx.graph_name, layer.index, max_nodes)
+                continue
+            if isinstance(args, str):
+                ctx.logger.warning("%s: MoE layer %d keeps its router (routing='node_limited'): %s", ctx.graph_name,
+                                   layer.index, args)
+                continue
+        with gm.graph.inserting_before(router.op):
+            limited = gm.graph.create_node("call_function", target, args, name="node_limited_routing")
+        replace_node(gm, router.op, limited, ctx, layer)
         modified = True
     return PassResult(gm, modified)
+
+
+def _sigmoid_limited(router, nodes: int, max_nodes: int) -> tuple | str | None:
+    """``topk_sigmoid``'s arguments with its groups on the nodes, or why it keeps its own (None: it is limited
+    enough already)."""
+    logits, k, bias, groups, top_groups, group_top, renormalize, scale = router.op.args
+    if groups == 1:
+        group_top = min(router.num_experts // nodes, max(1, k // max_nodes))
+    elif groups != nodes:
+        return (f"its router already limits each token to {top_groups} of {groups} expert groups, which are not "
+                f"the {nodes} nodes")
+    elif top_groups <= max_nodes:
+        return None
+    return logits, k, bias, nodes, max_nodes, group_top, renormalize, scale
 
 
 def _not_spread_over_nodes(layer, topology, num_experts: int) -> str:

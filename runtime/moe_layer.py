@@ -1,6 +1,6 @@
 """``MoELayer``: the reference expert-parallel MoE layer, built on the moe_ascend ops.
 
-    router    weights, expert_ids = topk_softmax(gate(x), k)
+    router    weights, expert_ids = topk_softmax(gate(x), k)      (score="sigmoid": topk_sigmoid, DeepSeek-V3's)
     dispatch  capacity: [E, C, d] buffer (static shapes)  |  dropless: rows grouped by expert
     experts   SwiGLU per expert, as grouped matmuls (local experts only under expert parallelism)
     combine   each token's weighted sum of its experts' outputs (+ shared experts)
@@ -28,6 +28,10 @@ Capacity layers are chunked by the compiler (``options={"overlap": n}``).
 for dropless layers, whose exchange the compiler pass cannot rewrite (it is
 split across graphs at the host-read split sizes). Capacity layers get it from
 the ``hierarchical_a2a`` compile option as well.
+
+``score="sigmoid"`` routes as DeepSeek-V3 does: each expert's sigmoid score,
+plus a per-expert ``expert_bias`` buffer (zeros; it steers the choice only),
+the top k chosen, their sigmoids renormalised into weights.
 
 ``aux_loss_coeff=a`` (0 by default) keeps Switch Transformer's load-balancing
 loss of each forward in ``layer.aux_loss`` (``a · kernels.routing.load_balancing_loss``
@@ -83,6 +87,7 @@ class MoELayer(nn.Module):
         balance: bool = False,
         redundant_experts: int = 0,
         aux_loss_coeff: float = 0.0,
+        score: str = "softmax",
     ):
         super().__init__()
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -116,7 +121,12 @@ class MoELayer(nn.Module):
         self.aux_loss_coeff = aux_loss_coeff
         self.aux_loss: torch.Tensor | None = None  # the last forward's, when aux_loss_coeff > 0
 
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        self.score = score
         self.gate = nn.Linear(d_model, num_experts, bias=False)
+        if score == "sigmoid":
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.w_gate_up = nn.Parameter(torch.randn(self.num_local_experts, d_model, 2 * d_ff) / math.sqrt(d_model))
         self.w_down = nn.Parameter(torch.randn(self.num_local_experts, d_ff, d_model) / math.sqrt(d_ff))
         self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
@@ -195,11 +205,15 @@ class MoELayer(nn.Module):
         return out.reshape(x.shape)
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weights [T, k], expert_ids [T, k])``: the gate's softmax, top k (and the balance loss, when asked)."""
+        """``(weights [T, k], expert_ids [T, k])``: the gate's scores, top k (and the balance loss, when asked)."""
         logits = self.gate(tokens)
-        weights, expert_ids = ops.topk_softmax(logits, self.top_k, self.renormalize)
+        if self.score == "sigmoid":
+            weights, expert_ids = ops.topk_sigmoid(logits, self.top_k, self.expert_bias, 1, 1, 1, self.renormalize,
+                                                   1.0)
+        else:
+            weights, expert_ids = ops.topk_softmax(logits, self.top_k, self.renormalize)
         if self.aux_loss_coeff:
-            self.aux_loss = self.aux_loss_coeff * load_balancing_loss(logits, expert_ids)
+            self.aux_loss = self.aux_loss_coeff * load_balancing_loss(logits, expert_ids, self.score)
         return weights, expert_ids
 
     def _capacity_moe(self, tokens, weights, expert_ids):

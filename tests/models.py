@@ -139,11 +139,12 @@ class TitanStyleMoE(nn.Module):
 class DeepSeekStyleMoE(nn.Module):
     """DeepSeek-V3's router written from scratch: sigmoid scores, a selection-only bias, top-k within the best
     ``top_groups`` expert groups (each group scored by its best two), weights from the unbiased scores,
-    renormalised and scaled; a loop over the experts and a shared expert."""
+    renormalised and scaled; a loop over the experts and a shared expert. ``fill`` is what the experts outside the
+    kept groups score (DeepSeek-V3 writes -inf)."""
 
-    def __init__(self, d=16, f=32, num_experts=8, top_k=2, groups=4, top_groups=2, scale=2.5):
+    def __init__(self, d=16, f=32, num_experts=8, top_k=2, groups=4, top_groups=2, scale=2.5, fill=float("-inf")):
         super().__init__()
-        self.top_k, self.groups, self.top_groups, self.scale = top_k, groups, top_groups, scale
+        self.top_k, self.groups, self.top_groups, self.scale, self.fill = top_k, groups, top_groups, scale, fill
         self.gate = nn.Linear(d, num_experts, bias=False)
         self.register_buffer("bias", torch.linspace(-0.1, 0.1, num_experts))
         self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, f), nn.SiLU(), nn.Linear(f, d))
@@ -157,7 +158,7 @@ class DeepSeekStyleMoE(nn.Module):
         best_groups = group_scores.topk(self.top_groups, dim=-1)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, best_groups, 1)
         expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, scores.shape[-1] // self.groups).reshape(x.shape[0], -1)
-        chosen = for_choice.masked_fill(expert_mask == 0, 0.0).topk(self.top_k, dim=-1)[1]
+        chosen = for_choice.masked_fill(expert_mask == 0, self.fill).topk(self.top_k, dim=-1)[1]
         weights = scores.gather(1, chosen)
         weights = weights / weights.sum(dim=-1, keepdim=True) * self.scale
         out = self.shared(x)

@@ -240,3 +240,12 @@ def test_a_checkpoint_in_expert_choice_compiles_straight_to_it(temporary_passes,
     fresh.load_state_dict(trained.state_dict())
     routed(temporary_passes, fresh, torch.randn(12, 8, dtype=torch.float64), "auto", steps=2)
     assert caplog.text.count("routes by expert choice") == 1
+
+
+def test_a_sigmoid_router_keeps_its_choice_and_says_why(caplog):
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=1.0, score="sigmoid")
+    x = torch.randn(12, 8)
+    out = torch.compile(layer, backend="moe_ascend", options={"target": "eager", "routing": "affinity"})(x)
+    assert ("MoE layer 0 keeps its router (routing='affinity'): affinity routing needs a softmax router, this one is "
+            "sigmoid") in caplog.text
+    torch.testing.assert_close(out, layer(x))

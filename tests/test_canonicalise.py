@@ -6,11 +6,12 @@ import pytest
 import torch
 from checks import assert_matches_eager
 from graphs import code_lines, context, dynamo_graph
-from models import LoopMoE
+from models import DeepSeekStyleMoE, LoopMoE
 from quickstart import MoEFeedForward, MoETransformer, batches, stdlib_bytes
 
 from moe_ascend.passes.canonicalise import canonicalise
 from moe_ascend.passes.find_moe import find_moe
+from moe_ascend.passes.functionalise import functionalise
 from moe_ascend.passes.normalise import normalise
 
 
@@ -18,6 +19,7 @@ def prepared(fn, *inputs):
     gm = dynamo_graph(fn, *inputs)
     ctx = context()
     normalise(gm, ctx)
+    functionalise(gm, ctx)
     find_moe(gm, ctx)
     return gm, ctx
 
@@ -73,3 +75,57 @@ def test_runs_only_when_asked(asked, tmp_path):
     torch.compile(lambda x: moe(x)[0], backend="moe_ascend", options=options)(torch.randn(1, 6, 8))
     assert "torch.topk" in (tmp_path / "graph_0" / "pre_grad" / "03_find_moe.py").read_text()
     assert (tmp_path / "graph_0" / "pre_grad" / "04_canonicalise.py").exists() == asked
+
+
+def router_lines(gm):
+    return [line for line in code_lines(gm)
+            if re.search(r"sigmoid|topk|gather|masked_fill|scatter|^routing_weights|^chosen", line)]
+
+
+def test_golden_deepseek_router_becomes_topk_sigmoid():
+    # sigmoid + bias, the best 2 of 4 groups by their best two, top-2 inside, weights renormalised and scaled by 2.5
+    torch.manual_seed(0)
+    gm, ctx = prepared(DeepSeekStyleMoE(num_experts=8, groups=4, top_groups=2), torch.randn(6, 16))
+    assert canonicalise(gm, ctx).modified
+    gm.recompile()
+    assert router_lines(gm) == [
+        "topk_sigmoid_default = torch.ops.moe_ascend.topk_sigmoid.default(linear, 2, l_self_buffers_bias_, 4, 2, 2, "
+        "True, 2.5)",
+        "routing_weights = topk_sigmoid_default[0]",
+        "chosen = topk_sigmoid_default[1]",
+    ]
+    (layer,) = ctx.analyses["moe_layers"]
+    assert layer.topk.name == "topk_sigmoid_default"
+    router = {n.name for n in layer.nodes["router"]}
+    assert {"linear", "topk_sigmoid_default", "routing_weights", "chosen"} <= router
+    assert not router & {"scores", "for_choice", "masked_fill", "weights", "weights_1"}  # erased with the rewrite
+
+
+def test_a_group_limit_filled_with_zero_keeps_its_ops():
+    # 0.0 is not -inf: a kept expert whose biased score is below zero would lose to a dropped one
+    torch.manual_seed(0)
+    gm, ctx = prepared(DeepSeekStyleMoE(fill=0.0), torch.randn(6, 16))
+    assert not canonicalise(gm, ctx).modified
+    gm.recompile()
+    assert "masked_fill = torch.masked_fill(for_choice, eq, 0.0)" in router_lines(gm)
+
+
+@pytest.mark.parametrize("groups, top_groups", [(4, 2), (1, 1)], ids=["grouped", "one group"])
+def test_deepseek_router_outputs_and_gradients_equal_eager(groups, top_groups, tmp_path):
+    torch.manual_seed(0)
+    assert_matches_eager(DeepSeekStyleMoE(groups=groups, top_groups=top_groups),
+                         (torch.randn(6, 16, requires_grad=True),),
+                         {"target": "eager", "passes": ["canonicalise"], "dump_dir": str(tmp_path)})
+    assert "topk_sigmoid" in (tmp_path / "graph_0" / "pre_grad" / "04_canonicalise.py").read_text()
+
+
+def test_transformers_deepseek_v3_routers_become_topk_sigmoid_and_equal_eager(tmp_path):
+    from test_recognisers import Logits, tiny_deepseek_v3
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert_matches_eager(Logits(tiny_deepseek_v3()), (ids,),
+                         {"target": "eager", "passes": ["canonicalise"], "dump_dir": str(tmp_path)})
+    code = (tmp_path / "graph_0" / "pre_grad" / "04_canonicalise.py").read_text()
+    assert code.count("= torch.ops.moe_ascend.topk_sigmoid.default(router_logits") == 2
+    assert "torch.gather" not in code and "masked_fill" not in code

@@ -62,6 +62,24 @@ def naive_topk_softmax(logits, k, renormalize):
     return torch.stack(weights), torch.tensor(ids)
 
 
+def naive_topk_sigmoid(logits, k, bias, groups, top_groups, group_top, renormalize, scale):
+    """DeepSeek-V3's router, token by token: the best groups by their best choices, then the top k inside them."""
+    weights, ids = [], []
+    per_group = logits.shape[1] // groups
+    for row in logits:
+        scores = torch.sigmoid(row)
+        choice = scores + bias if bias is not None else scores
+        group_score = [sum(sorted(choice[g * per_group:(g + 1) * per_group].tolist(), reverse=True)[:group_top])
+                       for g in range(groups)]
+        kept = sorted(range(groups), key=lambda g: (-group_score[g], g))[:top_groups]
+        allowed = [e for e in range(len(row)) if e // per_group in kept]
+        chosen = sorted(allowed, key=lambda e: (-choice[e].item(), e))[:k]
+        w = scores[chosen]
+        weights.append((w / w.sum() if renormalize else w) * scale)
+        ids.append(chosen)
+    return torch.stack(weights), torch.tensor(ids)
+
+
 def naive_slots(choices, scores, num_experts, capacity, policy):
     tokens, k = choices.shape
     pairs = [(j, t) for j in range(k) for t in range(tokens)]
@@ -120,6 +138,39 @@ def test_topk_softmax(case, renormalize, ties):
     want_weights, want_ids = naive_topk_softmax(logits, case["k"], renormalize)
     assert torch.equal(ids, want_ids)
     assert_same(weights, want_weights, [logits])
+
+
+@st.composite
+def sigmoid_routers(draw):
+    """DeepSeek-V3 router settings: groups dividing the experts, a top-k that fits in the kept groups."""
+    groups, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    top_groups = draw(st.integers(1, groups))
+    return dict(tokens=draw(st.integers(1, 8)), num_experts=groups * per_group, groups=groups, top_groups=top_groups,
+                group_top=draw(st.integers(1, per_group)), k=draw(st.integers(1, top_groups * per_group)),
+                generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))))
+
+
+@PROPERTY
+@given(case=sigmoid_routers(), biased=st.booleans(), renormalize=st.booleans(), ties=st.booleans(),
+       scale=st.sampled_from([1.0, 2.5]))
+def test_topk_sigmoid(case, biased, renormalize, ties, scale):
+    logits = rand(case, case["tokens"], case["num_experts"], requires_grad=False)
+    if ties:
+        logits = logits.round()  # equal scores: ties go to the lower group and expert id
+    logits.requires_grad_(True)
+    bias = rand(case, case["num_experts"], requires_grad=False).round() / 4 if biased else None
+    settings = (case["k"], bias, case["groups"], case["top_groups"], case["group_top"], renormalize, scale)
+    weights, ids = ops.topk_sigmoid(logits, *settings)
+    want_weights, want_ids = naive_topk_sigmoid(logits, *settings)
+    assert torch.equal(ids, want_ids)
+    assert_same(weights, want_weights, [logits])
+
+
+def test_topk_sigmoid_says_what_does_not_fit():
+    with pytest.raises(RuntimeError, match="top-3 does not fit in 1 group"):
+        ops.topk_sigmoid(torch.randn(4, 4), 3, None, 2, 1, 1, True, 1.0)
+    with pytest.raises(RuntimeError, match="6 experts do not split into 4 equal groups"):
+        ops.topk_sigmoid(torch.randn(4, 6), 2, None, 4, 2, 1, True, 1.0)
 
 
 @PROPERTY
@@ -221,6 +272,7 @@ def opcheck_cases():
     req = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
     return [
         (torch.ops.moe_ascend.topk_softmax, (req(logits), 2, True)),
+        (torch.ops.moe_ascend.topk_sigmoid, (req(logits), 2, torch.randn(3, generator=g), 1, 1, 1, True, 2.5)),
         (torch.ops.moe_ascend.capacity_dispatch, (req(tokens), ids, weights.detach(), 3, 3, "position")),
         (torch.ops.moe_ascend.capacity_slots, (ids, weights.detach(), 3, 3, "score")),
         (torch.ops.moe_ascend.capacity_combine, (req(dispatched), slots, req(weights))),

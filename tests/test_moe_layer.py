@@ -165,3 +165,18 @@ def test_the_balance_loss_is_kept_under_compile_and_equals_eager():
     assert layer.gate.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="aux_loss_coeff must be >= 0"):
         MoELayer(8, 16, 4, 2, aux_loss_coeff=-1.0)
+
+
+def test_a_sigmoid_router_chooses_with_its_bias_and_weighs_without_it():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=2.0, score="sigmoid", aux_loss_coeff=0.01)
+    x = torch.randn(12, 8)
+    layer.expert_bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))  # every token chooses expert 0
+    weights, expert_ids = layer.route(x)
+    assert (expert_ids == 0).any(dim=1).all()
+    chosen = torch.sigmoid(layer.gate(x)).gather(1, expert_ids)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))
+    layer.aux_loss = None  # a graph's output: not deep-copyable
+    assert_matches_eager(layer, (x.requires_grad_(),), {"target": "eager"})
+    with pytest.raises(ValueError, match="score must be 'softmax' or 'sigmoid', got 'tanh'"):
+        MoELayer(8, 16, 4, 2, score="tanh")

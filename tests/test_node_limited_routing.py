@@ -70,6 +70,43 @@ def test_the_router_is_rewritten_for_expert_parallel_layers(fake_two_ranks, temp
     ]
 
 
+def test_a_sigmoid_router_gets_the_nodes_as_its_groups(fake_two_ranks, temporary_passes):
+    # DeepSeek-V3's own form: the limit is its group limit with a node per group, scored by its best k // M
+    seen = {}
+
+    @temporary_passes(name="probe", stage="pre_grad", after=("node_limited_routing",), roles=("dynamo",))
+    def probe(gm, ctx):
+        seen["lines"] = code_lines(gm)
+        return PassResult(gm, False)
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD, score="sigmoid")
+    options = {"target": "eager", "overlap": False, "routing": "node_limited", "routing_options": {"max_nodes": 1},
+               "topology": {"ranks_per_node": 1}}
+    torch.compile(layer, backend="moe_ascend", options=options)(torch.randn(12, 8)).sum().backward()
+    assert [line for line in seen["lines"] if "routing" in line] == [
+        "node_limited_routing = torch.ops.moe_ascend.topk_sigmoid.default(logits, 2, l_self_buffers_expert_bias_, "
+        "2, 1, 2, True, 1.0)",
+        "weights = node_limited_routing[0]",
+        "expert_ids = node_limited_routing[1]",
+    ]
+
+
+@pytest.mark.parametrize("groups, top_groups, says", [
+    (1, 1, ("logits", 4, "bias", 2, 1, 4, True, 2.5)),  # the two nodes become its groups, scored by their best 4
+    (2, 2, ("logits", 4, "bias", 2, 1, 1, True, 2.5)),  # its groups are the nodes: the tighter limit, its own score
+    (2, 1, None),  # it already keeps one node
+    (4, 2, "its router already limits each token to 2 of 4 expert groups, which are not the 2 nodes"),
+])
+def test_a_sigmoid_router_keeps_the_tighter_limit(groups, top_groups, says):
+    from types import SimpleNamespace
+
+    from moe_ascend.passes.node_limited_routing import _sigmoid_limited
+
+    op = SimpleNamespace(args=("logits", 4, "bias", groups, top_groups, 1, True, 2.5))
+    assert _sigmoid_limited(SimpleNamespace(op=op, num_experts=8), nodes=2, max_nodes=1) == says
+
+
 def test_a_layer_on_one_rank_keeps_its_router_and_says_why(caplog):
     layer = MoELayer(8, 16, 4, 2, capacity_factor=1.0)
     options = {"target": "eager", "routing": "node_limited", "routing_options": {"max_nodes": 1}}
@@ -80,9 +117,12 @@ def test_a_layer_on_one_rank_keeps_its_router_and_says_why(caplog):
 @pytest.mark.slow
 def test_on_the_emulated_cluster_no_token_reaches_more_nodes_and_inter_node_bytes_fall():
     # 2 nodes x 2 ranks, 8 experts, top-4, dropless over the two-step exchange, M = 1: compiled equals the same
-    # routing in eager (forward and backward), and each token now crosses to at most one node instead of ~two.
+    # routing in eager (forward and backward), and each token now crosses to at most one node instead of ~two;
+    # for a softmax router and for DeepSeek-V3's sigmoid router with a selection bias.
     for result in launch(2, 2, SCRIPT, "check"):
-        assert result["max_abs_diff"] < 1e-12
-        assert result["most_nodes"] == 1
-        keep, limited = result["bytes"]["keep"]["inter_node"], result["bytes"]["node_limited"]["inter_node"]
-        assert limited < 0.7 * keep, result  # from ~0.98 remote node visits per token to ~0.5
+        for score in ("softmax", "sigmoid"):
+            assert result[score]["max_abs_diff"] < 1e-12, (score, result)
+            assert result[score]["most_nodes"] == 1
+            sent = result[score]["bytes"]
+            keep, limited = sent["keep"]["inter_node"], sent["node_limited"]["inter_node"]
+            assert limited < 0.7 * keep, (score, result)  # from ~0.98 remote node visits per token to ~0.5

@@ -6,7 +6,7 @@ import torch
 import torch.fx
 
 MATMULS = frozenset({"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum"})
-TOP_K = frozenset({"topk", "topk_softmax"})  # torch.topk, and moe_ascend's fused softmax + top-k
+TOP_K = frozenset({"topk", "topk_softmax", "topk_sigmoid"})  # torch.topk, and moe_ascend's fused routers
 WAIT = "wait_tensor"
 # Ops that compute each slot's row from that row alone (the matmuls take the expert's weight on the right).
 ROW_WISE_OPS = frozenset({
@@ -28,7 +28,7 @@ def op_name(node: torch.fx.Node) -> str:
 
 
 def is_top_k(node: torch.fx.Node) -> bool:
-    """A router's choice of experts: ``torch.topk``, moe_ascend's ``topk_softmax``, or a max along one dimension (a
+    """A router's choice of experts: ``torch.topk``, moe_ascend's routers, or a max along one dimension (a
     top-1, as PhiMoE's sparsemixer picks each of its two experts)."""
     name = op_name(node)
     if name in TOP_K:

@@ -2,9 +2,11 @@
 
     logits = linear(tokens, gate_weight)                      # no bias
     weights, expert_ids = topk_softmax(logits, k, renormalize)
+      or   weights, expert_ids = topk_sigmoid(logits, k, bias, groups, top_groups, group_top, renormalize, scale)
 
-``canonicalise`` puts ``topk(softmax(logits))`` routers in this form;
-``canonical_router`` finds it, or says in one sentence why a layer's router is not.
+``canonicalise`` puts ``topk(softmax(logits))`` and DeepSeek-V3's sigmoid
+routers in this form; ``canonical_router`` finds it, or says in one sentence
+why a layer's router is not.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from moe_ascend.passes.analysis.ops import op_name
 class Router:
     """The nodes and settings of one canonical router."""
 
-    topk_softmax: torch.fx.Node
+    op: torch.fx.Node  # topk_softmax or topk_sigmoid
     logits: torch.fx.Node  # the gate's output [T, E]
     tokens: torch.fx.Node  # what the gate reads [T, d]
     gate_weight: torch.fx.Node  # [E, d]
@@ -31,6 +33,14 @@ class Router:
     @property
     def num_experts(self) -> int:
         return self.logits.meta["val"].shape[-1]
+
+    @property
+    def score(self) -> str:
+        """``"softmax"`` or ``"sigmoid"``: what the router turns logits into."""
+        return SCORES[op_name(self.op)]
+
+
+SCORES = {"topk_softmax": "softmax", "topk_sigmoid": "sigmoid"}
 
 
 def routed_layers(ctx) -> list:
@@ -53,11 +63,13 @@ def rewritable_routers(ctx, why_not: Callable[[object, Router], str] = lambda la
 
 
 def canonical_router(layer) -> Router | str:
-    """The layer's router, or why it is not ``topk_softmax(linear(tokens, gate_weight), k, renormalize)``."""
+    """The layer's router, or why it is not ``topk_softmax`` or ``topk_sigmoid`` of ``linear(tokens, gate_weight)``."""
     topk = layer.topk
-    if op_name(topk) != "topk_softmax":
-        return "its router is not softmax then top-k over fp32 logits (the form canonicalise rewrites)"
-    logits, k, renormalize = topk.args
+    if op_name(topk) not in SCORES:
+        return ("its router is neither softmax then top-k nor DeepSeek-V3's sigmoid form over fp32 logits "
+                "(the forms canonicalise rewrites)")
+    logits, k = topk.args[:2]
+    renormalize = topk.args[2] if op_name(topk) == "topk_softmax" else topk.args[6]
     if (op_name(logits) != "linear" or logits.kwargs or len(logits.args) > 3
             or (len(logits.args) == 3 and logits.args[2] is not None)):
         return "its gate is not a linear layer without bias (the affinity is a cosine with the gate's rows)"
