@@ -48,7 +48,9 @@ def test_with_every_node_allowed_it_is_top_k_softmax():
         torch.testing.assert_close(got, want)
 
 
-def test_the_router_is_rewritten_for_expert_parallel_layers(fake_two_ranks, temporary_passes):
+def router_after_the_pass(temporary_passes, **layer_options) -> list[str]:
+    """The router's lines once node_limited_routing ran on a capacity MoELayer over two nodes of one rank each
+    (experts 0-1 on node 0, 2-3 on node 1), M = 1."""
     seen = {}
 
     @temporary_passes(name="probe", stage="pre_grad", after=("node_limited_routing",), roles=("dynamo",))
@@ -57,12 +59,15 @@ def test_the_router_is_rewritten_for_expert_parallel_layers(fake_two_ranks, temp
         return PassResult(gm, False)
 
     torch.manual_seed(0)
-    layer = MoELayer(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD)
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD, **layer_options)
     options = {"target": "eager", "overlap": False, "routing": "node_limited", "routing_options": {"max_nodes": 1},
-               "topology": {"ranks_per_node": 1}}  # two nodes of one rank: experts 0-1 on node 0, 2-3 on node 1
+               "topology": {"ranks_per_node": 1}}
     torch.compile(layer, backend="moe_ascend", options=options)(torch.randn(12, 8)).sum().backward()
-    router = [line for line in seen["lines"] if re.search(r"linear|routing|topk|^weights|^expert_ids", line)]
-    assert router == [
+    return [line for line in seen["lines"] if re.search(r"linear|routing|topk|^weights|^expert_ids", line)]
+
+
+def test_the_router_is_rewritten_for_expert_parallel_layers(fake_two_ranks, temporary_passes):
+    assert router_after_the_pass(temporary_passes) == [
         "logits = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
         "node_limited_routing = moe_ascend_kernels_node_limited_node_limited_topk_softmax(logits, 2, True, 2, 1)",
         "weights = node_limited_routing[0]",
@@ -72,19 +77,8 @@ def test_the_router_is_rewritten_for_expert_parallel_layers(fake_two_ranks, temp
 
 def test_a_sigmoid_router_gets_the_nodes_as_its_groups(fake_two_ranks, temporary_passes):
     # DeepSeek-V3's own form: the limit is its group limit with a node per group, scored by its best k // M
-    seen = {}
-
-    @temporary_passes(name="probe", stage="pre_grad", after=("node_limited_routing",), roles=("dynamo",))
-    def probe(gm, ctx):
-        seen["lines"] = code_lines(gm)
-        return PassResult(gm, False)
-
-    torch.manual_seed(0)
-    layer = MoELayer(8, 16, 4, 2, capacity_factor=1.0, ep_group=dist.group.WORLD, score="sigmoid")
-    options = {"target": "eager", "overlap": False, "routing": "node_limited", "routing_options": {"max_nodes": 1},
-               "topology": {"ranks_per_node": 1}}
-    torch.compile(layer, backend="moe_ascend", options=options)(torch.randn(12, 8)).sum().backward()
-    assert [line for line in seen["lines"] if "routing" in line] == [
+    assert router_after_the_pass(temporary_passes, score="sigmoid") == [
+        "logits = torch._C._nn.linear(tokens, l_self_modules_gate_parameters_weight_, None)",
         "node_limited_routing = torch.ops.moe_ascend.topk_sigmoid.default(logits, 2, l_self_buffers_expert_bias_, "
         "2, 1, 2, True, 1.0)",
         "weights = node_limited_routing[0]",
