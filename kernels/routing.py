@@ -19,9 +19,10 @@ choose the same experts.
 from __future__ import annotations
 
 import torch
+import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
-from moe_ascend.kernels.indexing import stable_order
+from moe_ascend.kernels.indexing import expert_counts, stable_order
 
 
 @torch.library.custom_op("moe_ascend::topk_softmax", mutates_args=())
@@ -104,6 +105,16 @@ RENORMALIZE_EPS = 1e-20  # DeepSeek-V3's and MoeGatingTopK's: below fp32 resolut
 def _sigmoid(logits: Tensor) -> Tensor:
     """Sigmoid in at least fp32, as ``_probs`` (no ``.to`` of fp32 logits: it would alias them)."""
     return torch.sigmoid(logits if logits.dtype in (torch.float32, torch.float64) else logits.float())
+
+
+def nudged_bias(bias: Tensor, expert_ids: Tensor, rate: float, group: str | None = None) -> Tensor:
+    """DeepSeek-V3's aux-loss-free balancing: each expert's selection bias moves by ``rate`` towards an even load,
+    down where the expert took more (token, choice) pairs than the mean, up where it took fewer. ``group``: the
+    process group whose ranks' loads count together (their biases then stay equal)."""
+    load = expert_counts(expert_ids, bias.shape[0]).to(bias.dtype)
+    if group is not None:
+        load = fc.all_reduce(load, "sum", group)  # waited for at its first use
+    return bias + rate * torch.sign(load.mean() - load)
 
 
 def load_balancing_loss(logits: Tensor, expert_ids: Tensor, score: str = "softmax") -> Tensor:

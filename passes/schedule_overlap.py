@@ -92,7 +92,7 @@ def overlap_order(body: list[torch.fx.Node], cost_model) -> list[torch.fx.Node]:
         if is_collective(node):
             return (COLLECTIVE, position[node])
         if is_wait(node):
-            end = finishes[node.args[0]]
+            end = finishes.get(node.args[0], now)  # a wait on a value already waited for is done at once
             return (DONE_WAIT if end <= now else STALL, end, position[node])
         if cost[node] == 0.0:
             return (FREE, position[node])
@@ -123,7 +123,7 @@ def overlap_order(body: list[torch.fx.Node], cost_model) -> list[torch.fx.Node]:
             start = max(now, link_free)
             link_free = finishes[node] = start + cost_model.collective_seconds(node)
         elif is_wait(node):
-            now = max(now, finishes[node.args[0]])
+            now = max(now, finishes.get(node.args[0], now))
         else:
             now += cost[node]
         for user in users[node]:

@@ -19,6 +19,10 @@ its rows of the whole output (the same shape, one axis ``g`` times shorter),
 and no ``dim`` it works along may be the rows' axis. A node that fails (a loss
 or a norm over the whole batch, a routing statistic such as an auxiliary loss,
 a slice of the rows) is named in one warning, and the graph is left alone.
+What only updates module state (an in-place write on a buffer that no output
+reads, such as DeepSeek-V3's router bias nudged by the load, or a layer's
+load counter) is computed once, from the groups' rows put back together: it
+sees the batch the ungrouped graph sees.
 Inside an MoE layer the groups' routing buffers are their own: each group
 dispatches its tokens into ``ceil(C / g)`` slots per expert, so the bytes sent
 stay those of the ungrouped layer. When ``C`` holds every token (``C ≥ T``) no
@@ -180,13 +184,19 @@ def _split(gm: torch.fx.GraphModule, groups: int, ctx: PassContext) -> None:
     capacities = _group_capacities(_regions(gm), groups, ctx)
     graph = gm.graph
     values: dict[torch.fx.Node, Grouped] = {}
+    joined: dict[torch.fx.Node, torch.fx.Node] = {}  # a grouped value put back together, made once
+    state_updates = _state_updates(graph)
     originals = []
     for node in list(graph.nodes):
         if node.op == "placeholder":
             if _carries_rows(node):
                 values[node] = _cut(graph, node, groups, ctx)
         elif node.op == "output":
-            _join_outputs(graph, node, values, ctx)
+            output = torch.fx.node.map_arg(node.args, lambda v: _whole(v, node, values, joined, ctx, "is an output"))
+            node.args = output
+        elif node in state_updates:
+            node.args, node.kwargs = torch.fx.node.map_arg(
+                (node.args, node.kwargs), lambda v: _whole(v, node, values, joined, ctx, "updates module state"))
         elif any(i in values for i in node.all_input_nodes):
             values[node] = _copy_per_group(graph, node, values, groups, capacities, ctx)
             originals.append(node)
@@ -331,25 +341,44 @@ def _shape_of_group(node: torch.fx.Node, values: dict[torch.fx.Node, Grouped], g
     return tuple(shape) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else (shape,)
 
 
-def _join_outputs(graph: torch.fx.Graph, output: torch.fx.Node, values: dict[torch.fx.Node, Grouped],
-                  ctx: PassContext) -> None:
-    joined = {}
+def _whole(value, reader: torch.fx.Node, values: dict[torch.fx.Node, Grouped],
+           joined: dict[torch.fx.Node, torch.fx.Node], ctx: PassContext, what: str):
+    """``value`` for the whole batch, as ``reader`` needs it: a grouped value's copies put back together along
+    their rows (once, before its first such reader)."""
+    if value not in values:
+        return value
+    grouped = values[value]
+    if not isinstance(grouped.axis, int):
+        raise Refusal(reader, f"{what} from {value.name}, which has no rows to put back together")
+    if value not in joined:
+        with reader.graph.inserting_before(reader):
+            cat = reader.graph.call_function(torch.cat, (grouped.copies, grouped.axis))
+        cat._rename(f"{value.name}_groups")
+        infer_meta(cat, ctx.fake_mode)
+        joined[value] = cat
+    return joined[value]
 
-    def join(value: torch.fx.Node) -> torch.fx.Node:
-        if value not in values:
-            return value
-        grouped = values[value]
-        if not isinstance(grouped.axis, int):
-            raise Refusal(value, "is an output with no rows to put back together")
-        if value not in joined:
-            with graph.inserting_before(output):
-                cat = graph.call_function(torch.cat, (grouped.copies, grouped.axis))
-            cat._rename(f"{value.name}_groups")
-            infer_meta(cat, ctx.fake_mode)
-            joined[value] = cat
-        return joined[value]
 
-    output.args = torch.fx.node.map_arg(output.args, join)
+def _state_updates(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes that compute only a buffer's next value: in-place writes on an input that is not the batch,
+    which nothing reads, and what they read that no output needs."""
+    writes = [n for n in graph.nodes if n.op in ("call_method", "call_function") and not n.users
+              and op_name(n).endswith("_") and not op_name(n).startswith("_")
+              and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder"
+              and not _carries_rows(n.args[0])]
+    needed = _ancestors([graph.output_node()])
+    return {n for n in _ancestors(writes) if n not in needed and n.op != "placeholder"}
+
+
+def _ancestors(nodes) -> set[torch.fx.Node]:
+    """``nodes`` and every node they read, directly or not."""
+    seen, todo = set(), list(nodes)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return seen
 
 
 def _graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

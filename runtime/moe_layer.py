@@ -32,6 +32,11 @@ the ``hierarchical_a2a`` compile option as well.
 ``score="sigmoid"`` routes as DeepSeek-V3 does: each expert's sigmoid score,
 plus a per-expert ``expert_bias`` buffer (zeros; it steers the choice only),
 the top k chosen, their sigmoids renormalised into weights.
+``router_bias_update=u`` (with ``score="sigmoid"``) is DeepSeek-V3's
+aux-loss-free balancing: every training forward moves each expert's bias by
+``u`` against its load over the expert-parallel group (down if it took more
+than the mean, up if fewer), on device and inside a compiled graph; the next
+forward chooses with it. Checkpoints carry the bias (a buffer).
 
 ``aux_loss_coeff=a`` (0 by default) keeps Switch Transformer's load-balancing
 loss of each forward in ``layer.aux_loss`` (``a · kernels.routing.load_balancing_loss``
@@ -62,7 +67,7 @@ import moe_ascend.kernels as ops
 import moe_ascend.kernels.exchange as ep
 from moe_ascend.kernels import hierarchical
 from moe_ascend.kernels.errors import TopologyError
-from moe_ascend.kernels.routing import load_balancing_loss
+from moe_ascend.kernels.routing import load_balancing_loss, nudged_bias
 from moe_ascend.runtime.balance.placement import Placement, physical_slots
 from moe_ascend.runtime.exchange_group import exchange_group
 from moe_ascend.runtime.topology import Topology
@@ -88,6 +93,7 @@ class MoELayer(nn.Module):
         redundant_experts: int = 0,
         aux_loss_coeff: float = 0.0,
         score: str = "softmax",
+        router_bias_update: float = 0.0,
     ):
         super().__init__()
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -109,6 +115,7 @@ class MoELayer(nn.Module):
         self.capacity_factor, self.drop_policy, self.renormalize = capacity_factor, drop_policy, renormalize
         # The group's name, not the object: functional collectives take it, and the module stays deep-copyable.
         self.ep_group_name = exchange_group(ep_group).group_name if self.ep_size > 1 else None
+        self.load_group_name = ep_group.group_name if self.ep_size > 1 else None  # the exchange's runs all-to-alls only
         self.hierarchy = self._hierarchy(ep_group) if hierarchical_a2a else None
         if overlap_chunks < 1 or (overlap_chunks > 1 and capacity_factor is not None):
             raise ValueError(
@@ -123,7 +130,10 @@ class MoELayer(nn.Module):
 
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-        self.score = score
+        if router_bias_update < 0 or (router_bias_update and score != "sigmoid"):
+            raise ValueError(f"router_bias_update={router_bias_update}: give a rate >= 0, with score='sigmoid' "
+                             "(the bias steers a sigmoid router's choice, as in DeepSeek-V3)")
+        self.score, self.router_bias_update = score, router_bias_update
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         if score == "sigmoid":
             self.register_buffer("expert_bias", torch.zeros(num_experts))
@@ -210,6 +220,10 @@ class MoELayer(nn.Module):
         if self.score == "sigmoid":
             weights, expert_ids = ops.topk_sigmoid(logits, self.top_k, self.expert_bias, 1, 1, 1, self.renormalize,
                                                    1.0)
+            if self.router_bias_update and self.training:
+                with torch.no_grad():
+                    self.expert_bias.copy_(nudged_bias(self.expert_bias, expert_ids, self.router_bias_update,
+                                                       self.load_group_name))
         else:
             weights, expert_ids = ops.topk_softmax(logits, self.top_k, self.renormalize)
         if self.aux_loss_coeff:

@@ -1,5 +1,6 @@
 """MoELayer: one rank and four, capacity and dropless, eager and compiled, recognised by find_moe."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -180,3 +181,47 @@ def test_a_sigmoid_router_chooses_with_its_bias_and_weighs_without_it():
     assert_matches_eager(layer, (x.requires_grad_(),), {"target": "eager"})
     with pytest.raises(ValueError, match="score must be 'softmax' or 'sigmoid', got 'tanh'"):
         MoELayer(8, 16, 4, 2, score="tanh")
+
+
+def test_the_router_bias_moves_against_the_load_in_training_only():
+    from moe_ascend.kernels.routing import nudged_bias
+
+    bias = nudged_bias(torch.zeros(4), torch.tensor([[0, 1], [0, 2], [0, 1]]), 0.01)  # loads 3, 2, 1, 0: mean 1.5
+    torch.testing.assert_close(bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=2.0, score="sigmoid", router_bias_update=0.01)
+    layer.eval()(torch.randn(12, 8))
+    assert not layer.expert_bias.any()  # evaluation leaves it
+    with pytest.raises(ValueError, match=r"router_bias_update=0.01: give a rate >= 0, with score='sigmoid'"):
+        MoELayer(8, 16, 4, 2, router_bias_update=0.01)
+
+
+@pytest.mark.parametrize("target", ["eager", "inductor"])
+def test_compiled_the_router_bias_follows_the_same_steps_as_eager(target):
+    torch.manual_seed(0)
+    eager = MoELayer(8, 16, 4, 2, capacity_factor=2.0, score="sigmoid", router_bias_update=0.01)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend="moe_ascend", options={"target": target})
+    for step in range(4):
+        x = torch.randn(12, 8, generator=torch.Generator().manual_seed(step))
+        torch.testing.assert_close(compiled(x), eager(x))
+        torch.testing.assert_close(compiled_layer.expert_bias, eager.expert_bias, rtol=0, atol=0)
+    assert eager.expert_bias.abs().sum() > 0  # it moved, by ±0.01 steps
+    assert torch.allclose(eager.expert_bias * 100, (eager.expert_bias * 100).round())
+
+
+def biases_after_steps(rank, world_size):
+    """Three training steps of a 2-rank sigmoid layer with aux-loss-free balancing, each rank its own tokens."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2, capacity_factor=2.0, ep_group=dist.group.WORLD, score="sigmoid",
+                     router_bias_update=0.01)
+    compiled = torch.compile(layer, backend="moe_ascend", options={"target": "eager"})
+    for step in range(3):
+        compiled(torch.randn(12, 8, generator=torch.Generator().manual_seed(10 * step + rank))).sum().backward()
+    return layer.expert_bias.tolist()
+
+
+def test_the_router_bias_counts_every_rank_load_and_stays_equal_over_the_group():
+    # each rank routes other tokens: only the loads summed over the group keep the two biases equal
+    first, second = run_ranks(2, biases_after_steps)
+    assert first == second and any(first)

@@ -351,3 +351,20 @@ def test_auto_under_the_launcher_chooses_for_the_link_in_force(uplink, chunks):
     ranks = launch(2, 1, str(Path(__file__).parent / "cluster" / "auto_chunks.py"),
                    flags=("--inter-node-bandwidth", uplink))
     assert [rank["chunks"] for rank in ranks] == [chunks, chunks]
+
+
+def test_a_value_waited_for_twice_is_waited_for_once_in_the_schedule(fake_two_ranks):
+    # fc.wait_tensor on a traced collective's result adds a second wait on the first: the schedule takes it as done
+    import torch.distributed._functional_collectives as fc
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moe_ascend.compiler.planner.cost_model import CostModel
+    from moe_ascend.passes.schedule_overlap import overlap_order
+
+    def reduced_twice(x):
+        return fc.wait_tensor(fc.all_reduce(x.relu(), "sum", fake_two_ranks.group_name)) * 2
+
+    gm = make_fx(reduced_twice)(torch.ones(4))
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    assert [n.name for n in overlap_order(body, CostModel())] == [
+        "relu", "all_reduce", "wait_tensor", "wait_tensor_1", "mul"]

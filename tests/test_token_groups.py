@@ -87,6 +87,17 @@ def test_each_group_runs_the_graph_on_its_rows_with_its_share_of_the_slots(fake_
     assert sum("exchange_to_experts(" in line for line in lines) == 2
 
 
+def test_a_state_update_sees_the_whole_batch_once(fake_two_ranks, temporary_passes):
+    # DeepSeek-V3's bias, nudged by the load: each group routes its rows, the load counts them all together
+    torch.manual_seed(0)
+    model = Block(score="sigmoid", router_bias_update=0.01)
+    lines = compiled_graphs(temporary_passes, model, torch.randn(4, 6, 8), GROUPS)["pre_grad"]
+    assert sum("topk_sigmoid.default(logits_group_" in line for line in lines) == 2
+    assert "expert_ids_groups = torch.cat([expert_ids_group_0, expert_ids_group_1], 0)" in lines
+    assert [line.split(" = ")[0] for line in lines if re.search(r"all_reduce|copy_\(|scatter_add\(", line)] == [
+        "scatter_add", "tensor", "copy_"]
+
+
 def _between(nodes, collective) -> list:
     """The nodes after ``collective`` and before its wait."""
     position = {n: i for i, n in enumerate(nodes)}
@@ -203,10 +214,13 @@ def grouped_equals_ungrouped(rank, world_size, runs):
             torch.manual_seed(0)
             if kind == "layer":
                 return MoELayer(8, 16, 4, 2, capacity_factor=2.0, ep_group=dist.group.WORLD).double()
+            if kind == "biased layer":  # its router bias is nudged by the whole batch's load
+                return MoELayer(8, 16, 4, 2, capacity_factor=2.0, ep_group=dist.group.WORLD, score="sigmoid",
+                                router_bias_update=0.01).double()
             return nn.Sequential(Block(), Block(drop_policy="score")).double()
 
         torch.manual_seed(1 + rank)
-        shape = (12, 8) if kind == "layer" else (4, 6, 8)
+        shape = (4, 6, 8) if kind == "blocks" else (12, 8)
         x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         grad = torch.randn(*shape, dtype=torch.float64)
 
@@ -215,7 +229,7 @@ def grouped_equals_ungrouped(rank, world_size, runs):
             torch._dynamo.reset()
             out = torch.compile(model, backend="moe_ascend", options={"target": target, "overlap": overlap})(x)
             out.backward(grad)
-            got = [out.detach(), x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+            got = [out.detach(), x.grad.clone(), *(p.grad.clone() for p in model.parameters()), *model.buffers()]
             x.grad = None
             return got
 
@@ -228,7 +242,7 @@ def grouped_equals_ungrouped(rank, world_size, runs):
 
 @pytest.mark.slow
 def test_grouped_and_scheduled_equals_the_ungrouped_graph_forward_and_backward():
-    runs = [("eager", "layer"), ("eager", "blocks"), ("inductor", "blocks")]
+    runs = [("eager", "layer"), ("eager", "biased layer"), ("eager", "blocks"), ("inductor", "blocks")]
     for worst in run_ranks(2, grouped_equals_ungrouped, runs):
         assert set(worst) == {f"{t}/{k}" for t, k in runs}
         assert max(worst.values()) < 1e-12, worst
