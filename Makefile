@@ -37,8 +37,7 @@ check: setup
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 demo: setup
-	$(PY) examples/quickstart.py --steps 20 --dump-dir $(DUMPS)
-	$(VENV)/bin/moe-ascend inspect $(DUMPS)
+	$(PY) examples/demo.py --dump-dir $(DUMPS)
 
 # Every bench/ script, then one report of their figures: bench/results/REPORT.md
 bench: setup

@@ -70,14 +70,14 @@ def techniques_from(text: str) -> tuple[str, ...]:
 
 
 def backend_options(techniques: tuple[str, ...], chunks: str = "auto", profile: bool = True,
-                    target: str = "auto") -> dict:
+                    target: str = "auto", dump_dir: str | None = None) -> dict:
     """The moe_ascend options that turn on ``techniques`` and nothing else (balancing is the layers' and the
     balancer's, not the compiler's); ``chunks``: the overlap's chunk count, or "auto"; ``target``: what lowers
-    the transformed graphs."""
+    the transformed graphs; ``dump_dir``: where the graphs of every pass go (one folder per rank)."""
     overlap = (chunks if chunks == "auto" else int(chunks)) if "overlap" in techniques else False
     return {"hierarchical_a2a": "hierarchical" in techniques, "overlap": overlap,
             "routing": "affinity" if "affinity" in techniques else "keep", "profile": profile,
-            "target": target}
+            "target": target} | ({"dump_dir": dump_dir} if dump_dir else {})
 
 
 class Block(nn.Module):
@@ -154,7 +154,7 @@ class Trainer:
                                        clock=self.stopwatch) if "balance" in self.techniques else None
         options = ({} if args.backend == "inductor"
                    else {"options": backend_options(self.techniques, args.chunks, not args.no_profile,
-                                                   args.target)})
+                                                   args.target, args.dump_dir)})
         self.compiled = torch.compile(self.model, backend=args.backend, **options)
         self.data = stdlib_bytes()
         self.step, self.losses, self.seconds = 0, [], []  # seconds: each step's, slowest rank
@@ -290,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
                    help="what lowers moe_ascend's transformed graphs (eager: no Inductor, quicker to compile)")
     p.add_argument("--chunks", default="auto", help="the overlap's chunk count (2 or more), or auto")
     p.add_argument("--no-profile", action="store_true", help="do not measure the exposed communication")
+    p.add_argument("--dump-dir", default=None, help="write every pass's graphs here (moe-ascend inspect reads them)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
