@@ -21,6 +21,11 @@ Capacity mode keeps static shapes: a rank sends a destination node at most
 ``min(T, E_node·C)`` tokens (the node's experts keep at most ``C`` of this rank's
 pairs each), and a forwarding rank sends a peer at most ``min(that, E_rank·C)``
 per source node, so nothing the flat dispatch keeps is ever dropped.
+A dispatch may carry one window of the slots (``slots=(start, stop)``): only
+the pairs the flat dispatch puts in those slots of each expert travel, into an
+expert input of ``stop - start`` slots, and its combine returns their share of
+each token's sum. Chunks of slots, each exchanged on its own and summed, are
+the whole layer (``chunk_for_overlap`` pipelines them).
 
 The dropless exchange runs the experts in between (``dropless_moe``) and can
 go in chunks of tokens, pipelined: every chunk's step 1 is issued at once, and
@@ -81,17 +86,25 @@ def issues_all_to_alls(*groups: str):
 @issues_all_to_alls("inter", "inter", "intra", "intra")
 def capacity_dispatch(
     tokens: Tensor, expert_ids: Tensor, weights: Tensor, scores: Tensor, num_experts: int, capacity: int,
-    drop_policy: str, hierarchy: Hierarchy,
+    drop_policy: str, hierarchy: Hierarchy, slots: tuple[int, int] | None = None,
 ) -> tuple[Tensor, CapacityPlan]:
     """``tokens [T, d]`` → ``(expert_in [E_rank, W·C, d], plan)``: the flat dispatch's expert input, hierarchically.
 
     ``weights`` are the combine's routing weights (they travel with the tokens);
-    ``scores`` rank pairs for the ``"score"`` drop policy, as in ``capacity_dispatch``.
+    ``scores`` rank pairs for the ``"score"`` drop policy, as in ``capacity_dispatch``;
+    ``slots=(start, stop)``: only what lands in those slots of each expert (``C`` becomes ``stop - start``).
     """
     nodes, per_node_ranks = hierarchy.nodes, hierarchy.ranks_per_node
     per_node, per_rank = num_experts // nodes, num_experts // hierarchy.world_size
     num_tokens, width = tokens.shape
-    slots = torch.ops.moe_ascend.capacity_slots(expert_ids, scores, num_experts, capacity, drop_policy)
+    pair_slots = torch.ops.moe_ascend.capacity_slots(expert_ids, scores, num_experts, capacity, drop_policy)
+    if slots is not None:  # the window's pairs, numbered within it
+        start, stop = slots
+        position = pair_slots % capacity
+        inside = (pair_slots >= 0) & (position >= start) & (position < stop)
+        pair_slots = torch.where(inside, expert_ids * (stop - start) + position - start, -1)
+        capacity = stop - start
+    slots = pair_slots
     kept = slots >= 0
 
     # Step 1: a row per (token, destination node), over the inter-node link.

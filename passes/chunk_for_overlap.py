@@ -20,6 +20,14 @@ computed: measured on bench/overlap.py, 2 x 1 at 1 Gbit/s.) The backward
 mirrors it: every combine's gradient goes back first, each dispatch's as its
 chunk's experts finish.
 
+The two-step exchange of ``hierarchical_a2a`` is chunked the same way, by
+windows of the slots: chunk ``j``'s dispatch sends only the pairs the flat
+dispatch puts in its window of each expert's slots (both steps of the exchange),
+its experts run on them, and its combine returns their share of each token's
+sum; the layer's output is the chunks' shares added up::
+
+    dispatch 0 (slots 0:3), dispatch 1 (slots 3:6), experts 0, combine 0, experts 1, combine 1, out = sum
+
 ``n`` is ``options["overlap"]``, or under ``"auto"`` the cost model's choice
 (``CostModel.best_chunks``: the step model's fastest layer), and at most ``C``. Layers whose experts do more
 than row-wise work (a reduction over slots, a reshape that mixes them) keep
@@ -53,11 +61,14 @@ After (``n = 2``)::
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
 from moe_ascend.kernels import exchange, hierarchical
-from moe_ascend.passes.analysis.exchange_sites import NOT_CAPACITY, CapacityExchange, capacity_exchange
+from moe_ascend.passes.analysis.exchange_sites import (NOT_CAPACITY, CapacityExchange, HierarchicalExchange,
+                                                       capacity_exchange, hierarchical_exchange)
 from moe_ascend.passes.analysis.ops import is_row_wise, op_name
 from moe_ascend.passes.infra import PassContext, PassResult, erase_unused, join_layer, register_pass
 
@@ -73,7 +84,7 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     say = ctx.logger.info if ctx.options.overlap_chunks == "auto" else ctx.logger.warning
     modified = False
     for layer in ctx.analyses.get("moe_layers", []):
-        site = capacity_exchange(layer)
+        site = hierarchical_exchange(layer) or capacity_exchange(layer)
         if isinstance(site, str):
             say("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index, _why_not(layer, site))
             continue
@@ -88,7 +99,8 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.logger.info("%s: MoE layer %d is not chunked for overlap: %s", ctx.graph_name, layer.index,
                             "the cost model predicts no gain" if site.capacity > 1 else "its capacity is one slot")
             continue
-        _rewrite(gm.graph, site, experts, layer, chunks, ctx)
+        rewrite = _rewrite_two_step if isinstance(site, HierarchicalExchange) else _rewrite
+        rewrite(gm.graph, site, experts, layer, chunks, ctx)
         ctx.logger.info("%s: MoE layer %d exchanges its tokens in %d chunks", ctx.graph_name, layer.index, chunks)
         modified = True
     return PassResult(gm, modified)
@@ -96,8 +108,7 @@ def chunk_for_overlap(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _why_not(layer, reason: str) -> str:
     if any(n.target is hierarchical.capacity_dispatch for n in layer.nodes.get("dispatch", [])):
-        return ("the two-step hierarchical exchange is not chunked (yet); "
-                "use hierarchical_a2a=False to chunk the flat one")
+        return "its two-step exchange is not one dispatch whose expert input and plan reach one combine"
     if reason == NOT_CAPACITY:
         return reason + "; chunk a dropless layer with MoELayer(..., overlap_chunks=n)"
     return reason or "it exchanges nothing (one process, or every expert is local): there is no all-to-all to hide"
@@ -108,7 +119,51 @@ def _chunk_count(site: CapacityExchange, ctx: PassContext) -> int:
         return ctx.options.overlap_chunks
     if ctx.cost_model is None:  # "auto" without a cost model: nothing to choose by
         return 1
-    return ctx.cost_model.best_chunks(site, most=MOST_CHUNKS)
+    return ctx.cost_model.best_chunks(site, most=MOST_CHUNKS, hierarchical=isinstance(site, HierarchicalExchange))
+
+
+def _tagger(layer, ctx: PassContext):
+    def tagged(node: torch.fx.Node, like: torch.fx.Node, role: str, chunk: int | None) -> torch.fx.Node:
+        """``node`` computes ``like``'s values for one chunk (all of them when ``chunk`` is None)."""
+        return join_layer(node, like, layer, role, ctx.fake_mode, **({} if chunk is None else {"chunk": chunk}))
+    return tagged
+
+
+def _expert_copies(graph: torch.fx.Graph, experts: list[torch.fx.Node], expert_in: torch.fx.Node,
+                   chunk_in: torch.fx.Node, chunk: int, tagged) -> dict:
+    """The experts, copied to run on one chunk's input: each node's copy, by the node."""
+    copies = {expert_in: chunk_in}
+    for node in experts:
+        copies[node] = tagged(graph.node_copy(node, lambda a: copies.get(a, a)), node, "experts", chunk)
+    return copies
+
+
+def _rewrite_two_step(graph: torch.fx.Graph, site: HierarchicalExchange, experts: list[torch.fx.Node], layer,
+                      chunks: int, ctx: PassContext) -> None:
+    tagged = _tagger(layer, ctx)
+    windows = exchange.even_bounds(site.capacity, chunks)
+    with graph.inserting_before(experts[0]):
+        sent = []
+        for j, window in enumerate(windows):
+            dispatch = tagged(graph.create_node("call_function", hierarchical.capacity_dispatch, site.dispatch.args,
+                                                {"slots": tuple(window)}, name=f"hierarchical_dispatch_{j}"),
+                              site.dispatch, "dispatch", j)
+            sent.append([tagged(graph.create_node("call_function", operator.getitem, (dispatch, i), name=f"{name}_{j}"),
+                                like, "dispatch", j)
+                         for i, (name, like) in enumerate((("expert_in", site.expert_in), ("plan", site.plan)))])
+        shares = []
+        for j, (expert_in, plan) in enumerate(sent):
+            copies = _expert_copies(graph, experts, site.expert_in, expert_in, j, tagged)
+            share = graph.create_node("call_function", hierarchical.capacity_combine,
+                                      (copies[site.expert_out], plan, *site.combine.args[2:]), name=f"combined_{j}")
+            shares.append(tagged(share, site.combine, "combine", j))
+        total = shares[0]
+        for share in shares[1:]:
+            total = tagged(graph.call_function(operator.add, (total, share)), site.combine, "combine", None)
+    site.combine.replace_all_uses_with(total)
+    layer.replace(site.combine, total)
+    graph.erase_node(site.combine)
+    erase_unused(graph, layer, ("dispatch", "experts", "combine"))
 
 
 def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.fx.Node], layer, chunks: int,
@@ -116,10 +171,7 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.
     bounds = exchange.even_bounds(site.capacity, chunks)
     expert_inputs: list[torch.fx.Node] = []
     returned: list[torch.fx.Node] = []
-
-    def tagged(node: torch.fx.Node, like: torch.fx.Node, role: str, chunk: int | None) -> torch.fx.Node:
-        """``node`` computes ``like``'s values for one chunk (all of them when ``chunk`` is None)."""
-        return join_layer(node, like, layer, role, ctx.fake_mode, **({} if chunk is None else {"chunk": chunk}))
+    tagged = _tagger(layer, ctx)
 
     def dispatch(j: int) -> None:
         start, stop = bounds[j]
@@ -134,9 +186,7 @@ def _rewrite(graph: torch.fx.Graph, site: CapacityExchange, experts: list[torch.
         for j in range(chunks):
             dispatch(j)
         for j in range(chunks):
-            copies = {site.expert_in: expert_inputs[j]}
-            for node in experts:
-                copies[node] = tagged(graph.node_copy(node, lambda a: copies.get(a, a)), node, "experts", j)
+            copies = _expert_copies(graph, experts, site.expert_in, expert_inputs[j], j, tagged)
             back = graph.create_node("call_function", exchange.from_experts,
                                      (copies[site.expert_out], site.group, site.ep_size), name=f"returned_{j}")
             returned.append(tagged(back, site.combine, "combine", j))

@@ -37,11 +37,16 @@ def two_by_two(tmp_path_factory, worker_id) -> list[dict]:
 
 
 def assert_equal(results: list[dict]) -> None:
-    # Every rank: the kernels called directly (both drop policies, dropless in one and three chunks), MoELayer
-    # compiled with the pass (capacity), and MoELayer(hierarchical_a2a=True) compiled (dropless).
+    # Every rank: the kernels called directly (both drop policies, three windows of the slots summed, dropless in
+    # one and three chunks), MoELayer compiled with the pass (capacity; in two chunks too), and
+    # MoELayer(hierarchical_a2a=True) compiled (dropless).
     for result in results:
-        assert set(result["eager"]) == {"position", "score", "dropless", "dropless_3_chunks"}
-        assert set(result["compiled"]) == {"position", "score", "dropless"}
+        assert set(result["eager"]) == {"position", "score", "score_3_windows", "dropless", "dropless_3_chunks"}
+        dispatches = {name: result["compiled"].pop(f"{name} dispatches") for name in
+                      ("position", "score", "position_2_chunks", "position_2_token_groups")}
+        assert dispatches == {"position": 1, "score": 1, "position_2_chunks": 2, "position_2_token_groups": 2}
+        assert set(result["compiled"]) == {"position", "score", "position_2_chunks", "position_2_token_groups",
+                                           "dropless"}
         for check in ("eager", "compiled"):
             assert max(result[check].values()) < 1e-12, (result["rank"], check, result[check])
 
@@ -73,6 +78,21 @@ def test_golden_two_collectives_on_two_groups_in_order(two_by_two):
         [a2a, "inter"],                  # and one row per (token, node) home
     ]
     assert {group for _, group in result["backward"]} == {"inter", "intra"}
+
+
+@pytest.mark.slow
+def test_golden_the_two_step_exchange_in_two_chunks_of_slots(two_by_two):
+    # every chunk's dispatch first (both steps), then each chunk's experts and combine; the shares add up
+    result = two_by_two[0]["golden"]
+    assert result["chunked_pre_grad"] == [
+        "logits", "topk_softmax_default", "weights", "expert_ids",
+        "hierarchical_dispatch_0", "expert_in_0", "plan_0", "hierarchical_dispatch_1", "expert_in_1", "plan_1",
+        "grouped_mm_batched_default_2", "gate_1", "up_1", "silu_1", "mul_1", "expert_out_1", "combined_0",
+        "grouped_mm_batched_default_3", "gate_2", "up_2", "silu_2", "mul_2", "expert_out_2", "combined_1",
+        "add",
+    ]
+    groups = [group for _, group in result["chunked_forward"]]  # each chunk: 2 + 1 inter-node, 2 + 1 intra-node
+    assert (groups.count("inter"), groups.count("intra"), len(groups)) == (6, 6, 12)
 
 
 @pytest.mark.slow

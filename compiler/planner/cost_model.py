@@ -156,11 +156,11 @@ class CostModel:
         return step_model.evaluate(dict(tp=1, ep=ep, pp=1, vpp=1, dp=ep, mb=1, recompute=0, chunks=chunks,
                                         hierarchical=hierarchical, groups=groups))["step_s"]
 
-    def best_chunks(self, site, most: int) -> int:
+    def best_chunks(self, site, most: int, hierarchical: bool = False) -> int:
         """The overlap chunk count (1 … ``most``) with the fastest predicted step of ``site``'s layer (a
-        ``passes.analysis.exchange_sites.CapacityExchange``)."""
+        ``passes.analysis.exchange_sites.CapacityExchange``, or a ``HierarchicalExchange`` with ``hierarchical``)."""
         chunks = np.arange(1, most + 1)
-        return int(chunks[np.argmin(self.layer_step_seconds(layer_shape(site), chunks, 0))])
+        return int(chunks[np.argmin(self.layer_step_seconds(layer_shape(site), chunks, int(hierarchical)))])
 
     def best_overlap(self, gm: torch.fx.GraphModule, sites, most_chunks: int, group_counts) -> tuple[int, int]:
         """(chunks, token groups) with the fastest predicted step of ``gm``, whose MoE layers exchange at
@@ -222,7 +222,7 @@ class CostModel:
 
 
 def layer_shape(site) -> LayerShape:
-    """The ``LayerShape`` of a flat capacity exchange the passes found (``CapacityExchange``)."""
+    """The ``LayerShape`` of a capacity exchange the passes found (``CapacityExchange``, ``HierarchicalExchange``)."""
     tokens, expert_ids = (arg.meta["val"] for arg in site.dispatch.args[:2])
     return LayerShape(tokens=int(tokens.shape[0]), width=int(tokens.shape[1]), element_bytes=tokens.element_size(),
                       num_experts=site.num_experts, top_k=int(expert_ids.shape[1]), ep_size=site.ep_size,

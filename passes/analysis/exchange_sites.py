@@ -9,6 +9,13 @@ start from the same few nodes of a capacity-mode layer::
     out        = capacity_combine(<[E/W, W·C, d] → all-to-all → [E, C, d]>(expert_out), slots, weights)
 
 ``capacity_exchange`` finds them, or says in one sentence why a layer has none.
+After ``hierarchical_a2a`` the exchange is two kernel calls instead
+(``hierarchical_exchange``)::
+
+    dispatch = hierarchical.capacity_dispatch(tokens, expert_ids, weights, scores, E, C, policy, hierarchy)
+    expert_out = <experts>(dispatch[0])
+    out = hierarchical.capacity_combine(expert_out, dispatch[1], hierarchy)
+
 The experts are every node between the exchange's own reshapes on either side,
 whatever role the recogniser gave them: a rewrite that rebuilds the exchange
 must carry them all.
@@ -50,6 +57,39 @@ class CapacityExchange:
     def dispatched(self) -> torch.fx.Node:
         """The ``[E, C, d]`` buffer: ``capacity_dispatch(...)[0]``."""
         return next(u for u in self.dispatch.users if u.args[1] == 0)
+
+
+@dataclass
+class HierarchicalExchange:
+    """The nodes of one two-step capacity exchange (``hierarchical_a2a``'s), and its sizes."""
+
+    dispatch: torch.fx.Node  # hierarchical.capacity_dispatch
+    combine: torch.fx.Node  # hierarchical.capacity_combine
+    expert_in: torch.fx.Node  # dispatch[0], the experts' [E/W, W·C, d] input
+    plan: torch.fx.Node  # dispatch[1]
+    experts: tuple[torch.fx.Node, ...]
+    expert_out: torch.fx.Node
+    ep_size: int
+    num_experts: int
+    capacity: int
+
+
+def hierarchical_exchange(layer) -> HierarchicalExchange | None:
+    """The layer's two-step capacity exchange, if it has one."""
+    dispatch = capacity_dispatch(layer)
+    if dispatch is None or dispatch.target is not hierarchical.capacity_dispatch or dispatch.kwargs:
+        return None
+    parts = {u.args[1]: u for u in dispatch.users if op_name(u) == "getitem"}
+    if set(parts) != {0, 1} or len(dispatch.users) != 2:
+        return None
+    combines = [u for u in parts[1].users if u.target is hierarchical.capacity_combine and u.args[1] is parts[1]]
+    if len(combines) != 1 or len(parts[1].users) != 1:
+        return None
+    combine = combines[0]
+    experts = _between(parts[0], combine.args[0])
+    hierarchy = dispatch.args[7]
+    return HierarchicalExchange(dispatch, combine, parts[0], parts[1], experts, combine.args[0],
+                                hierarchy.world_size, dispatch.args[4], dispatch.args[5])
 
 
 def capacity_dispatch(layer) -> torch.fx.Node | None:

@@ -1,6 +1,7 @@
 """On every rank: the hierarchical exchange against the flat one, same weights, same tokens
 (``hierarchical.py equal|golden``)."""
 
+import contextlib
 import json
 import sys
 
@@ -9,6 +10,7 @@ import torch.distributed as dist
 
 import moe_ascend.kernels as ops
 from moe_ascend.kernels import hierarchical
+from moe_ascend.kernels.exchange import even_bounds
 from moe_ascend.runtime import MoELayer, Topology
 from moe_ascend.runtime.launcher import end_process_group
 
@@ -24,12 +26,18 @@ def layer_and_tokens(num_experts=16, top_k=4, tokens=24, d=8, policy="position",
 
 
 def hierarchical_forward(layer, x, h, chunks=1):
+    """The layer's output through the two-step exchange; capacity layers in ``chunks`` windows of the slots,
+    summed (dropless ones in ``chunks`` pipelined chunks of tokens)."""
     weights, ids = ops.topk_softmax(layer.gate(x), layer.top_k, layer.renormalize)
     if layer.capacity_factor is None:
         return hierarchical.dropless_moe(x, ids, weights, layer.num_experts, h, layer._experts_grouped, chunks)
-    expert_in, plan = hierarchical.capacity_dispatch(x, ids, weights, weights, layer.num_experts,
-                                                     layer.capacity(x.shape[0]), layer.drop_policy, h)
-    return hierarchical.capacity_combine(layer._experts_batched(expert_in), plan, h)
+    capacity = layer.capacity(x.shape[0])
+    out = 0
+    for window in even_bounds(capacity, chunks):
+        expert_in, plan = hierarchical.capacity_dispatch(x, ids, weights, weights, layer.num_experts, capacity,
+                                                         layer.drop_policy, h, slots=window if chunks > 1 else None)
+        out = out + hierarchical.capacity_combine(layer._experts_batched(expert_in), plan, h)
+    return out
 
 
 def gradients(layer, x, out):
@@ -55,6 +63,7 @@ def eager() -> dict:
     h = topology.hierarchy()
     worst = {}
     for mode, policy, capacity_factor, chunks in (("position", "position", 1.0, 1), ("score", "score", 1.0, 1),
+                                                   ("score_3_windows", "score", 1.0, 3),
                                                    ("dropless", "position", None, 1),
                                                   ("dropless_3_chunks", "position", None, 3)):
         layer, x = layer_and_tokens(policy=policy, capacity_factor=capacity_factor)
@@ -66,6 +75,25 @@ def eager() -> dict:
     return {"rank": dist.get_rank(), "max_abs_diff": worst}
 
 
+@contextlib.contextmanager
+def dispatches_counted():
+    """``[n]``: the two-step dispatches in the pre_grad graph once every pass ran (one per chunk or group)."""
+    from moe_ascend.passes import PassResult, register_pass, unregister_pass
+
+    counted = [0]
+
+    @register_pass(name="count_dispatches", stage="pre_grad", after=("chunk_for_overlap", "token_groups"),
+                   roles=("dynamo",))
+    def count(gm, ctx):
+        counted[0] = sum(n.target is hierarchical.capacity_dispatch for n in gm.graph.nodes)
+        return PassResult(gm, False)
+
+    try:
+        yield counted
+    finally:
+        unregister_pass("count_dispatches")
+
+
 def compiled() -> dict:
     """MoELayer compiled with the hierarchical_a2a=True option (capacity), or built with it (dropless, whose
     exchange runs between graphs), against the same layer run eagerly (flat)."""
@@ -73,17 +101,23 @@ def compiled() -> dict:
 
     dump_dir = os.environ.get("DUMP_DIR")
     worst = {}
-    for policy in ("position", "score"):
-        layer, x = layer_and_tokens(policy=policy)
+    # C = 6 slots per expert; with a capacity factor of 4, C = 24 = T holds every token, as token groups need
+    for name, policy, overlap, capacity_factor in (("position", "position", False, 1.0),
+                                                   ("score", "score", False, 1.0),
+                                                   ("position_2_chunks", "position", 2, 1.0),
+                                                   ("position_2_token_groups", "position", {"token_groups": 2}, 4.0)):
+        layer, x = layer_and_tokens(policy=policy, capacity_factor=capacity_factor)
         flat = layer(x)
         flat_grads = gradients(layer, x, flat)
         torch._dynamo.reset()
-        options = ({"hierarchical_a2a": True, "target": "eager"}
-                   | ({"dump_dir": dump_dir} if dump_dir and policy == "score" else {}))
+        options = ({"hierarchical_a2a": True, "target": "eager", "overlap": overlap}
+                   | ({"dump_dir": dump_dir} if dump_dir and name == "score" else {}))
         compiled_layer = torch.compile(layer, backend="moe_ascend", options=options)
-        hier = compiled_layer(x)
+        with dispatches_counted() as dispatches:
+            hier = compiled_layer(x)
         hier_grads = gradients(layer, x, hier)
-        worst[policy] = largest_difference([flat, *flat_grads], [hier, *hier_grads])
+        worst[name] = largest_difference([flat, *flat_grads], [hier, *hier_grads])
+        worst[name + " dispatches"] = dispatches[0]
     layer, x = layer_and_tokens(capacity_factor=None)
     flat = layer(x)
     flat_grads = gradients(layer, x, flat)
@@ -96,30 +130,32 @@ def compiled() -> dict:
 
 
 def golden() -> dict:
-    """The collectives of the compiled forward graph, in order, named by the group they run on."""
+    """The collectives of the compiled forward graph, in order, named by the group they run on, and the pre_grad
+    graph's calls: the two-step exchange whole (``overlap=False``), and in two chunks (``chunked_``)."""
     from moe_ascend.passes import PassResult, register_pass, unregister_pass
     from moe_ascend.passes.analysis.ops import collective_group, is_collective, op_name
 
     hierarchy = Topology.detect().hierarchy()
     names = {hierarchy.intra_group: "intra", hierarchy.inter_group: "inter", dist.group.WORLD.group_name: "world"}
-    seen = {}
+    seen, prefix = {}, [""]
 
     @register_pass(name="record_collectives", stage="post_grad", after=("verify_collectives",))
     def record(gm, ctx):
-        seen[ctx.role] = [[op_name(n), names.get(collective_group(n), "other")] for n in gm.graph.nodes
-                          if is_collective(n)]
+        seen[prefix[0] + ctx.role] = [[op_name(n), names.get(collective_group(n), "other")] for n in gm.graph.nodes
+                                      if is_collective(n)]
         return PassResult(gm, False)
 
-    @register_pass(name="record_pre_grad", stage="pre_grad", after=("hierarchical_a2a",), roles=("dynamo",))
+    @register_pass(name="record_pre_grad", stage="pre_grad", after=("chunk_for_overlap",), roles=("dynamo",))
     def record_pre_grad(gm, ctx):
-        seen["pre_grad"] = [n.name for n in gm.graph.nodes if n.op == "call_function"]
+        seen[prefix[0] + "pre_grad"] = [n.name for n in gm.graph.nodes if n.op == "call_function"]
         return PassResult(gm, False)
 
     try:
-        layer, x = layer_and_tokens()
-        torch._dynamo.reset()
-        torch.compile(layer, backend="moe_ascend",
-                      options={"hierarchical_a2a": True, "target": "eager"})(x).sum().backward()
+        for prefix[0], overlap in (("", False), ("chunked_", 2)):
+            layer, x = layer_and_tokens()
+            torch._dynamo.reset()
+            torch.compile(layer, backend="moe_ascend", options={"hierarchical_a2a": True, "target": "eager",
+                                                                 "overlap": overlap})(x).sum().backward()
     finally:
         unregister_pass("record_collectives")
         unregister_pass("record_pre_grad")
