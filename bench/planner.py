@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
+from moe_ascend.compiler.planner.measured import MEASURED_SET  # noqa: E402
 from moe_ascend.compiler.planner.search import layouts, search  # noqa: E402
 from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, StepModel  # noqa: E402
 
@@ -89,14 +90,15 @@ def main() -> None:
     out = write_result("planner", figure, runs, vars(args), args.json, configs_per_hour=per_hour,
                        max_error=accuracy.get("max_error"), pairwise_order_kept=accuracy.get("pairwise_order_kept"),
                        memory_mean_abs_error=accuracy.get("memory_mean_abs_error"),
-                       memory_max_error=accuracy.get("memory_max_error"), measured_runs=measured)
+                       memory_max_error=accuracy.get("memory_max_error"), measured_runs=measured,
+                       measured_dropped=0 if args.skip_measured else len(MEASURED_SET) - len(measured))
     print(f"configs_per_hour {per_hour:.3g} (goal 1e6, aim 1e7); "
           + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + f"; wrote {out}")
 
 
 def measured_set(steps: int) -> tuple[dict, list[dict]]:
     """Run the measured set on the emulated cluster and compare: ``(errors, runs)``."""
-    from moe_ascend.compiler.planner.measured import MEASURED_SET, errors, measure
+    from moe_ascend.compiler.planner.measured import errors, measure
 
     runs = measure(MEASURED_SET, Hardware.load("cpu-calibrated"), steps=steps, log=lambda line: print(line, flush=True))
     return errors(runs), runs

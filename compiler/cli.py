@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                      "step model",
         description="Evaluates every layout of MODEL on DEVICES devices of HARDWARE with the symbolic step model; "
                     "prints the fastest that fit in memory and writes JSON and a Pareto plot (tokens/s against "
-                    "memory).")
+                    "memory). With --layout, scores that one layout instead: its step, memory, tokens/s and the "
+                    "parts of its step.",
+        epilog="the table's columns:\n" + "\n".join(f"  {name:<10} {what}" for name, what in _plan_columns().items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("--model", required=True,
                       help="a model YAML file, or a shipped one: " + ", ".join(_shipped("models")))
     plan.add_argument("--hardware", required=True,
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="busiest / mean expert load (default: the model file's)")
     plan.add_argument("--json", default=None, help="output (default plan_MODEL_HARDWARE_DEVICES.json)")
     plan.add_argument("--png", default=None, help="Pareto plot (default beside the JSON)")
+    plan.add_argument("--layout", default=None,
+                      help="score this layout only, e.g. tp=8,pp=16,vpp=2,ep=4 (names: tp ep pp vpp dp mb "
+                           "recompute chunks hierarchical groups; dp defaults to the devices left over, the "
+                           "rest to 1 or 0)")
 
     args = parser.parse_args(argv)
     try:
@@ -181,6 +188,14 @@ def _plan(args: argparse.Namespace) -> int:
     model, hardware = MoEModel.load(args.model), Hardware.load(args.hardware)
     if args.imbalance is not None:
         model = dataclasses.replace(model, imbalance=args.imbalance)
+    if args.layout is not None:
+        from moe_ascend.compiler.planner.search import format_score, parse_layout, score
+
+        scored = score(model, hardware, args.devices, parse_layout(args.layout))
+        print(format_score(model, hardware, args.devices, scored))
+        if args.json:
+            Path(args.json).write_text(json.dumps(scored, indent=1))
+        return 0
     plan = search(model, hardware, args.devices, progress=sys.stderr.isatty())
     print(format_table(plan, args.top))
     out = Path(args.json or f"plan_{model.name}_{hardware.name}_{args.devices}.json")
@@ -190,6 +205,12 @@ def _plan(args: argparse.Namespace) -> int:
     plot_pareto(plan, png)
     print(f"wrote {out} and {png}")
     return 0
+
+
+def _plan_columns() -> dict[str, str]:
+    from moe_ascend.compiler.planner.search import COLUMNS
+
+    return COLUMNS
 
 
 def bench_folder() -> Path:

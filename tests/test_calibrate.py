@@ -1,6 +1,7 @@
 """moe-ascend calibrate: the fits recover what they are given; a real run measures the link the launcher shaped, and
 the step model on the profile it writes predicts measured training steps (compiler.planner.measured)."""
 
+import numpy as np
 import pytest
 from distributed import alone_on_the_emulated_cluster
 
@@ -24,6 +25,15 @@ def test_the_link_fit_recovers_latency_and_bandwidth():
     assert (link.latency, link.bandwidth) == pytest.approx((2e-4, 1.25e8))
     with pytest.raises(CalibrationError, match="did not take longer for more bytes"):
         fit_link(sent, [1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_one_slow_small_exchange_does_not_turn_the_link_fit():
+    # a busy host held up the smallest exchange 40 ms: least squares would give a negative slope here
+    sent = [1e3, 4e3, 1.6e4, 6.4e4, 2.56e5, 1.024e6]
+    seconds = [2e-4 + b / 5.7e8 for b in sent]
+    seconds[0] += 0.04
+    assert np.polyfit(sent, seconds, 1)[0] < 0
+    assert fit_link(sent, seconds).bandwidth == pytest.approx(5.7e8, rel=1e-6)
 
 
 @alone_on_the_emulated_cluster

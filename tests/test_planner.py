@@ -169,10 +169,30 @@ def test_moe_ascend_plan_prints_the_best_layouts_and_writes_json_and_a_pareto_pl
     assert main(["plan", "--model", "mixtral-8x7b", "--hardware", "h100", "--devices", "64", "--top", "3",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "mixtral-8x7b on 64 x h100" in printed and "tokens/s" in printed
+    assert "mixtral-8x7b on 64 x h100" in printed and "tok/s/dev" in printed
     written = json.loads(out.read_text())
     assert len(written["best"]) == 3 and written["evaluated"] > 1000 and written["configs_per_hour"] > 1e6
     assert written["best"][0]["step_s"] <= written["best"][1]["step_s"]
     assert (tmp_path / "plan.png").stat().st_size > 0
     assert main(["plan", "--model", "mixtral-8x7b", "--hardware", "no-such", "--devices", "8"]) == 2
     assert "ascend-910b" in capsys.readouterr().err
+
+
+def test_one_given_layout_is_scored_with_the_parts_of_its_step(tmp_path, capsys):
+    from moe_ascend.compiler.planner.search import PARTS, parse_layout, score
+
+    scored = score(MoEModel.load("deepseek-v3"), H100, 2048, parse_layout("tp=1,pp=16,ep=64,recompute=1"))
+    assert scored["layout"] == {"tp": 1, "ep": 64, "pp": 16, "vpp": 1, "dp": 128, "mb": 1, "recompute": 1,
+                                "chunks": 1, "hierarchical": 0, "groups": 1}
+    assert sum(scored[part] for part in PARTS) == pytest.approx(scored["step_s"], rel=1e-12)
+    assert scored["tokens_per_s_per_device"] * 2048 == pytest.approx(scored["tokens_per_s"])
+    with pytest.raises(PlannerError, match=r"ep = 3 does not divide dp = 128 and the 256 experts"):
+        score(MoEModel.load("deepseek-v3"), H100, 2048, parse_layout("pp=16,ep=3"))
+    with pytest.raises(PlannerError, match=r"--layout item 'tp:2': give name=integer"):
+        parse_layout("tp:2")
+    out = tmp_path / "scored.json"
+    assert main(["plan", "--model", "deepseek-v3", "--hardware", "h100", "--devices", "2048", "--layout",
+                 "pp=16,ep=64,recompute=1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s per device" in printed and "expert all-to-all left exposed" in printed
+    assert json.loads(out.read_text())["layout"]["dp"] == 128

@@ -83,11 +83,12 @@ def fit_matmul(rows, flops_per_s) -> tuple[float, float]:
 
 
 def fit_link(sent_bytes, seconds, after_compute=()) -> Link:
-    """``latency + bytes / bandwidth`` through the measured times: the bandwidth from the least-squares slope of
-    the back-to-back exchanges (the large sizes set it), the latency the median of what the bandwidth leaves
-    unexplained (robust to one slow small exchange), in the exchanges issued after compute where there are some."""
+    """``latency + bytes / bandwidth`` through the measured times: the bandwidth from the Theil-Sen slope of the
+    back-to-back exchanges (the median of the slopes between every two sizes: one exchange slowed by a busy host
+    moves it little, where it could turn a least-squares slope negative), the latency the median of what the
+    bandwidth leaves unexplained, in the exchanges issued after compute where there are some."""
     sent_bytes, seconds = np.asarray(sent_bytes, float), np.asarray(seconds, float)
-    per_byte = np.polyfit(sent_bytes, seconds, 1)[0]
+    per_byte = theil_sen_slope(sent_bytes, seconds)
     if per_byte * sent_bytes.max() <= 0.01 * seconds.max():  # the bytes explain (almost) none of the time
         raise CalibrationError("the exchange did not take longer for more bytes; rerun on an idle machine")
     latency_bytes, latency_seconds = (np.asarray(list(zip(*after_compute)), float) if len(after_compute)
@@ -95,6 +96,13 @@ def fit_link(sent_bytes, seconds, after_compute=()) -> Link:
     return Link(max(float(np.median(latency_seconds - latency_bytes * per_byte)), 0.0), 1 / per_byte,
                 samples=[[float(b), float(t)] for b, t in zip(sent_bytes, seconds)],
                 after_compute=[[float(b), float(t)] for b, t in after_compute])
+
+
+def theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """The median of the slopes through every two points of distinct ``x``."""
+    i, j = np.triu_indices(len(x), k=1)
+    distinct = x[j] != x[i]
+    return float(np.median((y[j] - y[i])[distinct] / (x[j] - x[i])[distinct]))
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -307,6 +315,9 @@ def measure_link(nodes: int, ranks_per_node: int, bandwidth: str, latency: str, 
     return Link(**measured["link"]), measured["cluster"] or {}
 
 
+ATTEMPTS = 3  # measurements of a link before its calibration gives up
+
+
 def link_here(sizes=SIZES, repeats: int = 5) -> Link:
     """On every rank of a two-rank job: the exchange's times fitted to ``latency + bytes / bandwidth`` (bytes: what
     one rank sends the other, half its buffer; the bandwidth from back-to-back exchanges, the latency from small
@@ -317,7 +328,16 @@ def link_here(sizes=SIZES, repeats: int = 5) -> Link:
         sizes.append(4 * sizes[-1])
         times += measure_exchange(sizes[-1:], repeats)  # every rank gets the same times: they loop alike
     after = measure_exchange(LATENCY_SIZES, repeats, after_compute=True)
-    link = fit_link([size / 2 for size in sizes], times, [(size / 2, t) for size, t in zip(LATENCY_SIZES, after)])
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            link = fit_link([size / 2 for size in sizes], times,
+                            [(size / 2, t) for size, t in zip(LATENCY_SIZES, after)])
+            break
+        except CalibrationError:
+            if attempt == ATTEMPTS:
+                raise
+            # a busy host: measure the sizes again, and fit every sample taken (the ranks decide alike)
+            sizes, times = sizes + sizes, times + measure_exchange(sizes, repeats)
     return dataclasses.replace(link, overlap=measure_overlap(repeats=repeats))
 
 

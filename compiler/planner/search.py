@@ -3,6 +3,7 @@
     plan = search(MoEModel.load("deepseek-v3"), Hardware.load("h100"), devices=2048)
     plan.best(10)            # the fastest layouts that fit in memory, as dicts
     plan.pareto()            # tokens/s against memory per device: the layouts nothing beats on both
+    score(model, hardware, 2048, parse_layout("tp=1,pp=16,ep=64"))   # one given layout, its time's parts
 
 The search space is every layout that the devices and the model allow:
 tensor parallel within a node and dividing the heads; pipeline stages at most
@@ -28,6 +29,83 @@ from moe_ascend.compiler.planner.step_model import LAYOUT, Hardware, MoEModel, P
 VIRTUAL_STAGES = (1, 2, 4)
 MICRO_BATCHES = (1, 2, 4, 8)
 CHUNKS = (1, 2, 4)
+
+
+# The table's columns (``moe-ascend plan --help`` prints them).
+COLUMNS = {
+    "tp": "tensor-parallel size", "ep": "expert-parallel size", "pp": "pipeline stages",
+    "vpp": "virtual stages per pipeline stage (interleaved schedule)", "dp": "data-parallel size",
+    "mb": "sequences per micro-batch", "rc": "full recomputation of each layer's forward (1) or none (0)",
+    "n": "chunks each all-to-all is split into, to hide under the experts",
+    "hier": "the two-step hierarchical all-to-all (1) or the flat one (0)",
+    "step s": "one training step (the model file's global batch)",
+    "tok/s/dev": "tokens per second per device", "tok/s": "tokens per second of all the devices together",
+    "MFU": "model FLOPs utilisation (6·active params + attention, per token, over the devices' peak)",
+    "GiB/dev": "memory per device: weights, gradients, optimizer states, activations",
+}
+# A layout's parts: which names a user gives (``--layout``), and their value when left out.
+LAYOUT_DEFAULTS = {"vpp": 1, "mb": 1, "recompute": 0, "chunks": 1, "hierarchical": 0, "groups": 1}
+# The step's parts, in the order they are shown; they add up to the step.
+PARTS = {"compute_s": "compute", "a2a_exposed_s": "expert all-to-all left exposed",
+         "tp_comm_s": "tensor-parallel collectives", "pp_p2p_s": "pipeline sends",
+         "bubble_s": "pipeline bubble", "dp_exposed_s": "data-parallel sync left exposed",
+         "optimizer_s": "optimizer and gradient buffers"}
+
+
+def parse_layout(text: str) -> dict[str, int]:
+    """``"tp=8,pp=16,vpp=2,ep=4"`` → ``{"tp": 8, ...}``; the names of ``LAYOUT`` and ``groups``."""
+    known = (*LAYOUT, "groups")
+    layout = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in known or not value.strip().isdigit():
+            raise PlannerError(f"--layout item {item!r}: give name=integer, names among {list(known)}")
+        layout[name] = int(value)
+    return layout
+
+
+def score(model: MoEModel, hardware: Hardware, devices: int, given: dict[str, int]) -> dict:
+    """One layout's predicted step, memory and throughput, and the parts of its step. ``dp`` defaults to the
+    devices left over, ``ep`` to 1 and the rest to ``LAYOUT_DEFAULTS``; a layout the devices or the model do not
+    allow says why."""
+    layout = {"tp": 1, "pp": 1, "ep": 1, **LAYOUT_DEFAULTS, **given}
+    tp, pp, ep = layout["tp"], layout["pp"], layout["ep"]
+    if devices % (tp * pp):
+        raise PlannerError(f"tp·pp = {tp * pp} does not divide the {devices} devices")
+    layout.setdefault("dp", devices // (tp * pp))
+    problems = [why for bad, why in (
+        (tp * pp * layout["dp"] != devices, f"tp·pp·dp = {tp * pp * layout['dp']} is not the {devices} devices"),
+        (tp > hardware.ranks_per_node, f"tp = {tp} spans nodes of {hardware.ranks_per_node} devices"),
+        (model.heads % tp, f"tp = {tp} does not divide the {model.heads} heads"),
+        (layout["dp"] % ep or model.experts % ep, f"ep = {ep} does not divide dp = {layout['dp']} and the "
+                                                  f"{model.experts} experts"),
+        (pp * layout["vpp"] > model.layers, f"pp·vpp = {pp * layout['vpp']} is more stages than the "
+                                            f"{model.layers} layers"),
+        (model.global_batch % (layout["dp"] * layout["mb"]), f"dp·mb = {layout['dp'] * layout['mb']} does not "
+                                                             f"divide the global batch of {model.global_batch}"),
+    ) if bad]
+    if problems:
+        raise PlannerError(f"{model.name} on {devices} x {hardware.name} cannot run tp={tp} pp={pp} ep={ep} "
+                           f"dp={layout['dp']}: " + "; ".join(problems))
+    layout = {name: layout[name] for name in (*LAYOUT, "groups")}
+    predicted = {name: float(value) for name, value in StepModel(model, hardware, devices).evaluate(layout).items()}
+    return {"layout": layout, **predicted, "tokens_per_s_per_device": predicted["tokens_per_s"] / devices,
+            "fits": bool(fits(np.float64(predicted["memory_bytes"]), hardware))}
+
+
+def format_score(model: MoEModel, hardware: Hardware, devices: int, scored: dict) -> str:
+    layout = ", ".join(f"{name}={value}" for name, value in scored["layout"].items())
+    memory = scored["memory_bytes"] / 2**30
+    usable = hardware.usable_memory * hardware.memory_bytes / 2**30
+    lines = [f"{model.name} on {devices} x {hardware.name}, {layout}",
+             f"  step {scored['step_s']:.3f} s: {scored['tokens_per_s_per_device']:.4g} tokens/s per device, "
+             f"{scored['tokens_per_s']:.4g} in all, MFU {scored['mfu']:.3f}",
+             f"  memory {memory:.1f} GiB per device of {usable:.1f} usable: "
+             + ("fits" if scored["fits"] else "does NOT fit")]
+    for key, what in PARTS.items():
+        lines.append(f"  {what:<34}{scored[key]:>10.3f} s {100 * scored[key] / scored['step_s']:6.1f} %")
+    return "\n".join(lines)
 
 
 def layouts(model: MoEModel, hardware: Hardware, devices: int) -> dict[str, np.ndarray]:
@@ -131,14 +209,15 @@ def _bar(done: int, total: int, width: int = 40) -> None:
 
 def format_table(plan: Plan, count: int = 10) -> str:
     header = f"{'tp':>3}{'ep':>5}{'pp':>4}{'vpp':>4}{'dp':>6}{'mb':>4}{'rc':>3}{'n':>3}{'hier':>5}" \
-             f"{'step s':>9}{'tokens/s':>12}{'MFU':>7}{'GiB/dev':>9}"
+             f"{'step s':>9}{'tok/s/dev':>11}{'tok/s':>12}{'MFU':>7}{'GiB/dev':>9}"
     lines = [f"{plan.model.name} on {plan.devices} x {plan.hardware.name}: {plan.evaluated} layouts evaluated in "
              f"{plan.seconds:.2f} s ({plan.evaluated / plan.seconds * 3600:.3g} an hour), "
              f"{int(plan.fitting.sum())} fit in memory", header]
     for row in plan.best(count):
         lines.append(f"{row['tp']:>3}{row['ep']:>5}{row['pp']:>4}{row['vpp']:>4}{row['dp']:>6}{row['mb']:>4}"
                      f"{row['recompute']:>3}{row['chunks']:>3}{row['hierarchical']:>5}{row['step_s']:>9.3f}"
-                     f"{row['tokens_per_s']:>12.4g}{row['mfu']:>7.3f}{row['memory_bytes'] / 2**30:>9.1f}")
+                     f"{row['tokens_per_s'] / plan.devices:>11.4g}{row['tokens_per_s']:>12.4g}{row['mfu']:>7.3f}"
+                     f"{row['memory_bytes'] / 2**30:>9.1f}")
     if not plan.fitting.any():
         lines.append("no layout fits in memory: add devices or give the model a smaller batch")
     return "\n".join(lines)

@@ -346,6 +346,10 @@ class StepModel:
         p2p = fn.above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
         per_microbatch = stage_fwd * (1 + rc) + stage_bwd + p2p + output_layer / pp
         pipeline = (microbatches + (pp - 1) / vpp) * per_microbatch
+        # what of a micro-batch's time is communication (a recomputed forward repeats its own)
+        a2a_per_microbatch = moe_in_stage * ((1 + rc) * exposed_a2a(expert_compute, moe_compute)
+                                             + exposed_a2a(2 * expert_compute, 2 * moe_compute))
+        tp_per_microbatch = (moe_in_stage + dense_in_stage) * (2 + rc) * tp_comm
 
         # -- data parallel: reduce-scatter gradients, all-gather parameters (distributed optimizer) ------
         dense_per_device = m.dense_params / (tp * pp)
@@ -384,10 +388,15 @@ class StepModel:
             "memory_bytes": memory,
             "tokens_per_s": m.global_batch * s / step,
             "mfu": model_flops / (step * self.devices * hw.matmul_flops),
+            # the step's parts, which add up to it: the micro-batches' compute and exposed communication, the
+            # pipeline's bubble, the data-parallel sync left exposed, the optimizer and the gradient buffers
+            "compute_s": microbatches * (per_microbatch - a2a_per_microbatch - tp_per_microbatch - p2p),
+            "a2a_exposed_s": microbatches * a2a_per_microbatch,
+            "tp_comm_s": microbatches * tp_per_microbatch,
+            "pp_p2p_s": microbatches * p2p,
             "bubble_s": (pp - 1) / vpp * per_microbatch,
-            "a2a_exposed_s": microbatches * moe_in_stage * (exposed_a2a(expert_compute, moe_compute)
-                                                            + exposed_a2a(2 * expert_compute, 2 * moe_compute)),
             "dp_exposed_s": dp_exposed,
+            "optimizer_s": optimizer + gradient_buffers,
         }
 
 
