@@ -34,16 +34,14 @@ from train_moe import Trainer, parser as train_parser  # noqa: E402
 
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
-SEED_SHAPED = dict(layers=2, experts=64, top_k=8, ffn=1024)
+BLOCKS = 2  # train_moe's seed-shaped model, two of its blocks: a demo's minutes
 RUNS = {"inductor": ("inductor", "none"), "moe_ascend": ("moe_ascend", "all")}
 
 
 def run_arguments(args, run: str) -> argparse.Namespace:
     """train_moe's arguments for one of the two runs."""
     train = train_parser().parse_args([])
-    for name, value in SEED_SHAPED.items():
-        setattr(train, name, value)
-    train.backend, train.techniques = RUNS[run]
+    train.layers, (train.backend, train.techniques) = BLOCKS, RUNS[run]
     train.steps, train.log_every, train.average = args.steps, 0, args.steps // 2
     train.dump_dir = args.dump_dir if run == "moe_ascend" else None
     return train

@@ -5,7 +5,8 @@
     # later, or after a crash: the same command with --resume continues from ckpt/ where it stopped
 
 The model: byte embeddings, ``--layers`` blocks of causal attention and an MoE
-feed-forward (``runtime.MoELayer``: ``--experts`` routed SwiGLU experts, ``--top-k`` of them,
+feed-forward (``runtime.MoELayer``: ``--experts`` routed SwiGLU experts, ``--top-k`` of them (64 and 8 by
+default, of FFN 1024: fine-grained, as the seeds' models are),
 capacity factor 1.25, one shared expert, Switch Transformer's balance loss),
 a tied output head. The text is the bytes of Python's standard-library
 sources: each rank reads its own windows, chosen by (seed, rank, step), so a
@@ -294,9 +295,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=512, help="hidden units of each expert")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2, help="routed experts per token")
+    p.add_argument("--ffn", type=int, default=1024, help="hidden units of each expert")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8, help="routed experts per token")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4, help="sequences per rank and step")
     p.add_argument("--lr", type=float, default=1e-3)
