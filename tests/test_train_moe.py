@@ -15,8 +15,8 @@ from distributed import launch
 pytestmark = pytest.mark.slow  # training runs: make test, not make check
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "examples" / "train_moe.py")
-SMALL = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--seq-len", "32",
-         "--batch", "2", "--log-every", "4", "--average", "2"]
+SMALL = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--top-k", "2",
+         "--seq-len", "32", "--batch", "2", "--log-every", "4", "--average", "2"]
 
 
 def train(*args: str) -> tuple[dict, str]:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_moe  # noqa: E402
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
-ARGS = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--seq-len", "32",
-        "--batch", "2"]
+ARGS = ["--layers", "2", "--width", "64", "--heads", "2", "--ffn", "64", "--experts", "4", "--top-k", "2",
+        "--seq-len", "32", "--batch", "2"]
 
 
 class Probed(train_moe.MoETransformer):
