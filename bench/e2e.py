@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--ffn", type=int, default=1024, help="hidden units of each expert")
     parser.add_argument("--batch", type=int, default=4, help="sequences of 128 bytes per rank and step")
+    parser.add_argument("--chunks", default="auto", help="the overlap's chunk count (2 or more), or auto")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

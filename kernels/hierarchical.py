@@ -71,6 +71,12 @@ class CapacityPlan(NamedTuple):
     forward_rows: Tensor  # [N·Cn, G]: a received row's place in the step-2 buffer per peer (spare: not sent)
     slot_rows: Tensor  # [Q, E_rank]: a step-2 row's slot in the expert buffer per local expert (spare: none)
     weights: Tensor  # [Q, E_rank]: its routing weight per local expert (0: none)
+    filled: Tensor  # [E_rank, W]: the slots each local expert's block from each source rank fills (its first ones)
+
+
+def filled_blocks(plan: CapacityPlan) -> Tensor:
+    """``plan.filled``: the ``filled`` of ``grouped_mm_filled`` for the expert input its dispatch made."""
+    return plan.filled
 
 
 def issues_all_to_alls(*groups: str):
@@ -147,7 +153,12 @@ def capacity_dispatch(
                             buffer_size)
     expert_in = (received.reshape(world, per_rank, capacity, width).transpose(0, 1)
                  .reshape(per_rank, world * capacity, width))
-    return expert_in, CapacityPlan(node_rows, forward_rows, slot_rows, route[:, per_rank:].to(weights.dtype))
+    # a block's pairs take its first slots (capacity_slots numbers them in order): count the slots taken
+    taken = slot_rows.reshape(-1)
+    block_of = torch.where(taken < buffer_size, taken // capacity, world * per_rank)
+    filled = torch.zeros(world * per_rank + 1, dtype=torch.long, device=tokens.device).scatter_add(
+        0, block_of, torch.ones_like(block_of))[:-1].reshape(world, per_rank).t()
+    return expert_in, CapacityPlan(node_rows, forward_rows, slot_rows, route[:, per_rank:].to(weights.dtype), filled)
 
 
 @issues_all_to_alls("intra", "inter")

@@ -12,9 +12,12 @@ matmuls, forward and backward (the backward of ``grouped_mm_filled`` skips
 them too). This is what Ascend's ``GroupedMatmul`` with a group list and
 MegaBlocks' argument against padding are about, kept in static shapes.
 
-Applies to layers whose experts read the dispatch buffer on the same rank; a
-layer whose buffer crosses an all-to-all first keeps its padded matmuls (the
-fill of the other ranks' blocks is not known here), with one note. Each
+Applies to layers whose experts read the dispatch buffer on the same rank, and
+to the two-step exchange of ``hierarchical_a2a``, whose dispatch knows where
+each source rank's pairs landed (``hierarchical.filled_blocks(plan)``: one
+block per source rank). A layer whose buffer crosses a flat all-to-all first
+keeps its padded matmuls (the fill of the other ranks' blocks is not known
+here), with one note. Each
 rewritten layer must keep its experts row-wise (a reduction over slots would
 read the empty rows) and let nothing but the combine read their results.
 
@@ -41,8 +44,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from moe_ascend.kernels import capacity, exchange
-from moe_ascend.passes.analysis.exchange_sites import exchange_collectives
+from moe_ascend.kernels import capacity, exchange, hierarchical
+from moe_ascend.passes.analysis.exchange_sites import exchange_collectives, hierarchical_exchange
 from moe_ascend.passes.analysis.moe_regions import ancestors, descendants
 from moe_ascend.passes.analysis.ops import is_row_wise, op_name, op_namespace
 from moe_ascend.passes.infra import PassContext, PassResult, join_layer, register_pass, replace_node
@@ -61,10 +64,15 @@ def skip_empty_slots(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                                 site)
             continue
         dispatch, matmuls = site
-        expert_ids, num_experts, slots_per_expert = dispatch.args[1], dispatch.args[3], dispatch.args[4]
-        with gm.graph.inserting_after(dispatch):
-            filled = gm.graph.create_node("call_function", capacity.filled_slots,
-                                          (expert_ids, num_experts, slots_per_expert), name="filled")
+        if dispatch.target is hierarchical.capacity_dispatch:
+            plan = next(u for u in dispatch.users if u.args[1] == 1)
+            with gm.graph.inserting_after(plan):
+                filled = gm.graph.create_node("call_function", hierarchical.filled_blocks, (plan,), name="filled")
+        else:
+            expert_ids, num_experts, slots_per_expert = dispatch.args[1], dispatch.args[3], dispatch.args[4]
+            with gm.graph.inserting_after(dispatch):
+                filled = gm.graph.create_node("call_function", capacity.filled_slots,
+                                              (expert_ids, num_experts, slots_per_expert), name="filled")
         join_layer(filled, dispatch, layer, "dispatch", ctx.fake_mode)
         for matmul in matmuls:
             with gm.graph.inserting_before(matmul):
@@ -78,16 +86,21 @@ def skip_empty_slots(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 def _padded_experts(layer) -> tuple[torch.fx.Node, list[torch.fx.Node]] | str:
     """The layer's ``capacity_dispatch`` and the expert matmuls on its buffer, or why there are none ("": not a
     capacity layer with grouped matmuls, nothing to say)."""
-    roles = {n: role for role, nodes in layer.nodes.items() for n in nodes}
-    dispatches = [n for n in roles if _is_op(n, "capacity_dispatch")]  # not the two-step exchange's namesake
-    combines = [n for n in roles if _is_op(n, "capacity_combine")]
-    if len(dispatches) != 1 or len(combines) != 1:
-        return ""
-    dispatch, combine = dispatches[0], combines[0]
-    dispatched = next((u for u in dispatch.users if u.args[1] == 0), None)
-    experts_out = combine.args[0]
-    if dispatched is None or not isinstance(experts_out, torch.fx.Node):
-        return ""
+    two_step = hierarchical_exchange(layer)
+    if two_step is not None:
+        dispatch, combine, dispatched, experts_out = (two_step.dispatch, two_step.combine, two_step.expert_in,
+                                                      two_step.expert_out)
+    else:
+        roles = {n: role for role, nodes in layer.nodes.items() for n in nodes}
+        dispatches = [n for n in roles if _is_op(n, "capacity_dispatch")]  # not the two-step exchange's namesake
+        combines = [n for n in roles if _is_op(n, "capacity_combine")]
+        if len(dispatches) != 1 or len(combines) != 1:
+            return ""
+        dispatch, combine = dispatches[0], combines[0]
+        dispatched = next((u for u in dispatch.users if u.args[1] == 0), None)
+        experts_out = combine.args[0]
+        if dispatched is None or not isinstance(experts_out, torch.fx.Node):
+            return ""
     experts = descendants([dispatched]) & (ancestors(experts_out) | {experts_out})
     matmuls = [n for n in dispatch.graph.nodes if n in experts and _is_op(n, "grouped_mm_batched")]
     if not matmuls:

@@ -77,15 +77,18 @@ def eager() -> dict:
 
 @contextlib.contextmanager
 def dispatches_counted():
-    """``[n]``: the two-step dispatches in the pre_grad graph once every pass ran (one per chunk or group)."""
+    """``[dispatches, matmuls]``: in the pre_grad graph once every pass ran, the two-step dispatches (one per chunk
+    or group) and the expert matmuls that skip empty slots."""
     from moe_ascend.passes import PassResult, register_pass, unregister_pass
+    from moe_ascend.passes.analysis.ops import op_name
 
-    counted = [0]
+    counted = [0, 0]
 
-    @register_pass(name="count_dispatches", stage="pre_grad", after=("chunk_for_overlap", "token_groups"),
-                   roles=("dynamo",))
+    @register_pass(name="count_dispatches", stage="pre_grad",
+                   after=("chunk_for_overlap", "token_groups", "skip_empty_slots"), roles=("dynamo",))
     def count(gm, ctx):
         counted[0] = sum(n.target is hierarchical.capacity_dispatch for n in gm.graph.nodes)
+        counted[1] = sum(op_name(n) == "grouped_mm_filled" for n in gm.graph.nodes)
         return PassResult(gm, False)
 
     try:
@@ -117,7 +120,7 @@ def compiled() -> dict:
             hier = compiled_layer(x)
         hier_grads = gradients(layer, x, hier)
         worst[name] = largest_difference([flat, *flat_grads], [hier, *hier_grads])
-        worst[name + " dispatches"] = dispatches[0]
+        worst[name + " dispatches"], worst[name + " filled matmuls"] = dispatches
     layer, x = layer_and_tokens(capacity_factor=None)
     flat = layer(x)
     flat_grads = gradients(layer, x, flat)
@@ -145,7 +148,8 @@ def golden() -> dict:
                                       if is_collective(n)]
         return PassResult(gm, False)
 
-    @register_pass(name="record_pre_grad", stage="pre_grad", after=("chunk_for_overlap",), roles=("dynamo",))
+    @register_pass(name="record_pre_grad", stage="pre_grad", after=("chunk_for_overlap",), before=("skip_empty_slots",),
+                   roles=("dynamo",))
     def record_pre_grad(gm, ctx):
         seen[prefix[0] + "pre_grad"] = [n.name for n in gm.graph.nodes if n.op == "call_function"]
         return PassResult(gm, False)
