@@ -192,8 +192,7 @@ def _split(gm: torch.fx.GraphModule, groups: int, ctx: PassContext) -> None:
             if _carries_rows(node):
                 values[node] = _cut(graph, node, groups, ctx)
         elif node.op == "output":
-            output = torch.fx.node.map_arg(node.args, lambda v: _whole(v, node, values, joined, ctx, "is an output"))
-            node.args = output
+            node.args = torch.fx.node.map_arg(node.args, lambda v: _whole(v, node, values, joined, ctx, "is an output"))
         elif node in state_updates:
             node.args, node.kwargs = torch.fx.node.map_arg(
                 (node.args, node.kwargs), lambda v: _whole(v, node, values, joined, ctx, "updates module state"))

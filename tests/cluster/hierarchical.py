@@ -58,6 +58,12 @@ def equal() -> dict:
     return {"rank": dist.get_rank(), "eager": eager()["max_abs_diff"], "compiled": compiled()["max_abs_diff"]}
 
 
+def equal_whole() -> dict:
+    """``equal`` with the exchange compiled whole only (not in chunks or token groups): the larger cluster's."""
+    return {"rank": dist.get_rank(), "eager": eager()["max_abs_diff"],
+            "compiled": compiled(COMPILED[:2])["max_abs_diff"]}
+
+
 def eager() -> dict:
     topology = Topology.detect()
     h = topology.hierarchy()
@@ -97,18 +103,21 @@ def dispatches_counted():
         unregister_pass("count_dispatches")
 
 
-def compiled() -> dict:
+# (name, drop policy, overlap option, capacity factor): C = 6 slots per expert; with a capacity factor of 4,
+# C = 24 = T holds every token, as token groups need
+COMPILED = (("position", "position", False, 1.0), ("score", "score", False, 1.0),
+            ("position_2_chunks", "position", 2, 1.0),
+            ("position_2_token_groups", "position", {"token_groups": 2}, 4.0))
+
+
+def compiled(cases=COMPILED) -> dict:
     """MoELayer compiled with the hierarchical_a2a=True option (capacity), or built with it (dropless, whose
     exchange runs between graphs), against the same layer run eagerly (flat)."""
     import os
 
     dump_dir = os.environ.get("DUMP_DIR")
     worst = {}
-    # C = 6 slots per expert; with a capacity factor of 4, C = 24 = T holds every token, as token groups need
-    for name, policy, overlap, capacity_factor in (("position", "position", False, 1.0),
-                                                   ("score", "score", False, 1.0),
-                                                   ("position_2_chunks", "position", 2, 1.0),
-                                                   ("position_2_token_groups", "position", {"token_groups": 2}, 4.0)):
+    for name, policy, overlap, capacity_factor in cases:
         layer, x = layer_and_tokens(policy=policy, capacity_factor=capacity_factor)
         flat = layer(x)
         flat_grads = gradients(layer, x, flat)
