@@ -175,9 +175,13 @@ def test_transformers_deepseek_v3_logits_gradients_and_layers(tmp_path):
         for layer in model.model.model.layers:
             layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, 8))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    assert_matches_eager(model, (ids,), {"target": "eager", "dump_dir": str(tmp_path)})
+    # canonicalise on: each router becomes one topk_sigmoid, and the model stays exact
+    assert_matches_eager(model, (ids,), {"target": "eager", "dump_dir": str(tmp_path), "passes": ["canonicalise"]})
     assert_layers_with_every_role(json.loads((tmp_path / "summary.json").read_text()), ROUTER_GATES,
                                   roles=("router", "experts", "combine"))
+    code = (tmp_path / "graph_0" / "pre_grad" / "04_canonicalise.py").read_text()
+    assert code.count("= torch.ops.moe_ascend.topk_sigmoid.default(router_logits") == 2
+    assert "torch.gather" not in code and "masked_fill" not in code
 
 
 @pytest.mark.parametrize("target", ["eager", "inductor"])
