@@ -48,6 +48,7 @@ from torch import Tensor
 
 from moe_ascend.kernels.capacity import scatter_rows
 from moe_ascend.kernels.exchange import exchange, issue
+from moe_ascend.kernels.indexing import expert_counts
 from moe_ascend.kernels.weighted_sum import weighted_sum
 
 
@@ -155,9 +156,8 @@ def capacity_dispatch(
                  .reshape(per_rank, world * capacity, width))
     # a block's pairs take its first slots (capacity_slots numbers them in order): count the slots taken
     taken = slot_rows.reshape(-1)
-    block_of = torch.where(taken < buffer_size, taken // capacity, world * per_rank)
-    filled = torch.zeros(world * per_rank + 1, dtype=torch.long, device=tokens.device).scatter_add(
-        0, block_of, torch.ones_like(block_of))[:-1].reshape(world, per_rank).t()
+    block_of = torch.where(taken < buffer_size, taken // capacity, world * per_rank)  # spare: the last count
+    filled = expert_counts(block_of, world * per_rank + 1)[:-1].reshape(world, per_rank).t()
     return expert_in, CapacityPlan(node_rows, forward_rows, slot_rows, route[:, per_rank:].to(weights.dtype), filled)
 
 

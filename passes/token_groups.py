@@ -68,7 +68,7 @@ from torch.fx.operator_schemas import normalize_function
 from moe_ascend.kernels import exchange, hierarchical
 from moe_ascend.passes.analysis.exchange_sites import (CapacityExchange, capacity_at, capacity_dispatch,
                                                        capacity_exchange)
-from moe_ascend.passes.analysis.moe_regions import META_KEY, annotate, find_moe_layers
+from moe_ascend.passes.analysis.moe_regions import META_KEY, ancestors_of_set, annotate, find_moe_layers
 from moe_ascend.passes.analysis.ops import is_collective, op_name
 from moe_ascend.passes.chunk_for_overlap import MOST_CHUNKS
 from moe_ascend.passes.infra import PassContext, PassResult, infer_meta, register_pass, shape_generic_exchange
@@ -365,19 +365,8 @@ def _state_updates(graph: torch.fx.Graph) -> set[torch.fx.Node]:
               and op_name(n).endswith("_") and not op_name(n).startswith("_")
               and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder"
               and not _carries_rows(n.args[0])]
-    needed = _ancestors([graph.output_node()])
-    return {n for n in _ancestors(writes) if n not in needed and n.op != "placeholder"}
-
-
-def _ancestors(nodes) -> set[torch.fx.Node]:
-    """``nodes`` and every node they read, directly or not."""
-    seen, todo = set(), list(nodes)
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(node.all_input_nodes)
-    return seen
+    needed = ancestors_of_set([graph.output_node()])
+    return {n for n in ancestors_of_set(writes) | set(writes) if n not in needed and n.op != "placeholder"}
 
 
 def _graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
