@@ -16,6 +16,11 @@ predicts each run from those rates alone. Beside it: the largest error, the
 share of pairs of runs the predictions keep in order, and the error of the
 predicted peak memory.
 
+The published runs (``compiler/data/published.yaml``: DeepSeek-V3, Pangu Ultra
+MoE, Qwen3-235B-A22B) are predicted from the spec-sheet profiles at the layout
+each ran: tokens/s over the reported, whether it fits, and the share of the
+search's layouts predicted faster (``published`` in the JSON).
+
     python bench/planner.py                  # both parts (about 20 minutes on 2 cores)
     python bench/planner.py --skip-measured  # the speed part only
 """
@@ -33,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
+from moe_ascend.compiler.planner import published  # noqa: E402
 from moe_ascend.compiler.planner.measured import MEASURED_SET  # noqa: E402
 from moe_ascend.compiler.planner.search import layouts, search  # noqa: E402
 from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, StepModel  # noqa: E402
@@ -73,7 +79,7 @@ def main() -> None:
                      "batch_layouts": evaluated, "batch_s": seconds,
                      "configs_per_hour_one_core": evaluated / seconds * 3600,
                      "best": {k: best[k] for k in ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks",
-                                                   "hierarchical", "step_s", "mfu")}})
+                                                   "hierarchical", "dualpipe", "fb_overlap", "step_s", "mfu")}})
         print(f"{name} on {devices} x {hardware_name}: set up in {built:.3f} s; search of {plan.evaluated} "
               f"layouts {plan.seconds:.2f} s; a million layouts in {seconds:.2f} s on one core "
               f"({evaluated / seconds * 3600:.3g} an hour); best {runs[-1]['best']}", flush=True)
@@ -84,6 +90,12 @@ def main() -> None:
     per_hour = sum(n for n, _ in done) / max(s for _, s in done) * 3600
     print(f"{args.processes} processes at once: {per_hour:.3g} layouts an hour (evaluation; {wall:.1f} s with the "
           f"builds)", flush=True)
+    predicted_runs = [published.predict(run) for run in published.load()]
+    for run in predicted_runs:
+        print(f"published {run['name']}: predicted {run['predicted_tokens_per_s']:.4g} tokens/s against "
+              f"{run['reported_tokens_per_s']:.4g} reported ({run['ratio']:.2f}x); "
+              f"{run['memory_gib']:.1f} GiB a device ({'fits' if run['fits'] else 'does NOT fit'}); "
+              f"{100 * run['rank_fraction']:.1f} % of the search's layouts predicted faster", flush=True)
     accuracy, measured = ({}, []) if args.skip_measured else measured_set(args.steps)
     figure = {"name": "mean_abs_error", "value": accuracy.get("mean_abs_error"), "goal": 0.10,
               "higher_is_better": False}
@@ -91,7 +103,9 @@ def main() -> None:
                        max_error=accuracy.get("max_error"), pairwise_order_kept=accuracy.get("pairwise_order_kept"),
                        memory_mean_abs_error=accuracy.get("memory_mean_abs_error"),
                        memory_max_error=accuracy.get("memory_max_error"), measured_runs=measured,
-                       measured_dropped=0 if args.skip_measured else len(MEASURED_SET) - len(measured))
+                       measured_dropped=0 if args.skip_measured else len(MEASURED_SET) - len(measured),
+                       published=predicted_runs,
+                       published_max_ratio_error=max(abs(run["ratio"] - 1) for run in predicted_runs))
     print(f"configs_per_hour {per_hour:.3g} (goal 1e6, aim 1e7); "
           + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + f"; wrote {out}")
 

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--json", default=None, help="output (default plan_MODEL_HARDWARE_DEVICES.json)")
     plan.add_argument("--png", default=None, help="Pareto plot (default beside the JSON)")
     plan.add_argument("--layout", default=None,
-                      help="score this layout only, e.g. tp=8,pp=16,vpp=2,ep=4 (names: tp ep pp vpp dp mb "
-                           "recompute chunks hierarchical groups; dp defaults to the devices left over, the "
-                           "rest to 1 or 0)")
+                      help="score this layout only, e.g. tp=8,pp=16,vpp=2,ep=32 (names: tp ep pp vpp dp mb "
+                           "recompute chunks hierarchical groups dualpipe fb_overlap; dp defaults to the devices "
+                           "left over, the rest to 1 or 0; ep counts the whole expert group, folded over tp and dp)")
 
     args = parser.parse_args(argv)
     try:

@@ -35,10 +35,11 @@ from moe_ascend.compiler.planner.step_model import Hardware, MoEModel, PlannerEr
 from moe_ascend.runtime.data_parallel import average_gradients
 from moe_ascend.runtime.launcher import end_process_group
 
-# the model every configuration trains (top-k and the batch set per configuration); fp32 as CPUs train
+# the model every configuration trains (top-k and the batch set per configuration); fp32 as CPUs train, its norms,
+# SwiGLU and attention written as separate torch ops
 WORKLOAD = MoEModel(name="emulated-moe", layers=2, hidden=256, heads=4, head_dim=64, vocab=256, experts=8, top_k=2,
                     expert_ffn=512, sequence=128, global_batch=4, dtype_bytes=4, distributed_optimizer=False,
-                    overlap_grad_sync=False)
+                    overlap_grad_sync=False, fused_kernels=False)
 MICRO_BATCH = 4  # sequences per rank
 
 

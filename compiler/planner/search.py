@@ -7,12 +7,13 @@
 
 The search space is every layout that the devices and the model allow:
 tensor parallel within a node and dividing the heads; pipeline stages at most
-the layers; data parallel the rest; expert parallel dividing both the data
-parallel size and the experts; 1, 2 or 4 virtual stages (with a pipeline);
-micro-batches of 1, 2, 4 or 8 sequences dividing the batch; no or full
-recomputation; 1, 2 or 4 overlap chunks (with expert parallel); the flat or
-hierarchical all-to-all (when the expert group spans nodes). All of it is
-evaluated at once as numpy arrays (``StepModel.evaluate``).
+the layers; data parallel the rest; expert parallel dividing both tensor x data
+parallel (the expert group folds over both) and the experts; 1, 2 or 4 virtual
+stages (with a pipeline), or DualPipe (an even pipeline); micro-batches of 1, 2,
+4 or 8 sequences dividing the batch; no, full or selective recomputation; 1, 2
+or 4 overlap chunks (with expert parallel); the flat or hierarchical all-to-all
+(when the expert group spans nodes). All of it is evaluated at once as numpy
+arrays (``StepModel.evaluate``).
 """
 
 from __future__ import annotations
@@ -24,27 +25,37 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_ascend.compiler.planner.step_model import LAYOUT, Hardware, MoEModel, PlannerError, StepModel, divisors, fits
+from moe_ascend.compiler.planner.step_model import (LAYOUT, OPTIONAL, Hardware, MoEModel, PlannerError, StepModel,
+                                                    divisors, fits)
 
 VIRTUAL_STAGES = (1, 2, 4)
 MICRO_BATCHES = (1, 2, 4, 8)
 CHUNKS = (1, 2, 4)
+RECOMPUTE = (0, 1, 2)  # none, full, selective
+SCHEDULES = ((0, 0), (0, 1), (1, 0))  # (dualpipe, fb_overlap): 1F1B, 1F1B with paired micro-batches, DualPipe
 
 
 # The table's columns (``moe-ascend plan --help`` prints them).
 COLUMNS = {
     "tp": "tensor-parallel size", "ep": "expert-parallel size", "pp": "pipeline stages",
     "vpp": "virtual stages per pipeline stage (interleaved schedule)", "dp": "data-parallel size",
-    "mb": "sequences per micro-batch", "rc": "full recomputation of each layer's forward (1) or none (0)",
+    "mb": "sequences per micro-batch",
+    "rc": "recomputation: none (0), each layer's whole forward (1), or selective (2: the model's "
+          "selective_recompute parts: norms, MLA up-projections, SwiGLU outputs)",
     "n": "chunks each all-to-all is split into, to hide under the experts",
     "hier": "the two-step hierarchical all-to-all (1) or the flat one (0)",
+    "dual": "DualPipe (1: a bidirectional pipeline, two micro-batches' forward and backward overlapped, each "
+            "hiding the other's all-to-all) or 1F1B (0)",
+    "fbo": "in 1F1B, one micro-batch's forward overlapped with another's backward (1; MindSpeed --moe-fb-overlap, "
+           "Megatron-Core's combined 1F1B) or not (0)",
     "step s": "one training step (the model file's global batch)",
     "tok/s/dev": "tokens per second per device", "tok/s": "tokens per second of all the devices together",
     "MFU": "model FLOPs utilisation (6·active params + attention, per token, over the devices' peak)",
     "GiB/dev": "memory per device: weights, gradients, optimizer states, activations",
 }
 # A layout's parts: which names a user gives (``--layout``), and their value when left out.
-LAYOUT_DEFAULTS = {"vpp": 1, "mb": 1, "recompute": 0, "chunks": 1, "hierarchical": 0, "groups": 1}
+LAYOUT_DEFAULTS = {"vpp": 1, "mb": 1, "recompute": 0, "chunks": 1, "hierarchical": 0, **OPTIONAL}
+SEARCHED = (*LAYOUT, "dualpipe", "fb_overlap")  # what a search varies (token groups are a pass's choice: 1 here)
 # The step's parts, in the order they are shown; they add up to the step.
 PARTS = {"compute_s": "compute", "a2a_exposed_s": "expert all-to-all left exposed",
          "tp_comm_s": "tensor-parallel collectives", "pp_p2p_s": "pipeline sends",
@@ -53,8 +64,8 @@ PARTS = {"compute_s": "compute", "a2a_exposed_s": "expert all-to-all left expose
 
 
 def parse_layout(text: str) -> dict[str, int]:
-    """``"tp=8,pp=16,vpp=2,ep=4"`` → ``{"tp": 8, ...}``; the names of ``LAYOUT`` and ``groups``."""
-    known = (*LAYOUT, "groups")
+    """``"tp=8,pp=16,vpp=2,ep=32"`` → ``{"tp": 8, ...}``; the names of ``LAYOUT`` and ``OPTIONAL``."""
+    known = (*LAYOUT, *OPTIONAL)
     layout = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
@@ -78,8 +89,10 @@ def score(model: MoEModel, hardware: Hardware, devices: int, given: dict[str, in
         (tp * pp * layout["dp"] != devices, f"tp·pp·dp = {tp * pp * layout['dp']} is not the {devices} devices"),
         (tp > hardware.ranks_per_node, f"tp = {tp} spans nodes of {hardware.ranks_per_node} devices"),
         (model.heads % tp, f"tp = {tp} does not divide the {model.heads} heads"),
-        (layout["dp"] % ep or model.experts % ep, f"ep = {ep} does not divide dp = {layout['dp']} and the "
-                                                  f"{model.experts} experts"),
+        ((tp * layout["dp"]) % ep or model.experts % ep, f"ep = {ep} does not divide tp·dp = {tp * layout['dp']} "
+                                                         f"and the {model.experts} experts"),
+        (layout["dualpipe"] and (pp % 2 or layout["vpp"] > 1), "DualPipe takes an even pp and vpp = 1"),
+        (layout["dualpipe"] and layout["fb_overlap"], "DualPipe pairs its micro-batches itself: drop fb_overlap"),
         (pp * layout["vpp"] > model.layers, f"pp·vpp = {pp * layout['vpp']} is more stages than the "
                                             f"{model.layers} layers"),
         (model.global_batch % (layout["dp"] * layout["mb"]), f"dp·mb = {layout['dp'] * layout['mb']} does not "
@@ -88,7 +101,7 @@ def score(model: MoEModel, hardware: Hardware, devices: int, given: dict[str, in
     if problems:
         raise PlannerError(f"{model.name} on {devices} x {hardware.name} cannot run tp={tp} pp={pp} ep={ep} "
                            f"dp={layout['dp']}: " + "; ".join(problems))
-    layout = {name: layout[name] for name in (*LAYOUT, "groups")}
+    layout = {name: layout[name] for name in (*LAYOUT, *OPTIONAL)}
     predicted = {name: float(value) for name, value in StepModel(model, hardware, devices).evaluate(layout).items()}
     return {"layout": layout, **predicted, "tokens_per_s_per_device": predicted["tokens_per_s"] / devices,
             "fits": bool(fits(np.float64(predicted["memory_bytes"]), hardware))}
@@ -118,23 +131,22 @@ def layouts(model: MoEModel, hardware: Hardware, devices: int) -> dict[str, np.n
             if pp > model.layers:
                 continue
             dp = devices // (tp * pp)
-            for ep in divisors(dp):
+            for ep in divisors(tp * dp):  # the expert group folds over tensor and data parallel
                 if model.experts % ep:
                     continue
-                ep_per_node = max(1, min(ep, hardware.ranks_per_node // tp))
-                hierarchies = (0, 1) if ep > ep_per_node else (0,)
-                for vpp, mb, recompute, chunks, hierarchical in itertools.product(
-                        VIRTUAL_STAGES if pp > 1 else (1,), MICRO_BATCHES, (0, 1), CHUNKS if ep > 1 else (1,),
-                        hierarchies):
-                    if pp * vpp > model.layers or model.global_batch % (dp * mb):
+                hierarchies = (0, 1) if ep > hardware.ranks_per_node else (0,)
+                for vpp, mb, recompute, chunks, hierarchical, (dualpipe, fb_overlap) in itertools.product(
+                        VIRTUAL_STAGES if pp > 1 else (1,), MICRO_BATCHES, RECOMPUTE, CHUNKS if ep > 1 else (1,),
+                        hierarchies, SCHEDULES if pp % 2 == 0 else SCHEDULES[:2]):
+                    if pp * vpp > model.layers or model.global_batch % (dp * mb) or (dualpipe and vpp > 1):
                         continue
-                    rows.append((tp, ep, pp, vpp, dp, mb, recompute, chunks, hierarchical))
+                    rows.append((tp, ep, pp, vpp, dp, mb, recompute, chunks, hierarchical, dualpipe, fb_overlap))
     if not rows:
         raise PlannerError(f"no layout of {model.name} fits {devices} devices: the global batch "
                            f"({model.global_batch} sequences) must divide by the data-parallel size; choose devices "
                            f"whose data-parallel sizes divide it")
     table = np.array(rows, dtype=np.int64)
-    return {name: table[:, i] for i, name in enumerate(LAYOUT)}
+    return {name: table[:, i] for i, name in enumerate(SEARCHED)}
 
 
 @dataclass
@@ -155,7 +167,7 @@ class Plan:
         return fits(self.predicted["memory_bytes"], self.hardware)
 
     def rows(self, index) -> list[dict]:
-        return [{**{name: int(self.layout[name][i]) for name in LAYOUT},
+        return [{**{name: int(self.layout[name][i]) for name in SEARCHED},
                  **{name: float(self.predicted[name][i]) for name in self.predicted}} for i in index]
 
     def best(self, count: int = 10) -> list[dict]:
@@ -208,14 +220,17 @@ def _bar(done: int, total: int, width: int = 40) -> None:
 
 
 def format_table(plan: Plan, count: int = 10) -> str:
-    header = f"{'tp':>3}{'ep':>5}{'pp':>4}{'vpp':>4}{'dp':>6}{'mb':>4}{'rc':>3}{'n':>3}{'hier':>5}" \
+    header = f"{'tp':>3}{'ep':>5}{'pp':>4}{'vpp':>4}{'dp':>6}{'mb':>4}{'rc':>3}{'n':>3}{'hier':>5}{'dual':>5}" \
+             f"{'fbo':>4}" \
              f"{'step s':>9}{'tok/s/dev':>11}{'tok/s':>12}{'MFU':>7}{'GiB/dev':>9}"
     lines = [f"{plan.model.name} on {plan.devices} x {plan.hardware.name}: {plan.evaluated} layouts evaluated in "
              f"{plan.seconds:.2f} s ({plan.evaluated / plan.seconds * 3600:.3g} an hour), "
              f"{int(plan.fitting.sum())} fit in memory", header]
     for row in plan.best(count):
         lines.append(f"{row['tp']:>3}{row['ep']:>5}{row['pp']:>4}{row['vpp']:>4}{row['dp']:>6}{row['mb']:>4}"
-                     f"{row['recompute']:>3}{row['chunks']:>3}{row['hierarchical']:>5}{row['step_s']:>9.3f}"
+                     f"{row['recompute']:>3}{row['chunks']:>3}{row['hierarchical']:>5}{row['dualpipe']:>5}"
+                     f"{row['fb_overlap']:>4}"
+                     f"{row['step_s']:>9.3f}"
                      f"{row['tokens_per_s'] / plan.devices:>11.4g}{row['tokens_per_s']:>12.4g}{row['mfu']:>7.3f}"
                      f"{row['memory_bytes'] / 2**30:>9.1f}")
     if not plan.fitting.any():

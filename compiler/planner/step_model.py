@@ -65,7 +65,8 @@ from moe_ascend.kernels.errors import MoEAscendError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LAYOUT = ("tp", "ep", "pp", "vpp", "dp", "mb", "recompute", "chunks", "hierarchical")
-OPTIONAL = {"groups": 1}  # symbols a layout may leave out, and their value then
+OPTIONAL = {"groups": 1, "dualpipe": 0, "fb_overlap": 0}  # symbols a layout may leave out, and their value then
+RECOMPUTABLE = ("norm", "attention_up", "swiglu")  # MoEModel.selective_recompute's choices
 
 
 class PlannerError(MoEAscendError, ValueError):
@@ -113,17 +114,34 @@ class MoEModel:
     top_k: int
     expert_ffn: int
     kv_heads: int | None = None
-    attention_params: float | None = None  # per layer, where the attention is not plain GQA (e.g. MLA)
+    attention_params: float | None = None  # per layer, where neither GQA nor the MLA fields below give it
+    # multi-head latent attention (DeepSeek-V2/V3): queries, keys and values up-projected from compressed latents
+    q_rank: int = 0  # the query's latent (0: queries projected from the hidden state)
+    kv_rank: int = 0  # the keys' and values' latent (0: not MLA)
+    rope_dim: int = 0  # the rotary part of each query and key head, beside head_dim
+    v_head_dim: int = 0  # a value head (0: head_dim)
     shared_experts: int = 0
     dense_layers: int = 0  # the first layers are dense FFNs of dense_ffn
     dense_ffn: int = 0
     sequence: int = 4096
     global_batch: int = 1024  # sequences per step
     imbalance: float = 1.0  # busiest / mean expert load the routing leaves
+    node_limit: int = 0  # a token's experts lie on at most this many nodes (DeepSeek-V3's M; 0: no limit)
     # the training recipe (Megatron's --bf16, --use-distributed-optimizer, --overlap-grad-reduce)
     dtype_bytes: int = 2  # 2: bf16 weights and activations with fp32 master weights; 4: fp32 throughout
-    distributed_optimizer: bool = True  # the optimizer states sharded over data parallel
+    distributed_optimizer: bool = True  # ZeRO-1: the optimizer states and master weights sharded over data parallel
+    shard_gradients: bool = False  # ZeRO-2: the gradients too
     overlap_grad_sync: bool = True  # the data-parallel collectives hidden under backward and forward
+    # the linear layers' matmuls in FP8 with their inputs kept in FP8 for backward, the dispatch sent in FP8
+    # (DeepSeek-V3's recipe; the router, attention's core, norms and the output layer stay in 16 bits)
+    fp8: bool = False
+    # the norms, SwiGLU and attention as fused kernels (Transformer Engine, MindSpeed's fused ops) that keep their
+    # inputs and a few statistics for backward; False: unfused layers, which keep each intermediate
+    fused_kernels: bool = True
+    # what selective recomputation (``recompute=2``) recomputes in backward instead of keeping (Megatron's
+    # --recompute-modules): "norm" (the norms' outputs), "attention_up" (MLA's up-projected queries, keys and
+    # values), "swiglu" (the experts' and shared experts' SwiGLU outputs)
+    selective_recompute: tuple[str, ...] = ("norm", "attention_up", "swiglu")
 
     @classmethod
     def load(cls, name_or_path: str) -> "MoEModel":
@@ -133,12 +151,54 @@ class MoEModel:
     def moe_layers(self) -> int:
         return self.layers - self.dense_layers
 
+    def __post_init__(self):
+        unknown = set(self.selective_recompute) - set(RECOMPUTABLE)
+        if unknown:
+            raise PlannerError(f"{self.name}: selective_recompute {sorted(unknown)} unknown; choose among "
+                               f"{list(RECOMPUTABLE)}")
+        object.__setattr__(self, "selective_recompute", tuple(self.selective_recompute))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.head_dim + self.rope_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
     @property
     def attention_params_per_layer(self) -> float:
         if self.attention_params is not None:
             return float(self.attention_params)
-        kv = self.kv_heads or self.heads
-        return float(self.hidden * self.head_dim * (2 * self.heads + 2 * kv))
+        h, heads = self.hidden, self.heads
+        if self.kv_rank:  # MLA: down-projections, up-projections from the latents, the output projection
+            query = h * self.q_rank + self.q_rank * heads * self.qk_head_dim if self.q_rank else \
+                h * heads * self.qk_head_dim
+            keys_values = h * (self.kv_rank + self.rope_dim) + self.kv_rank * heads * (self.head_dim
+                                                                                       + self.value_head_dim)
+            return float(query + keys_values + heads * self.value_head_dim * h)
+        kv = self.kv_heads or heads
+        return float(h * self.head_dim * (2 * heads + 2 * kv))
+
+    def attention_activations(self, selective: bool) -> tuple[float, float]:
+        """What one token's attention block keeps for backward, in elements: (kept at the activations' width,
+        kept as a linear layer's input: FP8 under ``fp8``). Flash attention keeps no score matrix."""
+        recomputed = set(self.selective_recompute) if selective else set()
+        norm_output = 0 if "norm" in recomputed else 1
+        heads, h = self.heads, self.hidden
+        if self.kv_rank:
+            latents = (self.q_rank + self.kv_rank + self.rope_dim) if self.q_rank else self.kv_rank + self.rope_dim
+            latent_norms = norm_output * (self.q_rank + self.kv_rank)
+            up = 0 if "attention_up" in recomputed else heads * (2 * self.qk_head_dim + self.value_head_dim)
+            return h + latents + up, norm_output * h + latent_norms + heads * self.value_head_dim
+        kv = self.kv_heads or heads
+        return h + (heads + 2 * kv) * self.head_dim, norm_output * h + heads * self.head_dim
+
+    def mlp_activations(self, ffn: int, selective: bool) -> tuple[float, float]:
+        """The same for one row through a SwiGLU MLP of ``ffn`` (an expert's row, or a dense or shared MLP's):
+        its gate and up outputs, and its SwiGLU output (the down projection's input) unless recomputed."""
+        swiglu = 0 if selective and "swiglu" in self.selective_recompute else ffn
+        return 2 * ffn, swiglu
 
     @property
     def expert_params(self) -> float:
@@ -181,6 +241,7 @@ class Hardware:
     overlap_efficiency: float = 1.0  # the share of the communication under computation that it hides
     attention_flops: float | None = None  # causal (flash) attention forward + backward; None: as a large matmul
     optimizer_bandwidth: float | None = None  # Adam's reads and writes per second; None: memory_bandwidth
+    fp8_matmul_flops: float | None = None  # FP8 dense peak; None: no FP8 matmuls
 
     @classmethod
     def load(cls, name_or_path: str) -> "Hardware":
@@ -249,15 +310,24 @@ class StepModel:
         """Step time, memory and their parts of the ``layout`` (a value per symbol: arrays or sympy symbols), with
         ``fn``'s max, min, ceiling and step function (``_Numeric`` or ``_Symbolic``)."""
         m, hw = self.model, self.hardware
-        tp, ep, pp, vpp, dp, mb, rc, chunks, hier, groups = (layout[name] for name in (*LAYOUT, *OPTIONAL))
+        tp, ep, pp, vpp, dp, mb, rc, chunks, hier, groups, dual, fb = (layout[name] for name in (*LAYOUT, *OPTIONAL))
+        if m.fp8 and not hw.fp8_matmul_flops:
+            raise PlannerError(f"{m.name} trains with fp8 but {hw.name} gives no fp8_matmul_flops: add it to the "
+                               f"hardware file or set fp8: false")
+        full = fn.above(rc, 0.5) - fn.above(rc, 1.5)  # recompute=1: every layer's forward again
+        selective = fn.above(rc, 1.5)  # recompute=2: the model's selective_recompute parts
         b = m.dtype_bytes
         master = 4 if b < 4 else 0  # mixed precision keeps an fp32 copy of the weights
+        kept_linear = 1 if m.fp8 else b  # a linear layer's input kept for its backward
+        fp8_speedup = hw.fp8_matmul_flops / hw.matmul_flops if m.fp8 else 1
         h, s, k, f, E = m.hidden, m.sequence, m.top_k, m.expert_ffn, m.experts
         tokens = mb * s  # per micro-batch, per data-parallel replica
         microbatches = m.global_batch / (dp * mb)
 
         def matmul(flops, rows, peak=hw.matmul_flops * hw.matmul_efficiency, rows_at_half=hw.rows_at_half_efficiency):
             return flops / (peak * rows / (rows + rows_at_half))
+
+        linear_peak = hw.matmul_flops * hw.matmul_efficiency * fp8_speedup  # the router and output layer: 16 bits
 
         # every rank of a node runs its own group's collective at once: they share the node's uplink
         inter_per_rank = hw.inter_node_bandwidth / hw.ranks_per_node
@@ -276,57 +346,90 @@ class StepModel:
         # -- one layer, one micro-batch, forward, on one device ---------------------------------------
         attention_rate = hw.attention_flops or hw.matmul_flops * hw.matmul_efficiency
         rows = tokens / groups  # each matmul multiplies one token group's rows
-        attention = (matmul(2 * tokens * m.attention_params_per_layer / tp, rows)
-                     + 2 * tokens * s * m.heads * m.head_dim / tp / attention_rate)  # (causal: half the scores)
+        attention = (matmul(2 * tokens * m.attention_params_per_layer / tp, rows, linear_peak)
+                     + tokens * s * m.heads * (m.qk_head_dim + m.value_head_dim) / tp / attention_rate)  # (causal)
         elementwise = m.hidden * hw.elementwise_bytes_per_token * b / 2 * tokens / tp / hw.memory_bandwidth
+        # the experts: a group of ep consecutive ranks (tensor parallel extends expert parallel: Megatron-Core's
+        # folding with expert tensor parallel 1, MindSpeed's TP-extend-EP); each device sends its own tokens
         rows_per_device = tokens * k / tp  # (token, choice) pairs one device computes, on average
         experts_per_device = E / ep
         # each chunk's experts multiply a chunk's share of their rows, at that size's efficiency
         expert_compute = m.imbalance * matmul(
             6 * h * f * rows_per_device, rows_per_device / experts_per_device / chunks / groups,
-            (hw.expert_matmul_flops or hw.matmul_flops) * hw.matmul_efficiency,
+            (hw.expert_matmul_flops or hw.matmul_flops) * hw.matmul_efficiency * fp8_speedup,
             hw.expert_rows_at_half_efficiency or hw.rows_at_half_efficiency)
         # each row copied in by the dispatch (h read, h written), SwiGLU's silu(gate)·up (2f read, f written), and
         # read back by the combine (h)
         expert_elementwise = m.imbalance * rows_per_device * (3 * h + 3 * f) * b / hw.memory_bandwidth
-        shared = matmul(6 * h * f * m.shared_experts * tokens / tp, rows) if m.shared_experts else 0
+        shared = matmul(6 * h * f * m.shared_experts * tokens / tp, rows, linear_peak) if m.shared_experts else 0
         router = matmul(2 * tokens * h * E / tp, rows)
-        dense_ffn = matmul(6 * h * m.dense_ffn * tokens / tp, rows) if m.dense_layers else 0
-        tp_comm = 4 * ring(tokens * h * b, tp, 1)  # all-gather and reduce-scatter around attention and the MLP
+        dense_ffn = matmul(6 * h * m.dense_ffn * tokens / tp, rows, linear_peak) if m.dense_layers else 0
+        # sequence parallel's all-gather and reduce-scatter around attention (and a dense MLP: the experts take
+        # each rank's own tokens)
+        tp_comm = 2 * ring(tokens * h * b, tp, 1)
+        if m.fp8:  # each linear input cast to FP8 (read wide, written narrow); backward's two casts: twice this
+            _, attention_linear = m.attention_activations(False)
+            casts = (b + 1) * tokens / tp * (attention_linear + h + m.imbalance * k * (h + f)
+                                             + m.shared_experts * f) / hw.memory_bandwidth
+            elementwise = elementwise + casts
+        # selective recomputation, in backward: the norms (read h, written h), MLA's up-projections, SwiGLU
+        redo = set(m.selective_recompute)
+        redone = (("norm" in redo) * 2 * h * 2 * b * tokens / tp / hw.memory_bandwidth
+                  + ("swiglu" in redo) * 3 * f * b * (m.imbalance * rows_per_device + m.shared_experts * tokens / tp)
+                  / hw.memory_bandwidth)
+        if "attention_up" in redo and m.kv_rank:
+            up = m.q_rank * m.heads * m.qk_head_dim + m.kv_rank * m.heads * (m.head_dim + m.value_head_dim)
+            redone = redone + matmul(2 * tokens * up / tp, rows, linear_peak)
 
-        # the expert all-to-all: ep ranks tp apart; those inside one node, and the nodes the group spans
-        ep_per_node = fn.max(1, fn.min(ep, hw.ranks_per_node / tp))
+        # the expert all-to-all: ep consecutive ranks; those inside one node, and the nodes the group spans
+        ep_per_node = fn.min(ep, hw.ranks_per_node)
         ep_nodes = ep / ep_per_node
-        pairs_bytes = rows_per_device * h * b
         remote_share = (ep - ep_per_node) / ep
         dedup = distinct_nodes_fraction(E, k, ep_nodes)  # (with one node nothing crosses: remote_share is 0)
+        if m.node_limit:
+            dedup = fn.min(dedup, m.node_limit / k)
         # a row crossing nodes in two steps carries its route there (a slot and a weight per expert of the node)
         route_bytes = 2 * 4 * E / ep_nodes / 2  # (dispatch only: half of it per direction)
-        inter_bytes = rows_per_device * remote_share * (hier * dedup * (h * b + route_bytes) + (1 - hier) * h * b)
-        intra_bytes = pairs_bytes * (ep_per_node - 1) / ep
         # the two-step exchange's dispatch sends its routes beside the tokens, on both links: three collectives
         # per dispatch and combine on each link where the flat exchange has two
         a2a_latency = (hw.inter_node_latency * (ep_nodes - 1) + hw.intra_node_latency * (ep_per_node - 1)) \
             * (1 + hier / 2)
-        a2a_transfer = inter_bytes / inter_per_rank + intra_bytes / hw.intra_node_bandwidth
 
-        def exposed_a2a(experts, layer):
+        def a2a_transfer(element_bytes):
+            """One exchange's seconds on the links, each (token, choice) row ``h`` elements of ``element_bytes``."""
+            row = h * element_bytes
+            inter_bytes = rows_per_device * remote_share * (hier * dedup * (row + route_bytes) + (1 - hier) * row)
+            intra_bytes = rows_per_device * row * (ep_per_node - 1) / ep
+            return inter_bytes / inter_per_rank + intra_bytes / hw.intra_node_bandwidth
+
+        # one micro-batch's forward beside another's backward: DualPipe's pairs, or MindSpeed's --moe-fb-overlap
+        # (Megatron-Core's combined 1F1B) in a 1F1B schedule
+        paired = dual + fb - dual * fb
+        # FP8 dispatch (a scale per 128 values), 16-bit combine; backward's exchanges carry 16-bit gradients
+        forward_transfer = a2a_transfer(((1 + 4 / 128) if m.fp8 else b) / 2 + b / 2)
+        backward_transfer = a2a_transfer(b)
+
+        def exposed_a2a(transfer, experts, layer, other):
             """Dispatch and combine of each token group in ``chunks`` chunks (each exchange paying the latency),
             hidden under what the schedule lets them overlap, of which the device hides ``overlap_efficiency``.
             One group: its own ``experts``, all but the first dispatch and the last combine (the chunk pipeline).
-            Several: the other groups' whole ``layer``, all but one exchange (the groups take turns)."""
-            per_exchange = a2a_latency + a2a_transfer / (chunks * groups)
+            Several: the other groups' whole ``layer``, all but one exchange (the groups take turns).
+            Paired micro-batches (DualPipe, or forward-backward overlap in 1F1B): the ``other`` direction's layer of
+            the micro-batch it runs beside, every exchange."""
+            per_exchange = a2a_latency + transfer / (chunks * groups)
             link = 2 * chunks * groups * per_exchange
             grouped = fn.above(groups, 1)
-            exposed_at_least = (2 - grouped) * per_exchange
-            under = grouped * layer + (1 - grouped) * experts
+            exposed_at_least = (1 - paired) * (2 - grouped) * per_exchange
+            under = paired * other + (1 - paired) * (grouped * layer + (1 - grouped) * experts)
             return link - hw.overlap_efficiency * fn.min(link - exposed_at_least, under)
 
         moe_compute = attention + elementwise + expert_elementwise + router + shared + expert_compute
-        moe_fwd = moe_compute + tp_comm + exposed_a2a(expert_compute, moe_compute)
-        moe_bwd = 2 * moe_compute + tp_comm + exposed_a2a(2 * expert_compute, 2 * moe_compute)
-        dense_fwd = attention + elementwise + dense_ffn + tp_comm
-        dense_bwd = 2 * (attention + elementwise + dense_ffn) + tp_comm
+        a2a_fwd = exposed_a2a(forward_transfer, expert_compute, moe_compute, 2 * moe_compute)
+        a2a_bwd = exposed_a2a(backward_transfer, 2 * expert_compute, 2 * moe_compute, moe_compute)
+        moe_fwd = moe_compute + tp_comm + a2a_fwd
+        moe_bwd = 2 * moe_compute + selective * redone + tp_comm + a2a_bwd
+        dense_fwd = attention + elementwise + dense_ffn + 2 * tp_comm
+        dense_bwd = 2 * (attention + elementwise + dense_ffn) + 2 * tp_comm
 
         # -- the slowest pipeline stage: its share of the layers, all MoE (or the first, with the dense ones) --
         layers_per_stage = fn.ceiling(m.layers / (pp * vpp)) * vpp
@@ -343,25 +446,29 @@ class StepModel:
         # layers)
         output_layer = matmul(2 * tokens * h * m.vocab / tp, rows) * 3
         pp_bandwidth, pp_latency = link(pp, self.devices / pp)
-        p2p = fn.above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
-        per_microbatch = stage_fwd * (1 + rc) + stage_bwd + p2p + output_layer / pp
-        pipeline = (microbatches + (pp - 1) / vpp) * per_microbatch
+        # (DualPipe overlaps its sends with the micro-batch beside)
+        p2p = (1 - dual) * fn.above(pp, 1) * 2 * vpp * (pp_latency + tokens * h * b / tp / pp_bandwidth)
+        per_microbatch = stage_fwd * (1 + full) + stage_bwd + p2p + output_layer / pp
+        # the bubble: 1F1B (interleaved: over vpp) idles (pp - 1) micro-batches; DualPipe (pp/2 - 1) forward
+        # chunks (DeepSeek-V3's (F&B + B - 3W) with the paired chunks as long as F + B + W, and B = W)
+        bubble = (1 - dual) * (pp - 1) / vpp * per_microbatch + dual * fn.max(0, pp / 2 - 1) * stage_fwd
+        pipeline = microbatches * per_microbatch + bubble
         # what of a micro-batch's time is communication (a recomputed forward repeats its own)
-        a2a_per_microbatch = moe_in_stage * ((1 + rc) * exposed_a2a(expert_compute, moe_compute)
-                                             + exposed_a2a(2 * expert_compute, 2 * moe_compute))
-        tp_per_microbatch = (moe_in_stage + dense_in_stage) * (2 + rc) * tp_comm
+        a2a_per_microbatch = moe_in_stage * ((1 + full) * a2a_fwd + a2a_bwd)
+        tp_per_microbatch = (moe_in_stage + 2 * dense_in_stage) * (2 + full) * tp_comm
 
         # -- data parallel: reduce-scatter gradients, all-gather parameters (distributed optimizer) ------
         dense_per_device = m.dense_params / (tp * pp)
         expert_per_device = m.expert_params / (ep * pp)
-        grad_sync = ring(4 * dense_per_device, dp, tp) + ring(4 * expert_per_device, dp / ep, tp * ep)
-        param_sync = ring(b * dense_per_device, dp, tp) + ring(b * expert_per_device, dp / ep, tp * ep)
+        expert_dp = tp * dp / ep  # the ranks holding the same experts, ep apart
+        grad_sync = ring(4 * dense_per_device, dp, tp) + ring(4 * expert_per_device, expert_dp, ep)
+        param_sync = ring(b * dense_per_device, dp, tp) + ring(b * expert_per_device, expert_dp, ep)
         if m.overlap_grad_sync:
             dp_exposed = fn.max(0, grad_sync - stage_bwd) + fn.max(0, param_sync - stage_fwd)
         else:
             dp_exposed = grad_sync + param_sync
         # the weights each optimizer updates: its shard (distributed optimizer) or all of them
-        updated = (dense_per_device / dp + expert_per_device / (dp / ep)) if m.distributed_optimizer else \
+        updated = (dense_per_device / dp + expert_per_device / expert_dp) if m.distributed_optimizer else \
             dense_per_device + expert_per_device
         # Adam reads the gradient, both moments and the (master) weight, writes them back but the gradient
         optimizer = (28 + (b if master else 0)) * updated / (hw.optimizer_bandwidth or hw.memory_bandwidth)
@@ -370,19 +477,48 @@ class StepModel:
         step = pipeline + dp_exposed + optimizer + gradient_buffers
 
         # -- memory ---------------------------------------------------------------------------------------
-        params = dense_per_device + expert_per_device
-        states = b * params + 4 * params + (8 + master) * updated
+        # DualPipe keeps two pipeline stages' weights on each device, and one more micro-batch in flight
+        params = (dense_per_device + expert_per_device) * (1 + dual)
+        gradients = 4 * (updated * (1 + dual) if m.shard_gradients else params)
+        states = b * params + gradients + (8 + master) * updated * (1 + dual)
+
+        def layer_activations(partly_recomputed: bool):
+            """Bytes one MoE layer keeps for backward per micro-batch, selective recomputation dropping what it
+            recomputes and FP8 keeping the linear layers' inputs in one byte. Fused kernels (``fused_kernels``):
+            each tensor a backward reads, itemised (attention's, the MLP norm's input and output, the router's
+            scores, each dispatched row's input, gate and up, SwiGLU output and expert output, the shared
+            experts'). Unfused: Korthikanti et al.'s ``34·s·b·h`` (sequence parallel, flash attention: 17 values a
+            token and hidden unit) and each row's input, output, gate, up, SwiGLU and product (``2h + 4f``), what
+            the measured set's peak memory checks; MLA adds what its latents and up-projections keep beyond
+            plain attention."""
+            kept, linear = m.attention_activations(partly_recomputed)
+            norm_output = 0 if partly_recomputed and "norm" in redo else h  # the MLP's norm, beside attention's
+            swiglu = m.mlp_activations(f, partly_recomputed)[1]  # the down projection's input, if kept
+            narrow = b - kept_linear  # the bytes FP8 saves on each kept linear input
+            if m.fused_kernels:
+                per_token = ((kept + h) * b + (linear + norm_output) * kept_linear + 4 * E
+                             + m.shared_experts * (2 * f * b + swiglu * kept_linear))
+                per_row = (h + swiglu) * kept_linear + (2 * f + h) * b
+            else:
+                all_kept, all_linear = m.attention_activations(False)
+                plain_attention = 2 * h + 5 * m.heads * m.head_dim  # what plain attention of these heads keeps
+                mla_extra = all_kept + all_linear - plain_attention if m.kv_rank else 0
+                dropped = all_kept + all_linear - kept - linear + h - norm_output
+                per_token = ((17 * h + mla_extra - dropped) * b - narrow * (linear + norm_output)
+                             + m.shared_experts * ((2 * h + 3 * f + swiglu) * b - narrow * swiglu))
+                per_row = (2 * h + 3 * f + swiglu) * b - narrow * (h + swiglu)
+            return tokens / tp * per_token + m.imbalance * rows_per_device * per_row
+
         layer_input = tokens * h * b / tp
-        attention_acts = 34 * tokens * h / tp * b / 2  # (Korthikanti et al. count bf16 bytes)
-        expert_acts = m.imbalance * rows_per_device * (2 * h + 4 * f) * b
-        shared_acts = tokens * (2 * h + 4 * f * m.shared_experts) * b / tp
-        layer_acts = (1 - rc) * (attention_acts + expert_acts + shared_acts) + rc * layer_input
-        in_flight = fn.min(microbatches, pp) * (1 + fn.above(vpp, 1) * (pp - 1) / (pp * vpp))
+        layer_acts = full * layer_input + (1 - full) * (selective * layer_activations(True)
+                                                        + (1 - selective) * layer_activations(False))
+        in_flight = dual * (pp + 1) + (1 - dual) * (fn.min(microbatches, pp) * (
+            1 + fn.above(vpp, 1) * (pp - 1) / (pp * vpp)) + fb / vpp)  # (paired: one more model chunk)
         logits = 4 * tokens * m.vocab / tp
         memory = states + layers_per_stage * layer_acts * in_flight + logits
 
-        model_flops = (6 * m.global_batch * s * m.active_params
-                       + 6 * m.global_batch * s * s * m.heads * m.head_dim * m.layers)
+        model_flops = (6 * m.global_batch * s * m.active_params + 3 * m.global_batch * s * s * m.heads
+                       * (m.qk_head_dim + m.value_head_dim) * m.layers)
         return {
             "step_s": step,
             "memory_bytes": memory,
@@ -394,7 +530,7 @@ class StepModel:
             "a2a_exposed_s": microbatches * a2a_per_microbatch,
             "tp_comm_s": microbatches * tp_per_microbatch,
             "pp_p2p_s": microbatches * p2p,
-            "bubble_s": (pp - 1) / vpp * per_microbatch,
+            "bubble_s": bubble,
             "dp_exposed_s": dp_exposed,
             "optimizer_s": optimizer + gradient_buffers,
         }
