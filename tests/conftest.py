@@ -20,6 +20,20 @@ RUNNING = Path(tempfile.gettempdir()) / "moe_ascend-tests.running"
 TURNSTILE = Path(tempfile.gettempdir()) / "moe_ascend-tests.turnstile"
 
 
+# the files of the longest multi-rank jobs (a minute or more of two cores each, cold)
+LONGEST = ("test_train_moe.py", "test_hierarchical_a2a.py", "test_token_groups.py", "test_overlap.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The `slow` tests first, the longest jobs' files first among them: under xdist the short ones then fill in
+    around them, where a long test started last would leave the other worker idle until it ends."""
+    def order(item):
+        name = item.path.name
+        return item.get_closest_marker("slow") is None, LONGEST.index(name) if name in LONGEST else len(LONGEST)
+
+    items.sort(key=order)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Every test, its fixtures' setup and teardown included, holds RUNNING shared; an exclusive one holds it

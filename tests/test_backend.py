@@ -11,7 +11,7 @@ from quickstart import MoETransformer, batches, stdlib_bytes
 
 def small_transformer():
     torch.manual_seed(0)
-    return MoETransformer(d_model=32, n_heads=2, d_ff=64, n_layers=3, num_experts=8, top_k=2, seq_len=16)
+    return MoETransformer(d_model=32, n_heads=2, d_ff=64, n_layers=2, num_experts=8, top_k=2, seq_len=16)
 
 
 def text_batch(batch=4, seq_len=16):

@@ -218,7 +218,7 @@ def chunked_equals_unchunked(rank, world_size, runs):
 
 @pytest.mark.slow
 def test_chunked_and_scheduled_equals_the_layer_forward_and_backward():
-    runs = [("eager", 2, "position"), ("eager", 3, "score"), ("eager", 4, "position"), ("inductor", 3, "position"),
+    runs = [("eager", 2, "position"), ("eager", 4, "score"), ("inductor", 3, "position"),
             ("eager", 2, "scaled"),
             (None, 2, "dropless"), (None, 3, "dropless"), (None, 4, "dropless"), ("eager", 3, "dropless")]
     for worst in run_ranks(2, chunked_equals_unchunked, runs):
@@ -260,9 +260,9 @@ def _random_scheduled_steps(rank, seed, steps, inductor):
 
 @pytest.mark.slow
 def test_scheduled_graphs_never_hang_on_four_ranks():
-    # Eight random models in one job, one lowered by Inductor. A collective that waits 60 s fails its rank; ranks
+    # Four random models in one job, one lowered by Inductor. A collective that waits 60 s fails its rank; ranks
     # silent for 300 s fail the test, named, as a hang.
-    assert run_ranks(4, random_scheduled_steps, (1, 2), 5, timeout=300, collective_timeout=60) == [40] * 4
+    assert run_ranks(4, random_scheduled_steps, (1,), 5, timeout=300, collective_timeout=60) == [20] * 4
 
 
 def measured_step(rank, world_size, dump_dir):
