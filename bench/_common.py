@@ -91,7 +91,7 @@ def run_on_cluster(script: str, layout: str, regime: str, worker_args: list[str]
     lines, each with its layout and regime. A failed run ends the benchmark with its output."""
     nodes, per_node = layout_shape(layout)
     command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(nodes), "--ranks-per-node",
-               str(per_node), *_regime_flags(regime, host_flops), "--", script, "--worker", *worker_args]
+               str(per_node), *regime_flags(regime, host_flops), "--", script, "--worker", *worker_args]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"the {layout} run ({regime}) failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
@@ -107,7 +107,8 @@ def layout_shape(layout: str) -> tuple[int, int]:
     return nodes, per_node
 
 
-def _regime_flags(regime: str, host_flops: float | None) -> list[str]:
+def regime_flags(regime: str, host_flops: float | None) -> list[str]:
+    """``moe-ascend launch``'s flags for ``regime``: an explicit inter-node rate, or a target to scale to."""
     if _is_rate(regime):
         return ["--inter-node-bandwidth", regime]
     return ["--scale-to", regime] + (["--host-flops", str(host_flops)] if host_flops is not None else [])

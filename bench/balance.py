@@ -23,8 +23,15 @@ its wire seconds). Writes
 bench/results/balance.json and a PNG of the imbalance (max / mean rank load)
 over time.
 
+Then a projection to expert-parallel scale, a simulation: train_moe's own routing (DeepSeek-V3's sigmoid
+router balanced by its bias, recorded with ``--record-loads``) replayed onto 32 and 64 expert-parallel ranks of
+Pangu Ultra MoE on Ascend 910B and DeepSeek-V3 on H100, each policy's placements giving the busiest rank's load
+over the mean, which the planner's step model turns into a step time (``projected_gain_ep64``: ours over no
+balancing, Ascend 910B, 64 ranks; EPLB beside it).
+
     python bench/balance.py                  # launches the cluster itself
     python bench/balance.py --steps 160 --rounds 1
+    python bench/balance.py --projection-only --loads loads.pt   # only the simulation, from recorded loads
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_regime_arguments, host_comm_share_checked, layout_shape, median,  # noqa: E402
-                     replayed_exchange, run_layouts, worker_arguments, write_cluster_result)
+                     regime_flags, replayed_exchange, run_layouts, worker_arguments, write_cluster_result,
+                     write_result, RESULTS)
 
 import moe_ascend.kernels as ops  # noqa: E402
+from moe_ascend.compiler.planner.balance_projection import project  # noqa: E402
 from moe_ascend.runtime import MoELayer  # noqa: E402
 from moe_ascend.runtime.balance import (ExpertBalancer, Placement, Stopwatch, greedy_placement, imbalance,  # noqa: E402
                                         plan_placement, prediction_error)
@@ -175,6 +184,24 @@ def compare_planners(trace: torch.Tensor, args, ranks: int) -> dict:
     return result
 
 
+def record_loads(args, path: Path) -> torch.Tensor:
+    """``examples/train_moe.py`` (its seed-shaped model, DeepSeek-V3's sigmoid router balanced by its selection
+    bias, none of our balancing) for ``--record-steps`` steps on a 2 x 1 cluster: the (token, choice) pairs each
+    expert was routed, ``[steps, layers, experts]``."""
+    import subprocess
+
+    train = Path(__file__).resolve().parents[1] / "examples" / "train_moe.py"
+    # the routing does not depend on the link: the fastest records it soonest
+    command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2",
+               *regime_flags("10gbit", None), "--", sys.executable, str(train), "--router", "sigmoid",
+               "--techniques", "none", "--steps", str(args.record_steps), "--log-every", "0",
+               "--record-loads", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"recording train_moe's loads failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
+    return torch.load(path)
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -212,11 +239,30 @@ def main() -> None:
     parser.add_argument("--min-interval", type=int, default=20, help="steps between migrations, at least")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma separated, of " + ", ".join(POLICIES))
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (moe_ascend, eager target)")
+    parser.add_argument("--loads", default=None, help="recorded loads to project to expert-parallel scale "
+                        "(train_moe.py --record-loads); default: record --record-steps of train_moe first")
+    parser.add_argument("--record-steps", type=int, default=60, help="train_moe steps whose loads are recorded")
+    parser.add_argument("--projection-only", action="store_true",
+                        help="only the projection (bench/results/balance-projection.json), no cluster runs")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    loads_path = Path(args.loads) if args.loads else RESULTS / "train_moe-loads.pt"
+    loads_path.parent.mkdir(parents=True, exist_ok=True)
+    loads = torch.load(loads_path) if args.loads else record_loads(args, loads_path)
+    projected = project(loads)
+    for target, policies in projected["targets"].items():
+        print(f"projection (simulation) {target}: step {policies['off']['step_s']:.3f} s unbalanced; EPLB "
+              f"{policies['eplb']['gain']:+.3f} ({policies['eplb']['migrations']} migrations), ours "
+              f"{policies['ours']['gain']:+.3f} ({policies['ours']['migrations']})", flush=True)
+    if args.projection_only:
+        figure = {"name": "projected_gain_ep64", "value": projected["projected_gain_ep64"], "goal": 0.25,
+                  "higher_is_better": True}
+        write_result("balance-projection", figure, [], vars(args) | {"loads": str(loads_path)}, args.json,
+                     **projected)
+        return
     runs = run_layouts(os.path.abspath(__file__), args, worker_arguments(args), lambda run: print(
         f"{run['layout']} {run['regime']} round {run['round']} {run['policy']:>6}: {run['tokens_per_s']:8.0f} tokens/s "
         f"({run['seconds']:.1f} s), mean imbalance "
@@ -240,7 +286,8 @@ def main() -> None:
     out = write_cluster_result("balance", figure, runs, args, host_comm_share=share, regime=runs[0]["regime"],
                                baseline_comm_share=off["comm_share"])
     data = json.loads(out.read_text())
-    data.update(throughput_gain=gain, static_gain=gain_over_off("static"), tokens_per_s=per_policy,
+    data.update(projected_gain_ep64=projected["projected_gain_ep64"], projection=projected,
+                throughput_gain=gain, static_gain=gain_over_off("static"), tokens_per_s=per_policy,
                 tokens_per_s_by_regime=by_regime, prediction_error=errors, planners_on_trace=planners)
     out.write_text(json.dumps(data, indent=1))
     plot(first, out.with_suffix(".png"))

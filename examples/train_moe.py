@@ -7,8 +7,10 @@
 The model: byte embeddings, ``--layers`` blocks of causal attention and an MoE
 feed-forward (``runtime.MoELayer``: ``--experts`` routed SwiGLU experts, ``--top-k`` of them (64 and 8 by
 default, of FFN 1024: fine-grained, as the seeds' models are),
-capacity factor 1.25, one shared expert, Switch Transformer's balance loss),
-a tied output head. The text is the bytes of Python's standard-library
+capacity factor 1.25, one shared expert, Switch Transformer's balance loss;
+``--router sigmoid``: DeepSeek-V3's sigmoid router balanced without an auxiliary loss, its selection
+bias nudged every step against the measured load, beside a balance loss of 1e-4), a tied output head.
+The text is the bytes of Python's standard-library
 sources: each rank reads its own windows, chosen by (seed, rank, step), so a
 resumed run reads what the uninterrupted one would have. The experts are
 spread over the ranks; the other weights are copies whose gradients are
@@ -28,6 +30,8 @@ Every ``--log-every`` steps rank 0 prints the loss (mean since the last line), t
 (every rank's tokens, the steps since the last line) and the communication the graphs left exposed, as
 measured on their second call (``options["profile"]``). ``--checkpoint DIR`` saves every ``--save-every``
 steps and at the end: one file per rank (its experts, optimizer states, the balancer, the losses so far).
+``--record-loads FILE`` writes the (token, choice) pairs each expert was routed, every step and layer, summed
+over the ranks: a ``[steps, layers, experts]`` tensor (``bench/balance.py`` replays it at expert-parallel scale).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
 TECHNIQUES = ("hierarchical", "overlap", "affinity", "balance")
 CAPACITY_FACTOR, AUX_LOSS_COEFF = 1.25, 0.01
+SIGMOID_AUX_LOSS_COEFF = 1e-4  # --router sigmoid: the small balance loss beside the bias
 
 
 def techniques_from(text: str) -> tuple[str, ...]:
@@ -81,6 +86,19 @@ def backend_options(techniques: tuple[str, ...], chunks: str = "auto", profile: 
             "target": target} | ({"dump_dir": dump_dir} if dump_dir else {})
 
 
+class RecordedMoE(MoELayer):
+    """The MoE layer, counting the (token, choice) pairs routed to each expert (``--record-loads``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("routed", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
+
+    def route(self, tokens):
+        weights, expert_ids = super().route(tokens)
+        self.routed.index_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
+        return weights, expert_ids
+
+
 class Block(nn.Module):
     def __init__(self, args, ep_group, balance: bool):
         super().__init__()
@@ -88,11 +106,14 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(args.width), nn.LayerNorm(args.width)
         self.qkv = nn.Linear(args.width, 3 * args.width, bias=False)
         self.proj = nn.Linear(args.width, args.width, bias=False)
-        self.moe = MoELayer(args.width, args.ffn, args.experts, top_k=args.top_k, capacity_factor=CAPACITY_FACTOR,
-                            ep_group=ep_group, num_shared_experts=1, aux_loss_coeff=AUX_LOSS_COEFF, balance=balance,
-                            # one spare slot per rank: the slots must split evenly over the ranks
-                            redundant_experts=(dist.get_world_size(ep_group) if ep_group is not None else 1)
-                            if balance else 0)
+        sigmoid = args.router == "sigmoid"
+        self.moe = (RecordedMoE if args.record_loads else MoELayer)(
+            args.width, args.ffn, args.experts, top_k=args.top_k, capacity_factor=CAPACITY_FACTOR,
+            ep_group=ep_group, num_shared_experts=1, balance=balance, score=args.router,
+            aux_loss_coeff=SIGMOID_AUX_LOSS_COEFF if sigmoid else AUX_LOSS_COEFF,
+            router_bias_update=args.router_bias_update if sigmoid else 0.0,
+            # one spare slot per rank: the slots must split evenly over the ranks
+            redundant_experts=(dist.get_world_size(ep_group) if ep_group is not None else 1) if balance else 0)
 
     def forward(self, x):
         b, s, d = x.shape
@@ -143,6 +164,9 @@ class Trainer:
         if args.experts % self.world:
             raise SystemExit(f"--experts {args.experts} must be a multiple of the {self.world} ranks (expert parallel "
                              "over all of them)")
+        if args.router == "sigmoid" and "affinity" in self.techniques:
+            raise SystemExit("--router sigmoid: affinity routing works on softmax routers only; leave affinity out of "
+                             "--techniques or use --router softmax")
         torch.manual_seed(args.seed)  # the same copies of the shared weights on every rank
         ep_group = dist.group.WORLD if self.world > 1 else None
         self.model = MoETransformer(args, ep_group, balance="balance" in self.techniques)
@@ -162,6 +186,7 @@ class Trainer:
         self.compiled_at: list[int] = []  # the steps that compiled a graph (left out of tokens/s)
         self.graphs: set[str] = set()  # the compiled graphs that are this run's (others may share the process)
         self.inter_node_bytes = 0
+        self.loads: list[torch.Tensor] = []  # --record-loads: [layers, experts] a step, every rank's
 
     def train(self, until: int) -> None:
         """Train up to step ``until``."""
@@ -176,6 +201,8 @@ class Trainer:
             self.inter_node_bytes += traffic.read().inter_node - sent
             self.seconds.append(seconds)
             self.losses.append(loss)
+            if self.args.record_loads:
+                self.loads.append(self._routed())
             self.step += 1
             if self.rank == 0 and self.args.log_every and (self.step % self.args.log_every == 0 or self.step == until):
                 print(self.progress_line(), flush=True)
@@ -198,6 +225,15 @@ class Trainer:
             dist.all_reduce(mean_loss)
             measured[1] /= self.world
         return float(measured[0]), float(measured[1])
+
+    def _routed(self) -> torch.Tensor:
+        """This step's (token, choice) pairs per expert and layer, every rank's; the counters start again."""
+        routed = torch.stack([block.moe.routed for block in self.model.blocks])
+        if self.world > 1:
+            dist.all_reduce(routed)
+        for block in self.model.blocks:
+            block.moe.routed.zero_()
+        return routed
 
     def _average_shared_gradients(self) -> None:
         """The gradients of the mean loss over every rank's batch: the copies' averaged over the ranks (one
@@ -278,7 +314,8 @@ class Trainer:
         return True
 
     def _identity(self) -> dict:
-        keep = ("backend", "layers", "width", "heads", "ffn", "experts", "seq_len", "batch", "lr", "seed")
+        keep = ("backend", "layers", "width", "heads", "ffn", "experts", "seq_len", "batch", "lr", "seed", "router",
+                "router_bias_update")
         return {**{k: getattr(self.args, k) for k in keep}, "techniques": list(self.techniques), "world": self.world}
 
 
@@ -298,6 +335,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=int, default=1024, help="hidden units of each expert")
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8, help="routed experts per token")
+    p.add_argument("--router", default="softmax", choices=("softmax", "sigmoid"),
+                   help="softmax top-k with Switch's balance loss, or DeepSeek-V3's sigmoid router balanced by its "
+                        "selection bias (no affinity routing)")
+    p.add_argument("--router-bias-update", type=float, default=1e-3,
+                   help="--router sigmoid: the bias's step against the measured load each step (DeepSeek-V3's γ)")
+    p.add_argument("--record-loads", default=None, metavar="FILE",
+                   help="save each step's (token, choice) pairs per layer and expert, summed over the ranks")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4, help="sequences per rank and step")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -323,6 +367,8 @@ def main(argv=None) -> None:
         trainer.train(args.steps)
         if args.checkpoint:
             trainer.save()
+        if args.record_loads and trainer.rank == 0:
+            torch.save(torch.stack(trainer.loads), args.record_loads)
         if trainer.rank == 0:
             print("RESULT " + json.dumps(trainer.result(warmup=min(3, max(0, trainer.step - 1)))), flush=True)
     finally:

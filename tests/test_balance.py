@@ -294,3 +294,18 @@ def test_a_placement_pays_each_step_for_the_replicas_it_spreads_across_ranks():
     load = torch.tensor([[25.0, 25.0, 25.0, 25.0]])
     assert balancer._seconds_saved([spread], load) - balancer._seconds_saved([kept_home], load) == \
         pytest.approx(-2 * expert_bytes / 1e6)
+
+
+def test_the_projection_to_expert_parallel_scale_migrates_only_where_it_pays():
+    from moe_ascend.compiler.planner.balance_projection import project
+
+    even = torch.full((20, 1, 64), 128)  # 20 steps of one layer, every expert equally loaded
+    for target in project(even)["targets"].values():
+        assert target["ours"]["migrations"] == 0 and target["ours"]["gain"] == pytest.approx(0, abs=1e-12)
+        assert target["eplb"]["gain"] <= 1e-12  # (it re-plans regardless: at best nothing gained)
+    hot = even.clone()
+    hot[:, :, 5] *= 8  # one expert takes eight times its share, every step
+    skewed = project(hot)
+    ep64 = skewed["targets"]["ascend-910b/ep64"]
+    assert ep64["off"]["step_s"] > ep64["ours"]["step_s"] and ep64["ours"]["migrations"] >= 1
+    assert skewed["projected_gain_ep64"] == ep64["ours"]["gain"] > 0.2 and skewed["simulation"] is True

@@ -51,10 +51,10 @@ def load_common():
 
 def test_a_regime_is_a_target_to_scale_the_links_to_or_a_rate():
     common = load_common()
-    assert common._regime_flags("1gbit", 1e11) == ["--inter-node-bandwidth", "1gbit"]
-    assert common._regime_flags("ascend-910b", 1.2e11) == ["--scale-to", "ascend-910b", "--host-flops",
+    assert common.regime_flags("1gbit", 1e11) == ["--inter-node-bandwidth", "1gbit"]
+    assert common.regime_flags("ascend-910b", 1.2e11) == ["--scale-to", "ascend-910b", "--host-flops",
                                                            "120000000000.0"]
-    assert common._regime_flags("mine.yaml", None) == ["--scale-to", "mine.yaml"]
+    assert common.regime_flags("mine.yaml", None) == ["--scale-to", "mine.yaml"]
 
 
 @pytest.mark.parametrize("share, layout, warned", [(0.04, "2x1", False), (0.06, "2x1", True), (0.09, "4x2", False),

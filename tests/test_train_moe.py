@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_moe
 from distributed import launch
@@ -70,3 +71,19 @@ def test_resuming_with_other_arguments_is_refused(tmp_path, single_rank_group):
 def test_unknown_techniques_say_which_are_known():
     with pytest.raises(SystemExit, match=r"unknown \['fast'\].*'hierarchical', 'overlap', 'affinity', 'balance'"):
         train_moe.techniques_from("overlap,fast")
+
+
+def test_the_sigmoid_router_trains_balanced_by_its_bias_and_its_loads_are_recorded(tmp_path):
+    loads = tmp_path / "loads.pt"
+    result, _ = train("--steps", "4", "--router", "sigmoid", "--router-bias-update", "0.01", "--techniques",
+                      "hierarchical,overlap", "--target", "eager", "--record-loads", str(loads))
+    assert len(result["losses"]) == 4
+    recorded = torch.load(loads)
+    # [steps, layers, experts]: every (token, choice) pair of both ranks, each step and layer
+    assert recorded.shape == (4, 2, 4) and (recorded.sum(-1) == 2 * 2 * 32 * 2).all()
+
+
+def test_affinity_routing_refuses_the_sigmoid_router_with_the_reason(single_rank_group):
+    args = train_moe.parser().parse_args([*SMALL, "--router", "sigmoid", "--techniques", "affinity"])
+    with pytest.raises(SystemExit, match="affinity routing works on softmax routers only"):
+        train_moe.Trainer(args)
