@@ -10,6 +10,7 @@ check (``StepModel.expressions``, built when first asked for):
     out = model.evaluate({"tp": tp, "ep": ep, "pp": pp, "vpp": vpp, "dp": dp, "mb": mb,
                           "recompute": rc, "chunks": n, "hierarchical": hier})   # arrays in, arrays out
     model.evaluate({..., "groups": g})   # and token groups, where a pass asks (the planner searches g = 1)
+    model.evaluate({..., "dualpipe": 1})  # or "fb_overlap": 1; recompute 0 none, 1 full, 2 selective
     out["step_s"], out["memory_bytes"], out["tokens_per_s"], out["mfu"]
 
 What one step costs, on the busiest device (the slowest pipeline stage, the
@@ -20,7 +21,10 @@ busiest expert-parallel rank):
   the experts' grouped matmuls and causal attention at their own rates where
   the profile has them; elementwise work by memory bandwidth (the norms and
   residuals per token, the dispatch, SwiGLU and combine per expert row);
-  backward is twice forward; full recomputation runs forward again; experts
+  backward is twice forward; full recomputation runs forward again, selective
+  recomputation the model's ``selective_recompute`` parts (norms, MLA's
+  up-projections, SwiGLU) in backward; with the FP8 recipe the linear layers
+  run at the FP8 peak and their inputs are cast at memory speed; experts
   are slowed by the routing imbalance (busiest / mean expert load);
 - communication by alpha-beta per link class, intra-node or inter-node
   (a group crosses nodes when its ranks are further apart than a node holds):
@@ -32,24 +36,36 @@ busiest expert-parallel rank):
   the latency; the device hides ``overlap_efficiency`` of what overlaps), or
   with the micro-batch in ``groups`` token groups (each group's exchanges
   hide under the other groups' whole layer, attention included, all but one
-  exchange per layer; every matmul has a group's rows);
+  exchange per layer; every matmul has a group's rows), or with paired
+  micro-batches (DualPipe, or forward-backward overlap in 1F1B: each exchange
+  under the other micro-batch's layer of the other direction); a node limit
+  caps the nodes the two-step exchange crosses to; an FP8 dispatch sends a
+  byte a value;
   pipeline p2p; the data-parallel gradient reduce-scatter and parameter
   all-gather (distributed optimizer), hidden under one micro-batch's backward
   and forward unless the recipe says not to;
 - the optimizer (Adam's reads and writes of each weight it updates) and the
   gradient buffers (zeroed once a step, added into by each micro-batch);
 - the pipeline: ``(micro-batches + (pp - 1) / vpp)`` stage times (1F1B,
-  interleaved with ``vpp`` virtual stages);
+  interleaved with ``vpp`` virtual stages), or DualPipe's ``(pp/2 - 1)``
+  forward chunks of bubble;
 - memory: weights (bf16, or fp32 by the recipe), fp32 gradients, Adam's
   moments and fp32 master weights (mixed precision), sharded over data
-  parallel with the distributed optimizer; activations per layer (Korthikanti et
-  al.'s ``34·s·b·h`` with sequence parallel and flash attention, which keeps
-  no score matrix, plus the experts' dispatched rows), ``pp`` micro-batches
-  in flight on the first stage (``1 + (pp - 1)/(pp·vpp)`` times that when
-  interleaved), or only each layer's input under full recomputation.
+  parallel with the distributed optimizer (ZeRO-1; ZeRO-2 shards the gradients
+  too); activations per layer (each tensor a backward reads with fused kernels,
+  MLA's latents and up-projections included; Korthikanti et al.'s ``34·s·b·h``
+  for unfused layers; sequence parallel and flash attention, which keeps no
+  score matrix; plus the experts' dispatched rows; selective recomputation
+  drops what it recomputes, FP8 keeps linear inputs in a byte), ``pp``
+  micro-batches in flight on the first stage (``1 + (pp - 1)/(pp·vpp)`` times
+  that when interleaved; DualPipe ``pp + 1`` and two stages' weights), or only
+  each layer's input under full recomputation.
 
-Ranks are numbered tensor-parallel fastest, then data parallel (expert
-parallel inside it), then pipeline (Megatron's order).
+Ranks are numbered tensor-parallel fastest, then data parallel, then pipeline
+(Megatron's order). The expert group is ``ep`` consecutive ranks, folded over
+tensor and data parallel (Megatron-Core's parallel folding with expert tensor
+parallel 1, MindSpeed's TP-extend-EP): each device dispatches its own
+sequence-parallel share of the tokens.
 """
 
 from __future__ import annotations
