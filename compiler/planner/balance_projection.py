@@ -27,66 +27,85 @@ from moe_ascend.runtime.balance.predict import Trend
 # (pipeline 16, selective recomputation, the two-step exchange; data parallel 2 expert groups).
 PROJECTION_TARGETS = {"ascend-910b": "pangu-ultra-moe", "h100": "deepseek-v3"}
 PROJECTION_EP = (32, 64)
+POLICIES = ("off", "eplb", "ours")
+
+
+class _Target:
+    """One projected cluster: its step at a given imbalance (the step model's, cached) and a migration's time,
+    which moves each re-placed slot's weights and Adam state (14 bytes a parameter) over the inter-node link, the
+    slots spread over the ranks."""
+
+    def __init__(self, model: MoEModel, hardware: Hardware, ep: int):
+        self.model, self.hardware, self.ep = model, hardware, ep
+        self.layout = {"tp": 1, "pp": 16, "ep": ep, "dp": 2 * ep, "recompute": 2, "hierarchical": 1}
+        self.slot_seconds = 14 * 3 * model.hidden * model.expert_ffn / (hardware.inter_node_bandwidth
+                                                                       / hardware.ranks_per_node)
+
+    def step_s(self, busiest_over_mean: float) -> float:
+        return self._step_at(round(busiest_over_mean, 3))
+
+    @functools.lru_cache(maxsize=None)
+    def _step_at(self, busiest_over_mean: float) -> float:
+        model = dataclasses.replace(self.model, imbalance=busiest_over_mean)
+        return score(model, self.hardware, 32 * self.ep, self.layout)["step_s"]
+
+    def migration_s(self, moved_slots: int) -> float:
+        return -(-moved_slots // self.ep) * self.slot_seconds
 
 
 def project(loads: torch.Tensor, interval: int = 10, horizon: int = 8) -> dict:
     """Recorded loads ``[steps, layers, experts]`` replayed on 32 and 64 expert-parallel ranks of each target:
     the step model's step with the busiest rank's load over the mean as its ``imbalance``, for no balancing (the
-    experts in order), EPLB (one spare slot per rank, re-planned from each window's load, always migrating) and
-    ours (the same slots, planned from the trend predictor's forecast, migrating only when the predicted gain over
-    ``horizon`` windows beats the migration's time). A migration moves each re-placed slot's weights and Adam
-    state (14 bytes a parameter) over the inter-node link, the slots spread over the ranks."""
-    steps, layers, experts = loads.shape
+    experts in order), EPLB (one spare slot per rank, re-planned from each ``interval``-step window's load, always
+    migrating) and ours (the same slots, planned from the trend predictor's forecast, migrating only when the step
+    time saved over ``horizon`` windows beats the migration's)."""
     loads = loads.double()
     result = {"simulation": True, "what": "recorded loads replayed at expert-parallel scale through the step model "
                                           "(no cluster of that size ran)", "targets": {}}
     for hardware_name, model_name in PROJECTION_TARGETS.items():
-        hardware, base = Hardware.load(hardware_name), MoEModel.load(model_name)
+        hardware, model = Hardware.load(hardware_name), MoEModel.load(model_name)
         for ep in PROJECTION_EP:
-            if experts % ep:
+            if loads.shape[2] % ep:
                 continue
-            layout = {"tp": 1, "pp": 16, "ep": ep, "dp": 2 * ep, "recompute": 2, "hierarchical": 1}
-
-            @functools.lru_cache(maxsize=None)
-            def step_at(busiest_over_mean: float) -> float:
-                return score(dataclasses.replace(base, imbalance=busiest_over_mean), hardware, 32 * ep,
-                             layout)["step_s"]
-
-            def step_s(busiest_over_mean: float) -> float:
-                return step_at(round(busiest_over_mean, 3))
-
-            slot_seconds = 14 * 3 * base.hidden * base.expert_ffn / (hardware.inter_node_bandwidth
-                                                                    / hardware.ranks_per_node)
-            policies = {}
-            for policy in ("off", "eplb", "ours"):
-                seconds, migrations = 0.0, 0
-                for layer in range(layers):
-                    placement = Placement.initial(experts, ep, 0 if policy == "off" else ep)
-                    predictor = Trend()
-                    for window in range(0, steps, interval):
-                        load = loads[window:window + interval, layer]
-                        if window and policy != "off":
-                            seen = loads[window - interval:window, layer].mean(0)
-                            if policy == "eplb":
-                                planned = greedy_placement(seen, placement.num_slots, ep)
-                            else:
-                                predictor.update(seen)
-                                forecast = predictor.predict(horizon)
-                                planned = plan_placement(forecast, placement)
-                                gain = horizon * interval * (step_s(imbalance(placement, forecast))
-                                                             - step_s(imbalance(planned, forecast)))
-                                if gain <= -(-moved_experts(placement, planned) // ep) * slot_seconds * layers:
-                                    planned = placement
-                            moved = moved_experts(placement, planned)
-                            if moved:
-                                migrations += 1
-                                seconds += -(-moved // ep) * slot_seconds
-                            placement = planned
-                        seconds += sum(step_s(imbalance(placement, row)) for row in load) / layers
-                policies[policy] = {"step_s": seconds / steps, "migrations": migrations}
+            target = _Target(model, hardware, ep)
+            policies = {policy: _replay(policy, loads, target, interval, horizon) for policy in POLICIES}
             for policy in ("eplb", "ours"):
                 policies[policy]["gain"] = policies["off"]["step_s"] / policies[policy]["step_s"] - 1
-            result["targets"][f"{hardware_name}/ep{ep}"] = {"model": model_name, "layout": layout, **policies}
+            result["targets"][f"{hardware_name}/ep{ep}"] = {"model": model_name, "layout": target.layout, **policies}
     ep64 = result["targets"].get("ascend-910b/ep64")
     result["projected_gain_ep64"] = ep64["ours"]["gain"] if ep64 else None
     return result
+
+
+def _replay(policy: str, loads: torch.Tensor, target: _Target, interval: int, horizon: int) -> dict:
+    """One policy over every layer's recorded steps: the mean step (each layer's share of it, migrations
+    included) and how many times it migrated."""
+    steps, layers, experts = loads.shape
+    seconds, migrations = 0.0, 0
+    for layer in range(layers):
+        placement = Placement.initial(experts, target.ep, 0 if policy == "off" else target.ep)
+        predictor = Trend()
+        for window in range(0, steps, interval):
+            if window and policy != "off":
+                seen = loads[window - interval:window, layer].mean(0)
+                planned = _plan(policy, seen, placement, predictor, target, horizon, horizon * interval / layers)
+                if moved := moved_experts(placement, planned):
+                    migrations += 1
+                    seconds += target.migration_s(moved)
+                placement = planned
+            seconds += sum(target.step_s(imbalance(placement, step)) for step in loads[window:window + interval, layer]
+                           ) / layers
+    return {"step_s": seconds / steps, "migrations": migrations}
+
+
+def _plan(policy: str, seen: torch.Tensor, placement: Placement, predictor: Trend, target: _Target, horizon: int,
+          steps_served: float) -> Placement:
+    """EPLB re-plans from the window just seen. Ours plans for the forecast and keeps the current placement unless
+    the step time the new one saves over the steps it serves (this layer's share) beats its migration."""
+    if policy == "eplb":
+        return greedy_placement(seen, placement.num_slots, placement.ranks)
+    predictor.update(seen)
+    forecast = predictor.predict(horizon)
+    planned = plan_placement(forecast, placement)
+    saved = steps_served * (target.step_s(imbalance(placement, forecast)) - target.step_s(imbalance(planned, forecast)))
+    return planned if saved > target.migration_s(moved_experts(placement, planned)) else placement
