@@ -25,13 +25,11 @@ LONGEST = ("test_train_moe.py", "test_hierarchical_a2a.py", "test_token_groups.p
 
 
 def pytest_collection_modifyitems(items):
-    """The `exclusive` tests first (each waits for the test running beside it to end: at the start that is another
-    short exclusive one), then the `slow` ones, the longest jobs' files first: under xdist the short ones then fill
-    in around them, where a long test started last would leave the other worker idle until it ends."""
+    """The `slow` tests first, the longest jobs' files first among them: under xdist the short ones then fill in
+    around them, where a long test started last would leave the other worker idle until it ends."""
     def order(item):
         name = item.path.name
-        return (item.get_closest_marker("exclusive") is None, item.get_closest_marker("slow") is None,
-                LONGEST.index(name) if name in LONGEST else len(LONGEST))
+        return item.get_closest_marker("slow") is None, LONGEST.index(name) if name in LONGEST else len(LONGEST)
 
     items.sort(key=order)
 
