@@ -40,12 +40,12 @@ class _Target:
         self.layout = {"tp": 1, "pp": 16, "ep": ep, "dp": 2 * ep, "recompute": 2, "hierarchical": 1}
         self.slot_seconds = 14 * 3 * model.hidden * model.expert_ffn / (hardware.inter_node_bandwidth
                                                                        / hardware.ranks_per_node)
+        self._step_at = functools.cache(self._score)  # this target's, rounded: a replay asks for few values
 
     def step_s(self, busiest_over_mean: float) -> float:
         return self._step_at(round(busiest_over_mean, 3))
 
-    @functools.lru_cache(maxsize=None)
-    def _step_at(self, busiest_over_mean: float) -> float:
+    def _score(self, busiest_over_mean: float) -> float:
         model = dataclasses.replace(self.model, imbalance=busiest_over_mean)
         return score(model, self.hardware, 32 * self.ep, self.layout)["step_s"]
 

@@ -210,11 +210,10 @@ class MoEModel:
         kv = self.kv_heads or heads
         return h + (heads + 2 * kv) * self.head_dim, norm_output * h + heads * self.head_dim
 
-    def mlp_activations(self, ffn: int, selective: bool) -> tuple[float, float]:
-        """The same for one row through a SwiGLU MLP of ``ffn`` (an expert's row, or a dense or shared MLP's):
-        its gate and up outputs, and its SwiGLU output (the down projection's input) unless recomputed."""
-        swiglu = 0 if selective and "swiglu" in self.selective_recompute else ffn
-        return 2 * ffn, swiglu
+    def swiglu_kept(self, ffn: int, selective: bool) -> int:
+        """What one row through a SwiGLU MLP of ``ffn`` keeps of its SwiGLU output (the down projection's input):
+        all of it, or nothing where selective recomputation redoes it."""
+        return 0 if selective and "swiglu" in self.selective_recompute else ffn
 
     @property
     def expert_params(self) -> float:
@@ -509,7 +508,7 @@ class StepModel:
             plain attention."""
             kept, linear = m.attention_activations(partly_recomputed)
             norm_output = 0 if partly_recomputed and "norm" in redo else h  # the MLP's norm, beside attention's
-            swiglu = m.mlp_activations(f, partly_recomputed)[1]  # the down projection's input, if kept
+            swiglu = m.swiglu_kept(f, partly_recomputed)
             narrow = b - kept_linear  # the bytes FP8 saves on each kept linear input
             if m.fused_kernels:
                 per_token = ((kept + h) * b + (linear + norm_output) * kept_linear + 4 * E
