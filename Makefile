@@ -39,9 +39,9 @@ check: setup
 demo: setup
 	$(PY) examples/demo.py --dump-dir $(DUMPS)
 
-# Every bench/ script, then one report of their figures: bench/results/REPORT.md
+# Every bench/ script, then one report of their figures: bench/results/REPORT.md (QUICK=1: shortened runs)
 bench: setup
-	$(PY) bench/_suite.py
+	$(PY) bench/_suite.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) $(DUMPS) bench/results .pytest_cache

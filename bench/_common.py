@@ -191,16 +191,21 @@ def replayed_exchange(inter_node_bytes: float, repeats: int = 3) -> dict | None:
     return {"comm_s": median(wall[1:]), "host_comm_share": median(c / w for c, w in zip(cpu[1:], wall[1:]))}
 
 
-def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict], None]) -> list[dict]:
-    """``run_on_cluster`` on each of ``args.layouts`` in each of ``args.regimes`` (comma-separated; the figure's
-    regime first); each run is shown with ``show(run)`` as it comes in."""
-    regimes = args.regimes.split(",")
-    if args.host_flops is None and not all(map(_is_rate, regimes)):  # once, so every scaled run gets the same links
+def measure_host_flops(args) -> None:
+    """``args.host_flops``: this host's per-rank compute rate, measured once where a regime scales the links to a
+    target (so every scaled job gets the same links), unless given."""
+    if args.host_flops is None and not all(map(_is_rate, args.regimes.split(","))):
         from moe_ascend.compiler.planner.scaling import host_compute_rate
 
         args.host_flops = host_compute_rate()
+
+
+def run_layouts(script: str, args, worker_args: list[str], show: Callable[[dict], None]) -> list[dict]:
+    """``run_on_cluster`` on each of ``args.layouts`` in each of ``args.regimes`` (comma-separated; the figure's
+    regime first); each run is shown with ``show(run)`` as it comes in."""
+    measure_host_flops(args)
     runs = []
-    for regime in regimes:
+    for regime in args.regimes.split(","):
         print(f"-- {regime}", flush=True)
         for layout in args.layouts.split(","):
             for run in run_on_cluster(script, layout, regime, worker_args, args.host_flops):

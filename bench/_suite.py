@@ -1,6 +1,7 @@
 """``make bench``: every benchmark of bench/, one after another, and one report of their figures.
 
     python bench/_suite.py            # run them all, then write bench/results/REPORT.md
+    python bench/_suite.py --quick    # shortened runs of each (make bench QUICK=1)
     python bench/_suite.py --report   # only the report, from the JSON already in bench/results/
 
 Each benchmark runs as its own process (its default arguments: the figures DESIGN.md's benchmarks define) and
@@ -27,18 +28,32 @@ def benchmarks() -> list[Path]:
     return sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_"))
 
 
-def run_all() -> dict[str, float]:
+# ``--quick`` (make bench QUICK=1): every figure from shortened runs (fewer steps, rounds and repeats; the figure's
+# layout and regime only), each JSON's config saying so
+QUICK = {
+    "a2a": ["--layouts", "4x2", "--regimes", "ascend-910b", "--top-k", "2,8", "--repeats", "2"],
+    "balance": ["--regimes", "ascend-910b", "--steps", "80", "--record-steps", "20"],
+    "compile_overhead": ["--repeats", "1"],
+    "e2e": ["--layouts", "2x1", "--regimes", "ascend-910b", "--steps", "12", "--warmup", "3", "--average", "5"],
+    "moe_layer": ["--steps", "10"],
+    "overlap": ["--layouts", "2x1", "--regimes", "ascend-910b", "--rounds", "2"],
+    "planner": ["--steps", "5"],
+    "routing_quality": ["--steps", "100"],
+}
+
+
+def run_all(quick: bool = False) -> dict[str, float]:
     """Each benchmark's wall seconds; the first that fails ends the suite with its exit status."""
     seconds = {}
     for script in benchmarks():
         print(f"== {script.name}", flush=True)
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, str(script)])
+        done = subprocess.run([sys.executable, str(script), *(QUICK.get(script.stem, []) if quick else [])])
         seconds[script.stem] = time.perf_counter() - started
         print(f"== {script.name}: {seconds[script.stem] / 60:.1f} min", flush=True)
         if done.returncode != 0:
             sys.exit(f"{script.name} failed (exit {done.returncode}); the suite stops here")
-    (RESULTS / "durations.json").write_text(json.dumps(seconds, indent=1))
+    (RESULTS / "durations.json").write_text(json.dumps({"quick": quick, "seconds": seconds}, indent=1))
     return seconds
 
 
@@ -53,11 +68,12 @@ def _number(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
 
 
-def report(seconds: dict[str, float]) -> str:
+def report(seconds: dict[str, float], quick: bool = False) -> str:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.stem != "durations"}
+    shortened = " Shortened runs (`make bench QUICK=1`): read each figure with its configuration." if quick else ""
     lines = ["# moe_ascend benchmarks", "",
              f"Written by `make bench` (bench/_suite.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-             f"all benchmarks took {sum(seconds.values()) / 60:.1f} min." if seconds else
+             f"all benchmarks took {sum(seconds.values()) / 60:.1f} min.{shortened}" if seconds else
              "Written by `python bench/_suite.py --report` from the results already in bench/results/.", "",
              "| benchmark | figure | value | goal | |", "|---|---|---|---|---|"]
     for name, data in results.items():
@@ -70,6 +86,7 @@ def report(seconds: dict[str, float]) -> str:
         lines += ["", f"## {name}", ""]
         if name in seconds:
             lines.append(f"Wall time: {seconds[name] / 60:.1f} min.")
+        lines += [f"![{png.stem}]({png.name})" for png in sorted(RESULTS.glob(f"{name}*.png"))]
         lines.append(f"Machine: `{json.dumps(data.get('machine'))}`")
         lines.append(f"Configuration: `{json.dumps(data.get('config'))}`")
         for key, value in extra.items():
@@ -84,12 +101,14 @@ def report(seconds: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", action="store_true", help="only write the report from bench/results/")
+    parser.add_argument("--quick", action="store_true", help="shortened runs of every benchmark (see QUICK)")
     args = parser.parse_args()
-    seconds = {} if args.report else run_all()
+    seconds, quick = ({}, False) if args.report else (run_all(args.quick), args.quick)
     if args.report and (RESULTS / "durations.json").exists():
-        seconds = json.loads((RESULTS / "durations.json").read_text())
+        durations = json.loads((RESULTS / "durations.json").read_text())
+        seconds, quick = durations["seconds"], durations["quick"]
     RESULTS.mkdir(exist_ok=True)
-    REPORT.write_text(report(seconds))
+    REPORT.write_text(report(seconds, quick))
     print(f"wrote {REPORT}")
 
 

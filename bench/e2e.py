@@ -1,11 +1,18 @@
 """End to end: examples/train_moe.py's MoE transformer with each technique alone and all together, against the
 inductor baseline, on the emulated cluster.
 
-    python bench/e2e.py                          # 2 x 1 ranks, links scaled to ascend-910b (the figure) and 1 Gbit/s
-    python bench/e2e.py --layouts 2x1,2x2 --steps 40
+    python bench/e2e.py                     # the figure's job and the three beside it (below)
+    python bench/e2e.py --layouts 2x1 --regimes ascend-910b --models top8-of-64 --steps 40   # the figure's only
 
-The model is train_moe's in the seeds' shape: 64 routed experts of FFN 1024, top-8, one shared expert, 2 blocks
-(``--experts 8 --top-k 2 --ffn 512`` is the small model earlier figures used).
+The models are train_moe's transformer (2 blocks, one shared expert) with two shapes of routed experts:
+
+    top8-of-64    the seeds' shape: 64 fine-grained experts of FFN 1024, top-8 (the figure's)
+    top2-of-8     8 experts of FFN 512, top-2: the small model of earlier figures, where a token's two choices
+                  rarely share a node, so the two-step exchange saves little
+
+The jobs: the first model on each layout in each regime, and the other models on the first layout in the first
+regime. The first job (the figure's: top8-of-64 on 2 x 1, links scaled to ascend-910b) trains every variant; the
+jobs beside it (2 x 2, 1 Gbit/s, top2-of-8) train ``--beside-variants`` (the baseline and all together).
 
 The variants:
 
@@ -41,8 +48,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _common import (add_regime_arguments, host_comm_share_checked, replayed_exchange, run_layouts,  # noqa: E402
-                     worker_arguments, write_cluster_result)
+from _common import (add_regime_arguments, host_comm_share_checked, measure_host_flops,  # noqa: E402
+                     replayed_exchange, run_on_cluster, worker_arguments, write_cluster_result)
 from train_moe import TECHNIQUES, Trainer, parser as train_parser  # noqa: E402
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
@@ -60,6 +67,31 @@ def trainer_args(args, variant: str) -> argparse.Namespace:
     train.backend, train.techniques, train.log_every, train.checkpoint = backend, techniques, 0, None
     train.no_profile = True  # the profiler windows of several compiled models taking turns in one process collide
     return train
+
+
+MODELS = {"top8-of-64": {"experts": 64, "top_k": 8, "ffn": 1024}, "top2-of-8": {"experts": 8, "top_k": 2, "ffn": 512}}
+
+
+def jobs(args) -> list[tuple[str, str, str, str]]:
+    """``(regime, layout, model, variants)`` of each job: the first model everywhere, the others on the first layout
+    in the first regime; every variant in the first job, ``--beside-variants`` in the others."""
+    regimes, layouts, models = (getattr(args, name).split(",") for name in ("regimes", "layouts", "models"))
+    where = [(r, layout, models[0]) for r in regimes for layout in layouts]
+    where[1:1] = [(regimes[0], layouts[0], m) for m in models[1:]]
+    return [(r, layout, m, args.variants if i == 0 else args.beside_variants) for i, (r, layout, m) in enumerate(where)]
+
+
+def run_jobs(args) -> list[dict]:
+    """Each job on the emulated cluster, its runs shown as they come in (each tagged with its model)."""
+    measure_host_flops(args)
+    runs = []
+    for regime, layout, model, variants in jobs(args):
+        print(f"-- {model} on {layout}, {regime}: {variants}", flush=True)
+        job = argparse.Namespace(**{**vars(args), **MODELS[model], "variants": variants})
+        for run in run_on_cluster(os.path.abspath(__file__), layout, regime, worker_arguments(job), args.host_flops):
+            runs.append(run | {"model": model})
+            show(runs[-1])
+    return runs
 
 
 def worker(args) -> None:
@@ -108,55 +140,66 @@ def summary(runs: list[dict]) -> dict:
 
 
 def _where(run: dict) -> str:
-    return f"{run['layout']} {run['regime']}"
+    return f"{run['model']} {run['layout']} {run['regime']}"
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(table: dict, runs: list[dict], path: Path) -> None:
+    """Each job's speedups as bars, and the loss curves of the figure's job (the first) beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layouts = list(table)
-    variants = list(dict.fromkeys(v for layout in layouts for v in table[layout]))
-    figure, axis = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(layouts)
-    for i, layout in enumerate(layouts):
-        speedups = [table[layout].get(v, {}).get("speedup") or 0 for v in variants]
-        bars = axis.bar([x + i * width for x in range(len(variants))], speedups, width, label=layout)
-        axis.bar_label(bars, fmt="%.2f", fontsize=7)
-    axis.axhline(1.0, color="gray", linewidth=0.8)
-    axis.axhline(1.8, color="tab:red", linewidth=0.8, linestyle="--", label="goal: all together 1.8x")
-    axis.set_xticks([x + width * (len(layouts) - 1) / 2 for x in range(len(variants))], variants)
-    axis.set_ylabel("tokens/s over the inductor baseline")
-    axis.legend(fontsize=8)
+    jobs = list(table)
+    variants = list(dict.fromkeys(v for job in jobs for v in table[job]))
+    figure, (bars_axis, loss_axis) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(jobs)
+    for i, job in enumerate(jobs):
+        speedups = [table[job].get(v, {}).get("speedup") or 0 for v in variants]
+        bars = bars_axis.bar([x + i * width for x in range(len(variants))], speedups, width, label=job)
+        bars_axis.bar_label(bars, fmt="%.2f", fontsize=6)
+    bars_axis.axhline(1.0, color="gray", linewidth=0.8)
+    bars_axis.axhline(1.8, color="tab:red", linewidth=0.8, linestyle="--", label="goal: all together 1.8x")
+    bars_axis.set_xticks([x + width * (len(jobs) - 1) / 2 for x in range(len(variants))], variants)
+    bars_axis.set_ylabel("tokens/s over the inductor baseline")
+    bars_axis.legend(fontsize=7)
+    for run in runs:
+        if _where(run) == jobs[0]:
+            loss_axis.plot(range(1, len(run["losses"]) + 1), run["losses"], label=run["variant"], linewidth=1)
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel(f"training loss ({jobs[0]})")
+    loss_axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, dpi=90)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_regime_arguments(parser, "2x1")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma separated, of " + ", ".join(VARIANTS))
+    add_regime_arguments(parser, "2x1,2x2")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="the first job's, comma separated, of " + ", ".join(VARIANTS))
+    parser.add_argument("--beside-variants", default="baseline,all", help="the other jobs' variants")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma separated, of " + ", ".join(MODELS) + "; the first is the figure's")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--block", type=int, default=5, help="steps a variant trains before the next one's turn")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each variant left out of tokens/s")
     parser.add_argument("--average", type=int, default=10, help="last steps the final loss averages")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=1024, help="hidden units of each expert")
+    for name in ("--experts", "--top-k", "--ffn"):  # a worker's model (from --models)
+        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=4, help="sequences of 128 bytes per rank and step")
     parser.add_argument("--chunks", default="auto", help="the overlap's chunk count (2 or more), or auto")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; give some of {list(VARIANTS)}")
+    for given, known in [(args.variants + "," + args.beside_variants, VARIANTS), (args.models, MODELS)]:
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:
+            parser.error(f"unknown {unknown}; give some of {list(known)}")
     if args.worker:
         return worker(args)
-    runs = run_layouts(os.path.abspath(__file__), args, worker_arguments(args), show)
+    runs = run_jobs(args)
     table = summary(runs)
     first = table[_where(runs[0])]  # the first layout in the first regime
     together = first.get("all", {})
@@ -169,7 +212,7 @@ def main() -> None:
     data = json.loads(out.read_text())
     data.update(speedup_all_vs_baseline=together.get("speedup"), loss_ratio=together.get("loss_ratio"), table=table)
     out.write_text(json.dumps(data, indent=1))
-    plot(table, out.with_suffix(".png"))
+    plot(table, runs, out.with_suffix(".png"))
     for layout, rows in table.items():
         print(f"{layout}: " + ", ".join(f"{v} {r['speedup']:.2f}x (loss {r['loss_ratio']:.3f})" for v, r in rows.items()
                                         if r["speedup"] is not None))

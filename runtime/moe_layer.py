@@ -196,8 +196,11 @@ class MoELayer(nn.Module):
         return self._placement
 
     def capacity(self, num_tokens: int) -> int:
-        """Slots per expert per source rank: ``ceil(k·T/E · capacity_factor)``."""
-        return max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
+        """Rows per expert slot per source rank: ``ceil(k·T/E · capacity_factor)``, the budget of ``E`` experts
+        shared by the ``E + R`` slots of a balanced layer (a replica takes its rows from the budget, not on top
+        of it: redundant slots add no bytes to the exchange and no rows to the matmuls)."""
+        per_expert = max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
+        return max(1, per_expert * self.num_experts // self.num_slots)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])

@@ -129,6 +129,16 @@ def test_a_balanced_layer_with_replicas_computes_what_the_plain_layer_does(capac
     torch.testing.assert_close(balanced.w_gate_up.grad, plain.w_gate_up.grad[[3, 0, 1, 2, 3, 0]])
 
 
+@pytest.mark.parametrize("tokens", [12, 100, 4096])
+def test_replicas_take_their_capacity_from_the_experts_budget_not_on_top_of_it(tokens):
+    plain = MoELayer(D, F, E, K, capacity_factor=1.25)
+    balanced = MoELayer(D, F, E, K, capacity_factor=1.25, balance=True, redundant_experts=2)
+    # the buffer (the exchange's bytes, the matmuls' rows) is no larger than the plain layer's ...
+    assert balanced.capacity(tokens) * balanced.num_slots <= plain.capacity(tokens) * E
+    # ... and within one row a slot of it
+    assert (plain.capacity(tokens) * E - balanced.capacity(tokens) * balanced.num_slots) < balanced.num_slots
+
+
 def test_a_new_placement_reaches_the_compiled_graph_without_a_recompile():
     counters.clear()
     weights = logical_weights()

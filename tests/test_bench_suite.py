@@ -25,11 +25,39 @@ def test_the_report_says_which_figures_meet_their_goals(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(
             {"figure": figure, "loss_ratio": 1.004, "runs": [{"variant": "all", "tokens_per_s": 1411.0}],
              "machine": {"cpus": 2}, "config": {"steps": 60}}))
+    (tmp_path / "e2e.png").write_bytes(b"")
     report = load_suite(tmp_path).report({"e2e": 660.0})
     assert "| e2e | speedup_all_vs_baseline | 0.87 | >= 1.8 | not met |" in report
+    assert "![e2e](e2e.png)" in report and "Shortened" not in report
     assert "| planner | mean_abs_error | 0.062 | <= 0.1 | met |" in report
     assert "Wall time: 11.0 min." in report and "- loss_ratio: 1.004" in report
     assert '"tokens_per_s": 1411.0' in report  # the raw runs, as written
+
+
+def test_a_quick_suite_says_its_runs_are_shortened_and_each_shortens_a_real_benchmark(tmp_path):
+    suite = load_suite(tmp_path)
+    assert "Shortened runs (`make bench QUICK=1`)" in suite.report({"e2e": 60.0}, quick=True)
+    assert set(suite.QUICK) == {p.stem for p in suite.benchmarks()}
+
+
+def test_e2e_trains_every_variant_in_the_figures_job_and_the_baseline_and_all_beside_it():
+    import argparse
+    import sys
+
+    sys.path[:0] = [str(SUITE.parent), str(SUITE.parents[1] / "examples")]
+    try:
+        spec = importlib.util.spec_from_file_location("bench_e2e", SUITE.parent / "e2e.py")
+        e2e = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(e2e)
+    finally:
+        del sys.path[:2]
+    args = argparse.Namespace(regimes="ascend-910b,1gbit", layouts="2x1,2x2", models="top8-of-64,top2-of-8",
+                              variants="baseline,balance,all", beside_variants="baseline,all")
+    assert e2e.jobs(args) == [("ascend-910b", "2x1", "top8-of-64", "baseline,balance,all"),
+                              ("ascend-910b", "2x1", "top2-of-8", "baseline,all"),
+                              ("ascend-910b", "2x2", "top8-of-64", "baseline,all"),
+                              ("1gbit", "2x1", "top8-of-64", "baseline,all"),
+                              ("1gbit", "2x2", "top8-of-64", "baseline,all")]
 
 
 def test_a_benchmark_figure_without_its_name_or_goal_is_refused_before_it_is_written(tmp_path):
