@@ -38,7 +38,9 @@ busiest expert-parallel rank):
   hide under the other groups' whole layer, attention included, all but one
   exchange per layer; every matmul has a group's rows), or with paired
   micro-batches (DualPipe, or forward-backward overlap in 1F1B: each exchange
-  under the other micro-batch's layer of the other direction); a node limit
+  under the other micro-batch's layer of the other direction), what it hides
+  costing the share of the device its kernels hold (``comm_compute_share``:
+  a GPU all-to-all's SMs) in compute; a node limit
   caps the nodes the two-step exchange crosses to; an FP8 dispatch sends a
   byte a value;
   pipeline p2p; the data-parallel gradient reduce-scatter and parameter
@@ -50,7 +52,7 @@ busiest expert-parallel rank):
   interleaved with ``vpp`` virtual stages), or DualPipe's ``(pp/2 - 1)``
   forward chunks of bubble;
 - memory: weights (bf16, or fp32 by the recipe), fp32 gradients, Adam's
-  moments and fp32 master weights (mixed precision), sharded over data
+  moments (fp32, or bf16 by the recipe) and fp32 master weights (mixed precision), sharded over data
   parallel with the distributed optimizer (ZeRO-1; ZeRO-2 shards the gradients
   too); activations per layer (each tensor a backward reads with fused kernels,
   MLA's latents and up-projections included; Korthikanti et al.'s ``34·s·b·h``
@@ -148,8 +150,10 @@ class MoEModel:
     distributed_optimizer: bool = True  # ZeRO-1: the optimizer states and master weights sharded over data parallel
     shard_gradients: bool = False  # ZeRO-2: the gradients too
     overlap_grad_sync: bool = True  # the data-parallel collectives hidden under backward and forward
-    # the linear layers' matmuls in FP8 with their inputs kept in FP8 for backward, the dispatch sent in FP8
-    # (DeepSeek-V3's recipe; the router, attention's core, norms and the output layer stay in 16 bits)
+    adam_moment_bytes: int = 4  # each of Adam's two moments (DeepSeek-V3 keeps them in bf16: 2)
+    # the linear layers' matmuls in FP8 with their inputs (and the experts' SwiGLU inputs) kept in FP8 for
+    # backward, the dispatch sent in FP8 (DeepSeek-V3's recipe; the router, attention's core, norms and the output
+    # layer stay in 16 bits)
     fp8: bool = False
     # the norms, SwiGLU and attention as fused kernels (Transformer Engine, MindSpeed's fused ops) that keep their
     # inputs and a few statistics for backward; False: unfused layers, which keep each intermediate
@@ -257,6 +261,10 @@ class Hardware:
     attention_flops: float | None = None  # causal (flash) attention forward + backward; None: as a large matmul
     optimizer_bandwidth: float | None = None  # Adam's reads and writes per second; None: memory_bandwidth
     fp8_matmul_flops: float | None = None  # FP8 dense peak; None: no FP8 matmuls
+    fp8_matmul_efficiency: float | None = None  # the best fraction of the FP8 peak a matmul reaches; None: as bf16
+    # the share of the device's compute that the communication kernels hold while they run (GPUs: the SMs an
+    # all-to-all kernel occupies), taken from the computation they overlap
+    comm_compute_share: float = 0.0
 
     @classmethod
     def load(cls, name_or_path: str) -> "Hardware":
@@ -334,7 +342,8 @@ class StepModel:
         b = m.dtype_bytes
         master = 4 if b < 4 else 0  # mixed precision keeps an fp32 copy of the weights
         kept_linear = 1 if m.fp8 else b  # a linear layer's input kept for its backward
-        fp8_speedup = hw.fp8_matmul_flops / hw.matmul_flops if m.fp8 else 1
+        fp8_speedup = (hw.fp8_matmul_flops * (hw.fp8_matmul_efficiency or hw.matmul_efficiency)
+                       / (hw.matmul_flops * hw.matmul_efficiency)) if m.fp8 else 1
         h, s, k, f, E = m.hidden, m.sequence, m.top_k, m.expert_ffn, m.experts
         tokens = mb * s  # per micro-batch, per data-parallel replica
         microbatches = m.global_batch / (dp * mb)
@@ -430,13 +439,15 @@ class StepModel:
             One group: its own ``experts``, all but the first dispatch and the last combine (the chunk pipeline).
             Several: the other groups' whole ``layer``, all but one exchange (the groups take turns).
             Paired micro-batches (DualPipe, or forward-backward overlap in 1F1B): the ``other`` direction's layer of
-            the micro-batch it runs beside, every exchange."""
+            the micro-batch it runs beside, every exchange. While hidden, the exchange holds
+            ``comm_compute_share`` of the device, which the computation under it loses."""
             per_exchange = a2a_latency + transfer / (chunks * groups)
             link = 2 * chunks * groups * per_exchange
             grouped = fn.above(groups, 1)
             exposed_at_least = (1 - paired) * (2 - grouped) * per_exchange
             under = paired * other + (1 - paired) * (grouped * layer + (1 - grouped) * experts)
-            return link - hw.overlap_efficiency * fn.min(link - exposed_at_least, under)
+            hidden = fn.min(link - exposed_at_least, under)
+            return link - (hw.overlap_efficiency - hw.comm_compute_share) * hidden
 
         moe_compute = attention + elementwise + expert_elementwise + router + shared + expert_compute
         a2a_fwd = exposed_a2a(forward_transfer, expert_compute, moe_compute, 2 * moe_compute)
@@ -486,7 +497,8 @@ class StepModel:
         updated = (dense_per_device / dp + expert_per_device / expert_dp) if m.distributed_optimizer else \
             dense_per_device + expert_per_device
         # Adam reads the gradient, both moments and the (master) weight, writes them back but the gradient
-        optimizer = (28 + (b if master else 0)) * updated / (hw.optimizer_bandwidth or hw.memory_bandwidth)
+        optimizer = ((12 + 4 * m.adam_moment_bytes + (b if master else 0)) * updated
+                     / (hw.optimizer_bandwidth or hw.memory_bandwidth))
         # the gradient buffers: zeroed once a step, each micro-batch's backward adds its gradients in (fp32)
         gradient_buffers = (4 + 12 * microbatches) * (dense_per_device + expert_per_device) / hw.memory_bandwidth
         step = pipeline + dp_exposed + optimizer + gradient_buffers
@@ -495,25 +507,27 @@ class StepModel:
         # DualPipe keeps two pipeline stages' weights on each device, and one more micro-batch in flight
         params = (dense_per_device + expert_per_device) * (1 + dual)
         gradients = 4 * (updated * (1 + dual) if m.shard_gradients else params)
-        states = b * params + gradients + (8 + master) * updated * (1 + dual)
+        states = b * params + gradients + (2 * m.adam_moment_bytes + master) * updated * (1 + dual)
 
         def layer_activations(partly_recomputed: bool):
             """Bytes one MoE layer keeps for backward per micro-batch, selective recomputation dropping what it
             recomputes and FP8 keeping the linear layers' inputs in one byte. Fused kernels (``fused_kernels``):
             each tensor a backward reads, itemised (attention's, the MLP norm's input and output, the router's
-            scores, each dispatched row's input, gate and up, SwiGLU output and expert output, the shared
-            experts'). Unfused: Korthikanti et al.'s ``34·s·b·h`` (sequence parallel, flash attention: 17 values a
-            token and hidden unit) and each row's input, output, gate, up, SwiGLU and product (``2h + 4f``), what
-            the measured set's peak memory checks; MLA adds what its latents and up-projections keep beyond
-            plain attention."""
+            scores, each dispatched row's input, gate and up and SwiGLU output, the shared experts'), the router's
+            weights applied inside the experts' activation (Megatron-Core's weighted SwiGLU), so the combine only
+            sums and keeps nothing. Unfused: Korthikanti et al.'s ``34·s·b·h`` (sequence parallel, flash
+            attention: 17 values a token and hidden unit) and each row's input, output, gate, up, SwiGLU and
+            product (``2h + 4f``), what the measured set's peak memory checks; MLA adds what its latents and
+            up-projections keep beyond plain attention."""
             kept, linear = m.attention_activations(partly_recomputed)
             norm_output = 0 if partly_recomputed and "norm" in redo else h  # the MLP's norm, beside attention's
             swiglu = m.swiglu_kept(f, partly_recomputed)
             narrow = b - kept_linear  # the bytes FP8 saves on each kept linear input
             if m.fused_kernels:
+                swiglu_input = 1 if m.fp8 else b  # gate and up: FP8 in DeepSeek-V3's recipe
                 per_token = ((kept + h) * b + (linear + norm_output) * kept_linear + 4 * E
-                             + m.shared_experts * (2 * f * b + swiglu * kept_linear))
-                per_row = (h + swiglu) * kept_linear + (2 * f + h) * b
+                             + m.shared_experts * (2 * f * swiglu_input + swiglu * kept_linear))
+                per_row = (h + swiglu) * kept_linear + 2 * f * swiglu_input
             else:
                 all_kept, all_linear = m.attention_activations(False)
                 plain_attention = 2 * h + 5 * m.heads * m.head_dim  # what plain attention of these heads keeps
