@@ -32,12 +32,13 @@ def benchmarks() -> list[Path]:
 # layout and regime only), each JSON's config saying so
 QUICK = {
     "a2a": ["--layouts", "4x2", "--regimes", "ascend-910b", "--top-k", "2,8", "--repeats", "2"],
-    "balance": ["--regimes", "ascend-910b", "--steps", "80", "--record-steps", "20"],
+    "balance": ["--regimes", "ascend-910b", "--steps", "40", "--record-steps", "20"],
     "compile_overhead": ["--repeats", "1"],
-    "e2e": ["--layouts", "2x1", "--regimes", "ascend-910b", "--steps", "12", "--warmup", "3", "--average", "5"],
+    "e2e": ["--layouts", "2x1", "--regimes", "ascend-910b", "--models", "top8-of-64", "--steps", "10", "--warmup", "3",
+            "--average", "5"],
     "moe_layer": ["--steps", "10"],
-    "overlap": ["--layouts", "2x1", "--regimes", "ascend-910b", "--rounds", "2"],
-    "planner": ["--steps", "5"],
+    "overlap": ["--regimes", "ascend-910b", "--configs", "inductor,off,n=2,g=2,auto", "--rounds", "2"],
+    "planner": ["--steps", "5", "--every", "3"],
     "routing_quality": ["--steps", "100"],
 }
 

@@ -10,9 +10,9 @@ The models are train_moe's transformer (2 blocks, one shared expert) with two sh
     top2-of-8     8 experts of FFN 512, top-2: the small model of earlier figures, where a token's two choices
                   rarely share a node, so the two-step exchange saves little
 
-The jobs: the first model on each layout in each regime, and the other models on the first layout in the first
-regime. The first job (the figure's: top8-of-64 on 2 x 1, links scaled to ascend-910b) trains every variant; the
-jobs beside it (2 x 2, 1 Gbit/s, top2-of-8) train ``--beside-variants`` (the baseline and all together).
+The jobs: the figure's (top8-of-64 on 2 x 1, links scaled to ascend-910b) trains every variant; beside it, one
+thing changed at a time (top2-of-8, 2 x 2, 1 Gbit/s), each job trains ``--beside-variants`` (the baseline and all
+together).
 
 The variants:
 
@@ -73,11 +73,12 @@ MODELS = {"top8-of-64": {"experts": 64, "top_k": 8, "ffn": 1024}, "top2-of-8": {
 
 
 def jobs(args) -> list[tuple[str, str, str, str]]:
-    """``(regime, layout, model, variants)`` of each job: the first model everywhere, the others on the first layout
-    in the first regime; every variant in the first job, ``--beside-variants`` in the others."""
+    """``(regime, layout, model, variants)`` of each job: the figure's (the first of each), then one thing changed
+    at a time: each other model, each other layout, each other regime. Every variant in the figure's job,
+    ``--beside-variants`` in the others."""
     regimes, layouts, models = (getattr(args, name).split(",") for name in ("regimes", "layouts", "models"))
-    where = [(r, layout, models[0]) for r in regimes for layout in layouts]
-    where[1:1] = [(regimes[0], layouts[0], m) for m in models[1:]]
+    where = ([(regimes[0], layouts[0], m) for m in models] + [(regimes[0], layout, models[0]) for layout in layouts[1:]]
+             + [(r, layouts[0], models[0]) for r in regimes[1:]])
     return [(r, layout, m, args.variants if i == 0 else args.beside_variants) for i, (r, layout, m) in enumerate(where)]
 
 
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--beside-variants", default="baseline,all", help="the other jobs' variants")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma separated, of " + ", ".join(MODELS) + "; the first is the figure's")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block", type=int, default=5, help="steps a variant trains before the next one's turn")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each variant left out of tokens/s")
     parser.add_argument("--average", type=int, default=10, help="last steps the final loss averages")

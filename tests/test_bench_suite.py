@@ -56,8 +56,18 @@ def test_e2e_trains_every_variant_in_the_figures_job_and_the_baseline_and_all_be
     assert e2e.jobs(args) == [("ascend-910b", "2x1", "top8-of-64", "baseline,balance,all"),
                               ("ascend-910b", "2x1", "top2-of-8", "baseline,all"),
                               ("ascend-910b", "2x2", "top8-of-64", "baseline,all"),
-                              ("1gbit", "2x1", "top8-of-64", "baseline,all"),
-                              ("1gbit", "2x2", "top8-of-64", "baseline,all")]
+                              ("1gbit", "2x1", "top8-of-64", "baseline,all")]
+
+
+def test_balance_captures_the_share_of_the_imbalances_cost_that_ours_wins_back():
+    spec = importlib.util.spec_from_file_location("bench_balance", SUITE.parent / "balance.py")
+    balance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(balance)
+    # steps of 10, 6.67 and 5 ms: ours wins back 3.33 of the 5 ms the imbalance costs
+    assert balance.captured_fraction({"off": 100.0, "ours": 150.0, "ideal": 200.0}) == pytest.approx(2 / 3)
+    assert balance.captured_fraction({"off": 100.0, "ours": 90.0, "ideal": 200.0}) < 0  # ours lost
+    assert balance.captured_fraction({"off": 100.0, "ours": 150.0, "ideal": 100.0}) is None  # nothing to win
+    assert balance.captured_fraction({"off": 100.0, "ours": 150.0}) is None
 
 
 def test_a_benchmark_figure_without_its_name_or_goal_is_refused_before_it_is_written(tmp_path):
