@@ -28,17 +28,17 @@ def benchmarks() -> list[Path]:
     return sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_"))
 
 
-# ``--quick`` (make bench QUICK=1): every figure from shortened runs (fewer steps, rounds and repeats; the figure's
-# layout and regime only), each JSON's config saying so
+# ``--quick`` (make bench QUICK=1): every figure from shortened runs (fewer steps, rounds, repeats and variants; the
+# figure's layout and regime only), each JSON's config saying so
 QUICK = {
     "a2a": ["--layouts", "4x2", "--regimes", "ascend-910b", "--top-k", "2,8", "--repeats", "2"],
-    "balance": ["--regimes", "ascend-910b", "--steps", "40", "--record-steps", "20"],
+    "balance": ["--regimes", "ascend-910b", "--steps", "30", "--record-steps", "20"],
     "compile_overhead": ["--repeats", "1"],
-    "e2e": ["--layouts", "2x1", "--regimes", "ascend-910b", "--models", "top8-of-64", "--steps", "10", "--warmup", "3",
-            "--average", "5"],
+    "e2e": ["--regimes", "ascend-910b", "--layouts", "2x1", "--models", "top8-of-64", "--variants", "baseline,all",
+            "--steps", "10", "--warmup", "3", "--average", "5"],
     "moe_layer": ["--steps", "10"],
-    "overlap": ["--regimes", "ascend-910b", "--configs", "inductor,off,n=2,g=2,auto", "--rounds", "2"],
-    "planner": ["--steps", "5", "--every", "3"],
+    "overlap": ["--regimes", "ascend-910b", "--configs", "off,auto", "--rounds", "2"],
+    "planner": ["--steps", "5", "--every", "4"],
     "routing_quality": ["--steps", "100"],
 }
 

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--top-k", default="2,4,8,16")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     parser.add_argument("--width", type=int, default=1024, help="hidden size (fp32)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=4, help="pipeline chunks of the hierarchical exchange")
     parser.add_argument("--json", default=None, help="output path (default bench/results/a2a.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

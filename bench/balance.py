@@ -199,16 +199,16 @@ def compare_planners(trace: torch.Tensor, args, ranks: int) -> dict:
 
 
 def record_loads(args, path: Path) -> torch.Tensor:
-    """``examples/train_moe.py`` (its seed-shaped model, DeepSeek-V3's sigmoid router balanced by its selection
-    bias, none of our balancing) for ``--record-steps`` steps on a 2 x 1 cluster: the (token, choice) pairs each
-    expert was routed, ``[steps, layers, experts]``."""
+    """``examples/train_moe.py`` (its seed-shaped model in 2 blocks, DeepSeek-V3's sigmoid router balanced by its
+    selection bias, none of our balancing) for ``--record-steps`` steps on a 2 x 1 cluster: the (token, choice) pairs
+    each expert was routed, ``[steps, layers, experts]``."""
     import subprocess
 
     train = Path(__file__).resolve().parents[1] / "examples" / "train_moe.py"
     # the routing does not depend on the link: the fastest records it soonest
     command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2",
                *regime_flags("10gbit", None), "--", sys.executable, str(train), "--router", "sigmoid",
-               "--techniques", "none", "--steps", str(args.record_steps), "--log-every", "0",
+               "--techniques", "none", "--layers", "2", "--steps", str(args.record_steps), "--log-every", "0",
                "--record-loads", str(path)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

@@ -151,24 +151,24 @@ def plot(table: dict, runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    jobs = list(table)
-    variants = list(dict.fromkeys(v for job in jobs for v in table[job]))
+    shown = list(table)
+    variants = list(dict.fromkeys(v for job in shown for v in table[job]))
     figure, (bars_axis, loss_axis) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / len(jobs)
-    for i, job in enumerate(jobs):
+    width = 0.8 / len(shown)
+    for i, job in enumerate(shown):
         speedups = [table[job].get(v, {}).get("speedup") or 0 for v in variants]
         bars = bars_axis.bar([x + i * width for x in range(len(variants))], speedups, width, label=job)
         bars_axis.bar_label(bars, fmt="%.2f", fontsize=6)
     bars_axis.axhline(1.0, color="gray", linewidth=0.8)
     bars_axis.axhline(1.8, color="tab:red", linewidth=0.8, linestyle="--", label="goal: all together 1.8x")
-    bars_axis.set_xticks([x + width * (len(jobs) - 1) / 2 for x in range(len(variants))], variants)
+    bars_axis.set_xticks([x + width * (len(shown) - 1) / 2 for x in range(len(variants))], variants)
     bars_axis.set_ylabel("tokens/s over the inductor baseline")
     bars_axis.legend(fontsize=7)
     for run in runs:
-        if _where(run) == jobs[0]:
+        if _where(run) == shown[0]:
             loss_axis.plot(range(1, len(run["losses"]) + 1), run["losses"], label=run["variant"], linewidth=1)
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel(f"training loss ({jobs[0]})")
+    loss_axis.set_ylabel(f"training loss ({shown[0]})")
     loss_axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=90)

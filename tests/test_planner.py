@@ -283,7 +283,9 @@ def test_each_published_run_is_its_layout_scored_and_ranked_in_the_search():
 # The bar: within ±20 % of the reported throughput, the layout fitting as published. Where the model is still
 # off, the xfail says by how much (strict: it fails once the model gets there, to be moved in).
 OFF = {"deepseek-v3": "predicted 1.49x the reported (it fits: 63 GiB a device of 72 usable)",
-       "pangu-ultra-moe": "predicted 1.33x the reported (the layout and rate from secondary sources)"}
+       "pangu-ultra-moe": "predicted 1.33x the reported (the layout and rate from secondary sources)",
+       "qwen3-235b-a22b-1f1b-overlap": "predicted 1.46x: the overlap hides 5.5 s of exposed all-to-all where the "
+                                       "run gained 2.1 s"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=OFF[name]))
