@@ -341,7 +341,8 @@ class StepModel:
         selective = fn.above(rc, 1.5)  # recompute=2: the model's selective_recompute parts
         b = m.dtype_bytes
         master = 4 if b < 4 else 0  # mixed precision keeps an fp32 copy of the weights
-        kept_linear = 1 if m.fp8 else b  # a linear layer's input kept for its backward
+        # a value kept for backward in FP8 by the recipe: a linear layer's input, an expert's SwiGLU input
+        kept_narrow = 1 if m.fp8 else b
         fp8_speedup = (hw.fp8_matmul_flops * (hw.fp8_matmul_efficiency or hw.matmul_efficiency)
                        / (hw.matmul_flops * hw.matmul_efficiency)) if m.fp8 else 1
         h, s, k, f, E = m.hidden, m.sequence, m.top_k, m.expert_ffn, m.experts
@@ -522,12 +523,11 @@ class StepModel:
             kept, linear = m.attention_activations(partly_recomputed)
             norm_output = 0 if partly_recomputed and "norm" in redo else h  # the MLP's norm, beside attention's
             swiglu = m.swiglu_kept(f, partly_recomputed)
-            narrow = b - kept_linear  # the bytes FP8 saves on each kept linear input
+            narrow = b - kept_narrow  # the bytes FP8 saves on each kept linear input
             if m.fused_kernels:
-                swiglu_input = 1 if m.fp8 else b  # gate and up: FP8 in DeepSeek-V3's recipe
-                per_token = ((kept + h) * b + (linear + norm_output) * kept_linear + 4 * E
-                             + m.shared_experts * (2 * f * swiglu_input + swiglu * kept_linear))
-                per_row = (h + swiglu) * kept_linear + 2 * f * swiglu_input
+                per_token = ((kept + h) * b + (linear + norm_output) * kept_narrow + 4 * E
+                             + m.shared_experts * (2 * f * kept_narrow + swiglu * kept_narrow))
+                per_row = (h + swiglu) * kept_narrow + 2 * f * kept_narrow
             else:
                 all_kept, all_linear = m.attention_activations(False)
                 plain_attention = 2 * h + 5 * m.heads * m.head_dim  # what plain attention of these heads keeps
