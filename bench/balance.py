@@ -10,8 +10,8 @@ rank and every policy sees the same schedule.
 
     off      the plain placement, no redundant slots (tokens per expert are only observed)
     static   EPLB-style: one greedy placement (with replicas) from the first window's load, never changed
-    ours     ExpertBalancer: EMA + trend prediction, planning with replicas, migrating when the predicted
-             gain over the horizon beats the measured migration cost
+    ours     ExpertBalancer: the best recent of three forecasts (last window, EMA, trend), planning with
+             replicas, migrating when the predicted gain over the horizon beats the measured migration cost
     ideal    the plain placement with the same tokens routed without the skew (only the noise): even load,
              the step a perfect balancer would reach, migrations excluded
 
@@ -289,7 +289,7 @@ def main() -> None:
     first = [r for r in runs if r["regime"] == runs[0]["regime"]]  # the figure's regime
     per_policy = by_regime[runs[0]["regime"]]
     trace = torch.tensor(next(r for r in first if r["policy"] == "off")["trace"])
-    errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend")}
+    errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend", "best")}
     nodes, per_node = layout_shape(args.layouts.split(",")[0])
     planners = compare_planners(trace, args, nodes * per_node)
     def gain_over_off(policy):
@@ -311,7 +311,8 @@ def main() -> None:
     print(f"tokens/s {per_policy}; captured_fraction {captured}, throughput_gain {gain:+.3f}, static "
           f"{data['static_gain']:+.3f}, ideal {data['ideal_gain']:+.3f}; the unbalanced "
           f"step is {off['comm_share']:.2f} communication (35-60 %: the seeds' regime), host_comm_share {share}; "
-          f"prediction error (horizon {args.horizon} windows) ema {errors['ema']:.3f}, trend {errors['trend']:.3f}; "
+          f"prediction error (horizon {args.horizon} windows) "
+          + ", ".join(f"{name} {error:.3f}" for name, error in errors.items()) + "; "
           f"planners on the trace {planners}; wrote {out}")
 
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _common import (add_regime_arguments, host_comm_share_checked, measure_host_flops,  # noqa: E402
+from _common import (CompilerLines, add_regime_arguments, host_comm_share_checked, measure_host_flops,  # noqa: E402
                      replayed_exchange, run_on_cluster, worker_arguments, write_cluster_result)
 from train_moe import TECHNIQUES, Trainer, parser as train_parser  # noqa: E402
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
@@ -101,11 +101,14 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     variants = args.variants.split(",")
     trainers = [Trainer(trainer_args(args, v)) for v in variants]
+    said = {id(trainer): [] for trainer in trainers}  # what moe_ascend said compiling each (what "auto" chose)
     for block, first in enumerate(range(0, args.steps, args.block)):
         turn = block % len(trainers)
         for trainer in trainers[turn:] + trainers[:turn]:
-            trainer.train(min(first + args.block, args.steps))
-    results = [trainer.result(args.warmup) | {"variant": variant} for variant, trainer in zip(variants, trainers)]
+            with CompilerLines(said[id(trainer)]):
+                trainer.train(min(first + args.block, args.steps))
+    results = [trainer.result(args.warmup) | {"variant": variant, "compiler_said": said[id(trainer)]}
+               for variant, trainer in zip(variants, trainers)]
     # the most inter-node bytes a variant's step sent (plain Inductor's go uncounted), replayed alone
     replay = replayed_exchange(max(r["inter_node_bytes_per_step"] for r in results)) or {}
     if dist.get_rank() == 0:
@@ -121,6 +124,8 @@ def show(run: dict) -> None:
     print(f"{_where(run)} {run['variant']:>12}: {run['tokens_per_s']:8.0f} tokens/s, loss {run['final_loss']:.4f}, "
           f"exposed comm {'-' if exposed is None else f'{exposed * 1e3:.1f} ms'}, {run['migrations']} migrations",
           flush=True)
+    for line in dict.fromkeys(run.get("compiler_said", [])):  # each once: every rank and recompile says it again
+        print(f"    {line}", flush=True)
 
 
 def summary(runs: list[dict]) -> dict:

@@ -9,8 +9,8 @@ from torch._dynamo.utils import counters
 
 import moe_ascend.kernels as ops
 from moe_ascend.runtime import MoELayer
-from moe_ascend.runtime.balance import (ExpertBalancer, Placement, PlacementError, greedy_placement, imbalance, migrate,
-                                        plan_placement, prediction_error)
+from moe_ascend.runtime.balance import (BestRecent, ExpertBalancer, Placement, PlacementError, greedy_placement,
+                                        imbalance, migrate, plan_placement, prediction_error)
 from moe_ascend.runtime.balance.balancer import _replica_rows, spanning_replicas
 from moe_ascend.runtime.balance.migrate import slot_bytes
 from moe_ascend.runtime.balance.placement import physical_slots
@@ -87,6 +87,23 @@ def test_the_trend_model_follows_a_drifting_load_better_than_the_ema():
     assert prediction_error(drifting, "trend") < 0.5 * prediction_error(drifting, "ema")
     constant = torch.full((40, 2), 50.0)
     assert prediction_error(constant, "ema") == prediction_error(constant, "trend") == 0
+
+
+def test_the_best_recent_forecast_follows_a_drift_by_its_trend_and_noise_by_its_average():
+    steps = torch.arange(40, dtype=torch.float64)[:, None]
+    drifting = torch.cat([100 + 5 * steps, 300 - 5 * steps], dim=1)
+    noisy = (100 + 30 * torch.randn(40, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).clamp(0)
+    for trace, expected in ((drifting, "trend"), (noisy, "ema")):
+        predictor = BestRecent()
+        for window in trace:
+            predictor.update(window)
+        assert predictor.chosen == expected
+        assert torch.equal(predictor.predict(4), predictor.candidates[expected].predict(4))
+        best, *others = (prediction_error(trace, name, 4) for name in ("best", "ema", "trend"))
+        assert best <= 1.1 * min(others)
+        restored = BestRecent()  # from a checkpoint: the same scores, the same forecast
+        restored.load_state_dict(predictor.state_dict())
+        assert restored.chosen == expected and torch.equal(restored.predict(4), predictor.predict(4))
 
 
 # --- the balanced layer ------------------------------------------------------------------------

@@ -36,10 +36,10 @@ def two_by_two(tmp_path_factory, worker_id) -> list[dict]:
         return json.loads(result.read_text())
 
 
-# (two-step dispatches, expert matmuls that skip the empty slots): the whole exchange skips them (two matmuls);
-# chunks keep their padded ones, and so do token groups (the split graph's two-step layers are not found again: no
+# (two-step dispatches, expert matmuls that skip the empty slots): the whole exchange skips them (two matmuls), and
+# so does each chunk; token groups keep their padded ones (the split graph's two-step layers are not found again: no
 # pass after token_groups sees them)
-COUNTS = {"position": (1, 2), "score": (1, 2), "position_2_chunks": (2, 0), "position_2_token_groups": (2, 0)}
+COUNTS = {"position": (1, 2), "score": (1, 2), "position_2_chunks": (2, 4), "position_2_token_groups": (2, 0)}
 
 
 def assert_equal(results: list[dict], compiled=tuple(COUNTS)) -> None:

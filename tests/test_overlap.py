@@ -229,8 +229,9 @@ def test_chunked_and_scheduled_equals_the_layer_forward_and_backward():
 def random_scheduled_steps(rank, world_size, seeds, steps):
     """Random chunked and scheduled two-layer models (four for each of ``seeds``), compiled alike on every rank,
     each rank with its own tokens and its own pace; returns the steps it finished."""
-    # the first seed's last model under Inductor (its reordering must keep the schedule), every other one eager
-    return sum(_random_scheduled_steps(rank, seed, steps, inductor=seed == seeds[0]) for seed in seeds)
+    # the first seed's last model under Inductor on rank 0 (its reordering must keep the schedule the eager ranks
+    # follow), every other one eager
+    return sum(_random_scheduled_steps(rank, seed, steps, inductor=seed == seeds[0] and rank == 0) for seed in seeds)
 
 
 def _random_scheduled_steps(rank, seed, steps, inductor):
@@ -260,8 +261,8 @@ def _random_scheduled_steps(rank, seed, steps, inductor):
 
 @pytest.mark.slow
 def test_scheduled_graphs_never_hang_on_four_ranks():
-    # Four random models in one job, one lowered by Inductor. A collective that waits 60 s fails its rank; ranks
-    # silent for 300 s fail the test, named, as a hang.
+    # Four random models in one job, one lowered by Inductor on rank 0. A collective that waits 60 s fails its
+    # rank; ranks silent for 300 s fail the test, named, as a hang.
     assert run_ranks(4, random_scheduled_steps, (1,), 5, timeout=300, collective_timeout=60) == [20] * 4
 
 

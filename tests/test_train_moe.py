@@ -56,7 +56,9 @@ def test_a_resumed_run_follows_the_uninterrupted_loss_curve(tmp_path):
 
 def test_the_overlap_schedule_keeps_numerics_with_every_technique_on():
     """The schedule once let Inductor fuse one layer's scatter with the next layer's, after this layer read it."""
-    for rank in launch(2, 1, str(Path(__file__).parent / "cluster" / "all_techniques.py")):
+    ranks = launch(2, 1, str(Path(__file__).parent / "cluster" / "all_techniques.py"))
+    assert [rank["scheduled_by"] for rank in ranks] == ["inductor", "eager"]
+    for rank in ranks:
         assert rank["outputs"] < 1e-12 and rank["gradients"] < 1e-12, rank
 
 

@@ -21,7 +21,7 @@ from moe_ascend.compiler.planner.search import score
 from moe_ascend.compiler.planner.step_model import Hardware, MoEModel
 from moe_ascend.runtime.balance import Placement, greedy_placement, imbalance, plan_placement
 from moe_ascend.runtime.balance.planner import moved_experts
-from moe_ascend.runtime.balance.predict import Trend
+from moe_ascend.runtime.balance.predict import BestRecent
 
 # Each target: its hardware profile, the model file trained on it, and the layout around the expert group
 # (pipeline 16, selective recomputation, the two-step exchange; data parallel 2 expert groups).
@@ -57,7 +57,7 @@ def project(loads: torch.Tensor, interval: int = 10, horizon: int = 8) -> dict:
     """Recorded loads ``[steps, layers, experts]`` replayed on 32 and 64 expert-parallel ranks of each target:
     the step model's step with the busiest rank's load over the mean as its ``imbalance``, for no balancing (the
     experts in order), EPLB (one spare slot per rank, re-planned from each ``interval``-step window's load, always
-    migrating) and ours (the same slots, planned from the trend predictor's forecast, migrating only when the step
+    migrating) and ours (the same slots, planned from the ``BestRecent`` forecast, migrating only when the step
     time saved over ``horizon`` windows beats the migration's)."""
     loads = loads.double()
     result = {"simulation": True, "what": "recorded loads replayed at expert-parallel scale through the step model "
@@ -84,7 +84,7 @@ def _replay(policy: str, loads: torch.Tensor, target: _Target, interval: int, ho
     seconds, migrations = 0.0, 0
     for layer in range(layers):
         placement = Placement.initial(experts, target.ep, 0 if policy == "off" else target.ep)
-        predictor = Trend()
+        predictor = BestRecent()
         for window in range(0, steps, interval):
             if window and policy != "off":
                 seen = loads[window - interval:window, layer].mean(0)
@@ -98,7 +98,7 @@ def _replay(policy: str, loads: torch.Tensor, target: _Target, interval: int, ho
     return {"step_s": seconds / steps, "migrations": migrations}
 
 
-def _plan(policy: str, seen: torch.Tensor, placement: Placement, predictor: Trend, target: _Target, horizon: int,
+def _plan(policy: str, seen: torch.Tensor, placement: Placement, predictor: BestRecent, target: _Target, horizon: int,
           steps_served: float) -> Placement:
     """EPLB re-plans from the window just seen. Ours plans for the forecast and keeps the current placement unless
     the step time the new one saves over the steps it serves (this layer's share) beats its migration."""

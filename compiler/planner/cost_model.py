@@ -95,6 +95,7 @@ class LayerShape:
     ep_size: int
     expert_flops: float  # the experts' matmuls, forward
     other_flops: float = 0.0  # the layer's share of the graph's other matmuls (attention, shared experts), forward
+    capacity: int = 0  # slots an expert of a capacity exchange (its static buffers); 0: dropless
 
     def model(self) -> MoEModel:
         """A one-layer model of this layer alone: its experts (SwiGLU of the width that gives their FLOPs), one
@@ -104,7 +105,8 @@ class LayerShape:
         return MoEModel(name="layer", layers=1, hidden=self.width, heads=1, head_dim=1, vocab=1,
                         experts=self.num_experts, top_k=self.top_k, expert_ffn=expert_ffn, sequence=self.tokens,
                         global_batch=self.ep_size, attention_params=self.other_flops / (2 * self.tokens),
-                        dtype_bytes=self.element_bytes)
+                        dtype_bytes=self.element_bytes,
+                        capacity_factor=self.capacity * self.num_experts / (self.tokens * self.top_k))
 
 
 @dataclass
@@ -226,7 +228,7 @@ def layer_shape(site) -> LayerShape:
     tokens, expert_ids = (arg.meta["val"] for arg in site.dispatch.args[:2])
     return LayerShape(tokens=int(tokens.shape[0]), width=int(tokens.shape[1]), element_bytes=tokens.element_size(),
                       num_experts=site.num_experts, top_k=int(expert_ids.shape[1]), ep_size=site.ep_size,
-                      expert_flops=sum(_matmul_flops(node) for node in site.experts))
+                      expert_flops=sum(_matmul_flops(node) for node in site.experts), capacity=site.capacity)
 
 
 def _tensor_bytes(val) -> int:

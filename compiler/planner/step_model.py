@@ -145,6 +145,9 @@ class MoEModel:
     global_batch: int = 1024  # sequences per step
     imbalance: float = 1.0  # busiest / mean expert load the routing leaves
     node_limit: int = 0  # a token's experts lie on at most this many nodes (DeepSeek-V3's M; 0: no limit)
+    # a capacity layer's C = capacity_factor · T·k/E slots an expert, exchanged as static buffers (0: dropless,
+    # each pair sent once)
+    capacity_factor: float = 0.0
     # the training recipe (Megatron's --bf16, --use-distributed-optimizer, --overlap-grad-reduce)
     dtype_bytes: int = 2  # 2: bf16 weights and activations with fp32 master weights; 4: fp32 throughout
     distributed_optimizer: bool = True  # ZeRO-1: the optimizer states and master weights sharded over data parallel
@@ -420,10 +423,19 @@ class StepModel:
         a2a_latency = (hw.inter_node_latency * (ep_nodes - 1) + hw.intra_node_latency * (ep_per_node - 1)) \
             * (1 + hier / 2)
 
+        # rows crossing nodes over the flat exchange's remote pairs. Dropless: every pair once, or each (token,
+        # node) once in two steps. Capacity layers send static buffers: the flat one C slots an expert (cf · the
+        # pairs), the two-step one min(T, (E/nodes)·C/chunks) rows a node for each chunk's window of the slots (a
+        # token with pairs in several windows crosses once in each): chunks · nodes / k of the pairs, at most cf
+        cf = m.capacity_factor
+        flat_rows = cf if cf else 1
+        two_step_rows = fn.min(chunks * ep_nodes / k, cf) if cf else dedup
+
         def a2a_transfer(element_bytes):
             """One exchange's seconds on the links, each (token, choice) row ``h`` elements of ``element_bytes``."""
             row = h * element_bytes
-            inter_bytes = rows_per_device * remote_share * (hier * dedup * (row + route_bytes) + (1 - hier) * row)
+            inter_bytes = rows_per_device * remote_share * (hier * two_step_rows * (row + route_bytes)
+                                                            + (1 - hier) * flat_rows * row)
             intra_bytes = rows_per_device * row * (ep_per_node - 1) / ep
             return inter_bytes / inter_per_rank + intra_bytes / hw.intra_node_bandwidth
 

@@ -10,7 +10,7 @@ start from the same few nodes of a capacity-mode layer::
 
 ``capacity_exchange`` finds them, or says in one sentence why a layer has none.
 After ``hierarchical_a2a`` the exchange is two kernel calls instead
-(``hierarchical_exchange``)::
+(``hierarchical_exchange``; after ``chunk_for_overlap`` a pair per chunk, ``hierarchical_exchanges``)::
 
     dispatch = hierarchical.capacity_dispatch(tokens, expert_ids, weights, scores, E, C, policy, hierarchy)
     expert_out = <experts>(dispatch[0])
@@ -75,10 +75,23 @@ class HierarchicalExchange:
 
 
 def hierarchical_exchange(layer) -> HierarchicalExchange | None:
-    """The layer's two-step capacity exchange, if it has one."""
+    """The layer's two-step capacity exchange, if it has one (whole: not yet split into chunks)."""
     dispatch = capacity_dispatch(layer)
     if dispatch is None or dispatch.target is not hierarchical.capacity_dispatch or dispatch.kwargs:
         return None
+    return _two_step_from(dispatch)
+
+
+def hierarchical_exchanges(layer) -> list[HierarchicalExchange]:
+    """Each two-step exchange of the layer: its one, or after ``chunk_for_overlap`` one per chunk (a window of each
+    expert's slots, ``capacity`` its width); none unless every two-step dispatch of the layer has its exchange."""
+    dispatches = [n for n in layer.nodes.get("dispatch", []) if n.target is hierarchical.capacity_dispatch]
+    found = [_two_step_from(dispatch) for dispatch in dispatches]
+    return found if found and all(found) else []
+
+
+def _two_step_from(dispatch: torch.fx.Node) -> HierarchicalExchange | None:
+    """The two-step exchange that ``dispatch`` (a ``hierarchical.capacity_dispatch``) starts."""
     parts = {u.args[1]: u for u in dispatch.users if op_name(u) == "getitem"}
     if set(parts) != {0, 1} or len(dispatch.users) != 2:
         return None
@@ -87,9 +100,10 @@ def hierarchical_exchange(layer) -> HierarchicalExchange | None:
         return None
     combine = combines[0]
     experts = _between(parts[0], combine.args[0])
-    hierarchy = dispatch.args[7]
+    hierarchy, window = dispatch.args[7], dispatch.kwargs.get("slots")
+    capacity = dispatch.args[5] if window is None else window[1] - window[0]
     return HierarchicalExchange(dispatch, combine, parts[0], parts[1], experts, combine.args[0],
-                                hierarchy.world_size, dispatch.args[4], dispatch.args[5])
+                                hierarchy.world_size, dispatch.args[4], capacity)
 
 
 def capacity_dispatch(layer) -> torch.fx.Node | None:

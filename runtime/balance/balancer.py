@@ -151,7 +151,7 @@ class Stopwatch:
 
 class ExpertBalancer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group=None, interval: int = 10,
-                 horizon: int = 10, min_interval: int = 50, predictor: str = "trend", policy: str = "dynamic",
+                 horizon: int = 10, min_interval: int = 50, predictor: str = "best", policy: str = "dynamic",
                  ranks_per_node: int | None = None, bandwidth: float | None = None,
                  fault: Callable[[str], None] | None = None, clock: Callable[[], float] = time.perf_counter):
         self.layers = balanced_layers(model)
@@ -193,14 +193,14 @@ class ExpertBalancer:
         """What the next decisions depend on: the step count, the last migration, the predictor's state, the
         measured migration cost and the windows (the step-time fit reads the recent ones)."""
         return {"steps": self.steps, "last_migration": self.last_migration, "seconds_per_byte": self.seconds_per_byte,
-                "predictor": dict(vars(self.predictor)), "windows": self.windows,
+                "predictor": self.predictor.state_dict(), "windows": self.windows,
                 "started": self.window_started is not None}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``'s: the window restarts at the next step (the clock is this process's)."""
         self.steps, self.last_migration = state["steps"], state["last_migration"]
         self.seconds_per_byte, self.windows = state["seconds_per_byte"], list(state["windows"])
-        vars(self.predictor).update(state["predictor"])
+        self.predictor.load_state_dict(state["predictor"])
         self.window_started = self.clock() if state["started"] else None
 
     # --- hooks ---------------------------------------------------------------------------------
