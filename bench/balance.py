@@ -236,7 +236,7 @@ def plot(runs: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_regime_arguments(parser, "2x1")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--rounds", type=int, default=1)
     # experts wide enough for their compute to match their exchange in the scaled regime (2.25·ffn FLOP a byte)
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank and step")
@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (moe_ascend, eager target)")
     parser.add_argument("--loads", default=None, help="recorded loads to project to expert-parallel scale "
                         "(train_moe.py --record-loads); default: record --record-steps of train_moe first")
-    parser.add_argument("--record-steps", type=int, default=60, help="train_moe steps whose loads are recorded")
+    parser.add_argument("--record-steps", type=int, default=40, help="train_moe steps whose loads are recorded")
     parser.add_argument("--projection-only", action="store_true",
                         help="only the projection (bench/results/balance-projection.json), no cluster runs")
     parser.add_argument("--json", default=None)

@@ -12,7 +12,7 @@ The models are train_moe's transformer (2 blocks, one shared expert) with two sh
 
 The jobs: the figure's (top8-of-64 on 2 x 1, links scaled to ascend-910b) trains every variant; beside it, one
 thing changed at a time (top2-of-8, 2 x 2, 1 Gbit/s), each job trains ``--beside-variants`` (the baseline and all
-together).
+together) for ``--beside-steps``.
 
 The variants:
 
@@ -72,23 +72,24 @@ def trainer_args(args, variant: str) -> argparse.Namespace:
 MODELS = {"top8-of-64": {"experts": 64, "top_k": 8, "ffn": 1024}, "top2-of-8": {"experts": 8, "top_k": 2, "ffn": 512}}
 
 
-def jobs(args) -> list[tuple[str, str, str, str]]:
-    """``(regime, layout, model, variants)`` of each job: the figure's (the first of each), then one thing changed
-    at a time: each other model, each other layout, each other regime. Every variant in the figure's job,
-    ``--beside-variants`` in the others."""
+def jobs(args) -> list[tuple[str, str, str, str, int]]:
+    """``(regime, layout, model, variants, steps)`` of each job: the figure's (the first of each), then one thing
+    changed at a time: each other model, each other layout, each other regime. Every variant for ``--steps`` in
+    the figure's job, ``--beside-variants`` for ``--beside-steps`` in the others."""
     regimes, layouts, models = (getattr(args, name).split(",") for name in ("regimes", "layouts", "models"))
     where = ([(regimes[0], layouts[0], m) for m in models] + [(regimes[0], layout, models[0]) for layout in layouts[1:]]
              + [(r, layouts[0], models[0]) for r in regimes[1:]])
-    return [(r, layout, m, args.variants if i == 0 else args.beside_variants) for i, (r, layout, m) in enumerate(where)]
+    return [(r, layout, m, *((args.variants, args.steps) if i == 0 else (args.beside_variants, args.beside_steps)))
+            for i, (r, layout, m) in enumerate(where)]
 
 
 def run_jobs(args) -> list[dict]:
     """Each job on the emulated cluster, its runs shown as they come in (each tagged with its model)."""
     measure_host_flops(args)
     runs = []
-    for regime, layout, model, variants in jobs(args):
-        print(f"-- {model} on {layout}, {regime}: {variants}", flush=True)
-        job = argparse.Namespace(**{**vars(args), **MODELS[model], "variants": variants})
+    for regime, layout, model, variants, steps in jobs(args):
+        print(f"-- {model} on {layout}, {regime}: {variants}, {steps} steps", flush=True)
+        job = argparse.Namespace(**{**vars(args), **MODELS[model], "variants": variants, "steps": steps})
         for run in run_on_cluster(os.path.abspath(__file__), layout, regime, worker_arguments(job), args.host_flops):
             runs.append(run | {"model": model})
             show(runs[-1])
@@ -187,7 +188,8 @@ def main() -> None:
     parser.add_argument("--beside-variants", default="baseline,all", help="the other jobs' variants")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma separated, of " + ", ".join(MODELS) + "; the first is the figure's")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="the figure's job's")
+    parser.add_argument("--beside-steps", type=int, default=12, help="the other jobs'")
     parser.add_argument("--block", type=int, default=5, help="steps a variant trains before the next one's turn")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each variant left out of tokens/s")
     parser.add_argument("--average", type=int, default=10, help="last steps the final loss averages")

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(c for c in CONFIGS if c not in ("n=4", "g=4")),
                         help="which of " + ", ".join(CONFIGS)
                         + " (off is always run: the hidden fractions are measured from it)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default=None, help="output path (default bench/results/overlap.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

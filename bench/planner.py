@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes evaluating at once (one per core)")
     parser.add_argument("--skip-measured", action="store_true", help="only the speed of the search")
     parser.add_argument("--steps", type=int, default=15, help="timed steps of each measured configuration")
-    parser.add_argument("--every", type=int, default=1,
+    parser.add_argument("--every", type=int, default=2,
                         help=f"measure every n-th configuration of the measured set (1: all {len(MEASURED_SET)})")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Routing quality: top-2 with capacity factor 1.25 against affinity routing, same model, seed, data and steps.
 
-    python bench/routing_quality.py [--steps 300] [--json PATH]
+    python bench/routing_quality.py [--steps 200] [--json PATH]
 
 A small MoE language model learns the bytes of Python's standard-library
 sources (90 % to train, the rest to validate). Both runs compile with
@@ -191,7 +191,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sequence", type=int, default=128)
     parser.add_argument("--val-batches", type=int, default=8)

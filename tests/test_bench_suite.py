@@ -52,11 +52,12 @@ def test_e2e_trains_every_variant_in_the_figures_job_and_the_baseline_and_all_be
     finally:
         del sys.path[:2]
     args = argparse.Namespace(regimes="ascend-910b,1gbit", layouts="2x1,2x2", models="top8-of-64,top2-of-8",
-                              variants="baseline,balance,all", beside_variants="baseline,all")
-    assert e2e.jobs(args) == [("ascend-910b", "2x1", "top8-of-64", "baseline,balance,all"),
-                              ("ascend-910b", "2x1", "top2-of-8", "baseline,all"),
-                              ("ascend-910b", "2x2", "top8-of-64", "baseline,all"),
-                              ("1gbit", "2x1", "top8-of-64", "baseline,all")]
+                              variants="baseline,balance,all", beside_variants="baseline,all", steps=20,
+                              beside_steps=12)
+    assert e2e.jobs(args) == [("ascend-910b", "2x1", "top8-of-64", "baseline,balance,all", 20),
+                              ("ascend-910b", "2x1", "top2-of-8", "baseline,all", 12),
+                              ("ascend-910b", "2x2", "top8-of-64", "baseline,all", 12),
+                              ("1gbit", "2x1", "top8-of-64", "baseline,all", 12)]
 
 
 def test_balance_captures_the_share_of_the_imbalances_cost_that_ours_wins_back():

@@ -3,6 +3,7 @@
 import fcntl
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,20 @@ def test_the_cost_model_picks_hierarchy_for_bandwidth_bound_exchanges_only():
     latency_bound = LayerShape(tokens=8, width=8, element_bytes=4, num_experts=64, top_k=8, ep_size=8, expert_flops=1e3)
     flat, two_step = cost_model.layer_step_seconds(latency_bound, 1, np.array([0, 1]))
     assert two_step > flat
+
+
+def test_chunks_of_the_two_step_capacity_exchange_resend_tokens_so_auto_keeps_it_whole():
+    # train_moe's layer on 2 x 1 with the links scaled to ascend-910b: 512 tokens of width 256, top-8 of 64
+    hardware = replace(Hardware.load("cpu-calibrated"), inter_node_bandwidth=7.8e6, intra_node_bandwidth=61e6)
+    cost_model = CostModel(topology=Topology(nodes=2, ranks_per_node=1), hardware=hardware)
+    chunks = np.array([1, 2])
+    for capacity, two_step_chunked in [(0, True), (80, False)]:  # dropless; capacity factor 1.25 (C = 80)
+        layer = LayerShape(tokens=512, width=256, element_bytes=4, num_experts=64, top_k=8, ep_size=2,
+                           expert_flops=6 * 256 * 1024 * max(capacity, 64) * 64 / 2, capacity=capacity)
+        flat, two_step = (cost_model.layer_step_seconds(layer, chunks, hierarchical) for hierarchical in (0, 1))
+        assert flat[1] < flat[0]  # the flat exchange's windows split its bytes: chunks hide them
+        # a token with experts in both windows of a node crosses twice: 2 chunks send twice the static rows
+        assert bool(two_step[1] < two_step[0]) == two_step_chunked, (capacity, two_step)
 
 
 def test_asked_for_in_one_process_it_says_why_it_leaves_the_flat_exchange(caplog):
