@@ -61,6 +61,7 @@ from moe_ascend.runtime import MoELayer  # noqa: E402
 from moe_ascend.runtime.balance import (ExpertBalancer, Placement, Stopwatch, greedy_placement, imbalance,  # noqa: E402
                                         plan_placement, prediction_error)
 from moe_ascend.runtime.balance.planner import moved_experts  # noqa: E402
+from moe_ascend.runtime.balance.predict import PREDICTORS  # noqa: E402
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
 
 POLICIES = ("off", "static", "ours", "ideal")
@@ -289,7 +290,7 @@ def main() -> None:
     first = [r for r in runs if r["regime"] == runs[0]["regime"]]  # the figure's regime
     per_policy = by_regime[runs[0]["regime"]]
     trace = torch.tensor(next(r for r in first if r["policy"] == "off")["trace"])
-    errors = {name: prediction_error(trace, name, args.horizon) for name in ("ema", "trend", "best")}
+    errors = {name: prediction_error(trace, name, args.horizon) for name in PREDICTORS}
     nodes, per_node = layout_shape(args.layouts.split(",")[0])
     planners = compare_planners(trace, args, nodes * per_node)
     def gain_over_off(policy):
