@@ -32,13 +32,14 @@ def benchmarks() -> list[Path]:
 # figure's layout and regime only), each JSON's config saying so
 QUICK = {
     "a2a": ["--layouts", "4x2", "--regimes", "ascend-910b", "--top-k", "2,8", "--repeats", "2"],
-    "balance": ["--regimes", "ascend-910b", "--steps", "30", "--record-steps", "20"],
+    "balance": ["--regimes", "ascend-910b", "--policies", "off,ours,ideal", "--steps", "20", "--record-steps", "20"],
     "compile_overhead": ["--repeats", "1"],
-    "e2e": ["--regimes", "ascend-910b", "--layouts", "2x1", "--models", "top8-of-64", "--variants", "baseline,all",
-            "--steps", "10", "--warmup", "3", "--average", "5"],
+    # overlap beside them: the baseline's communication share is replayed from a flat exchange's counted bytes
+    "e2e": ["--regimes", "ascend-910b", "--layouts", "2x1", "--models", "top8-of-64",
+            "--variants", "baseline,overlap,all", "--steps", "10", "--warmup", "3", "--average", "5"],
     "moe_layer": ["--steps", "10"],
     "overlap": ["--regimes", "ascend-910b", "--configs", "off,auto", "--rounds", "2"],
-    "planner": ["--steps", "5", "--every", "4"],
+    "planner": ["--steps", "5", "--every", "8"],
     "routing_quality": ["--steps", "100"],
 }
 
