@@ -323,6 +323,23 @@ def test_a_placement_pays_each_step_for_the_replicas_it_spreads_across_ranks():
         pytest.approx(-2 * expert_bytes / 1e6)
 
 
+def test_the_replica_sums_cost_the_share_of_their_wire_time_the_steps_waited_for(monkeypatch):
+    model = torch.nn.Sequential(*(MoELayer(D, F, E, K, balance=True, redundant_experts=2) for _ in range(2)))
+    balancer = ExpertBalancer(model, torch.optim.SGD(model.parameters(), lr=0.0), interval=5, bandwidth=1e6)
+    balancer.ranks = 2  # as on two ranks: a ring all_reduce sends 2(W-1)/W = once the bytes
+    spread = [Placement((0, 1, 2, 3, 0, 1), E, 2)] * 2  # two experts' replicas across the ranks, in each layer
+    wire = 2 * 2 * slot_bytes([model[0].w_gate_up, model[0].w_down]) / 1e6
+    # before a measurement: the first layer's sums end backward with nothing left to run under, the other's hide
+    assert balancer._replica_sum_seconds(spread) == pytest.approx(wire / 2)
+    # while they span ranks, a window's steps waited a tenth of their wire time for them: that is their cost
+    monkeypatch.setattr(ExpertBalancer, "placements", property(lambda self: spread))
+    balancer._replica_wait = 5 * wire / 10
+    balancer._measure_exposed_share()
+    assert balancer.exposed_share == pytest.approx(0.1) and balancer._replica_wait == 0.0
+    assert balancer._replica_sum_seconds(spread) == pytest.approx(wire / 10)
+    assert balancer.state_dict()["exposed_share"] == pytest.approx(0.1)
+
+
 def test_the_projection_to_expert_parallel_scale_migrates_only_where_it_pays():
     from moe_ascend.compiler.planner.balance_projection import project
 

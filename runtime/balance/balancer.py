@@ -19,11 +19,16 @@ prediction, plans a placement for the predicted load and migrates when
 
 and at least ``min_interval`` steps have passed since the last migration.
 Step time is modelled as ``a + b · Σ_layers (busiest rank's tokens)`` plus
-the all_reduce of the gradients of experts replicated across ranks (their
-bytes at ``bandwidth``: a replica whose compute saving does not pay for its
-gradients' sum is not worth a migration), ``b``
-fitted on the windows measured so far (until two windows differ in load,
-``b`` assumes half of the step is expert compute). The migration cost is
+the part of the all_reduce of the gradients of experts replicated across
+ranks that the step waits for (a replica whose compute saving does not pay
+for its gradients' sum is not worth a migration), ``b`` fitted on the windows
+measured so far (until two windows differ in load, ``b`` assumes half of the
+step is expert compute). The sums run under the rest of backward: the share
+of their wire time (their bytes at ``bandwidth``) a step waits for is
+measured while replicas span ranks (the wait before the optimizer step, on
+the rank that waited least: the others also wait for its skew), and before
+that taken as ``1 / layers`` (the first layer's sums end backward with
+nothing left to run under). The migration cost is
 measured on the previous migration (seconds per byte moved), and before the
 first from ``bandwidth`` (bytes per second; by default the inter-node link
 ``moe-ascend launch`` shaped, else 1 Gbit/s). ``clock`` times the steps (``time.perf_counter``;
@@ -173,6 +178,8 @@ class ExpertBalancer:
         self.bandwidth = bandwidth or link_bytes_per_s()
         self.seconds_per_byte = 1 / self.bandwidth
         self.steps, self.last_migration, self.window_started = 0, -min_interval, None
+        self.exposed_share = 1 / len(self.layers)  # of the replica sums' wire time, until a window measures it
+        self._replica_wait = 0.0  # seconds this window's steps waited for replica sums
         self.windows: list[dict] = []  # one per interval: what was measured, predicted and decided
         self.migrations: list[MigrationReport] = []
         self._replica_sums: dict[torch.Tensor, object] = {}  # started in backward, finished before the step
@@ -193,13 +200,14 @@ class ExpertBalancer:
         """What the next decisions depend on: the step count, the last migration, the predictor's state, the
         measured migration cost and the windows (the step-time fit reads the recent ones)."""
         return {"steps": self.steps, "last_migration": self.last_migration, "seconds_per_byte": self.seconds_per_byte,
-                "predictor": self.predictor.state_dict(), "windows": self.windows,
+                "exposed_share": self.exposed_share, "predictor": self.predictor.state_dict(), "windows": self.windows,
                 "started": self.window_started is not None}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``'s: the window restarts at the next step (the clock is this process's)."""
         self.steps, self.last_migration = state["steps"], state["last_migration"]
         self.seconds_per_byte, self.windows = state["seconds_per_byte"], list(state["windows"])
+        self.exposed_share = state.get("exposed_share", 1 / len(self.layers))
         self.predictor.load_state_dict(state["predictor"])
         self.window_started = self.clock() if state["started"] else None
 
@@ -212,6 +220,7 @@ class ExpertBalancer:
         self._replica_sums[weight] = start_replica_sum(layer, weight, self.group)
 
     def before_step(self) -> None:
+        waiting_since = time.perf_counter()
         for layer in self.layers:
             for weight in (layer.w_gate_up, layer.w_down):
                 started = self._replica_sums.get(weight, _AT_THE_STEP)
@@ -219,6 +228,7 @@ class ExpertBalancer:
                     finish_replica_sum(weight, start_replica_sum(layer, weight, self.group)
                                        if started is _AT_THE_STEP else started)
         self._replica_sums.clear()
+        self._replica_wait += time.perf_counter() - waiting_since
 
     def after_step(self) -> None:
         self.steps += 1
@@ -226,13 +236,14 @@ class ExpertBalancer:
             self.window_started = self.clock()
             for layer in self.layers:  # the first step also compiled: it starts the clock and is not counted
                 layer.expert_load.zero_()
-            self.steps = 0
+            self.steps, self._replica_wait = 0, 0.0
             return
         if self.steps % self.interval:
             return
         step_time = (self.clock() - self.window_started) / self.interval
         loads, step_time = read_loads(self.layers, self.group, step_time)
         loads = loads / self.interval  # tokens per expert per step
+        self._measure_exposed_share()
         window = {"step": self.steps, "step_time_s": step_time,
                   "busiest": self._busiest(self.placements, loads),
                   "imbalance": sum(map(imbalance, self.placements, loads)) / len(self.layers),
@@ -309,12 +320,28 @@ class ExpertBalancer:
         return compute - (self._replica_sum_seconds(new) - self._replica_sum_seconds(self.placements))
 
     def _replica_sum_seconds(self, placements: list[Placement]) -> float:
-        """A step's all_reduce of the gradients of experts replicated across ranks: a ring's 2(W−1)/W of their bytes
-        at ``bandwidth``, counted whole (backward hides part of it; a measured wait would time the ranks' skew too)."""
+        """What a step waits for the all_reduce of the gradients of experts replicated across ranks: the measured
+        ``exposed_share`` of their wire time."""
+        return self.exposed_share * self._replica_sum_wire_seconds(placements)
+
+    def _replica_sum_wire_seconds(self, placements: list[Placement]) -> float:
+        """The replica sums' time on the wire: a ring's 2(W−1)/W of their bytes at ``bandwidth``."""
         per_byte = 2 * (self.ranks - 1) / self.ranks / self.bandwidth
         return per_byte * sum(
             spanning_replicas(p) * slot_bytes([layer.w_gate_up, layer.w_down])
             for layer, p in zip(self.layers, placements))
+
+    def _measure_exposed_share(self) -> None:
+        """``exposed_share`` from this window's wait for the replica sums, where they cross ranks: the least any
+        rank waited (the one that arrived last waits for the wire alone, the others for its skew too)."""
+        waited = torch.tensor([self._replica_wait / self.interval], dtype=torch.float64)
+        self._replica_wait = 0.0
+        wire = self._replica_sum_wire_seconds(self.placements)  # the same on every rank: all join or none
+        if not wire:
+            return
+        if self.ranks > 1 and dist.is_initialized():
+            dist.all_reduce(waited, op=dist.ReduceOp.MIN, group=self.group)
+        self.exposed_share = min(1.0, float(waited) / wire)
 
     def _bytes_to_move(self, new: list[Placement]) -> int:
         return sum(slot_bytes(slot_tensors(layer, self.optimizer)) * len(transfers(old, placement))
