@@ -76,8 +76,11 @@ def lower_inductor(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGrad
         post_grad.account(graph, "inference" if kwargs.get("is_inference") else training_role(graph))
         return compile_fx_inner(graph, inputs, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile,
-                      config_patches={"post_grad_custom_pre_pass": post_grad})
+    # AOTAutograd's cache hands back both graphs without calling inner_compile, which would leave their exchanges
+    # uncounted; Inductor's FX-graph cache (inside compile_fx_inner) still spares the lowering.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile,
+                          config_patches={"post_grad_custom_pre_pass": post_grad})
 
 
 def lower_eager(gm: torch.fx.GraphModule, example_inputs, post_grad: PostGradStage) -> Callable:

@@ -137,8 +137,14 @@ class MoELayer(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         if score == "sigmoid":
             self.register_buffer("expert_bias", torch.zeros(num_experts))
-        self.w_gate_up = nn.Parameter(torch.randn(self.num_local_experts, d_model, 2 * d_ff) / math.sqrt(d_model))
-        self.w_down = nn.Parameter(torch.randn(self.num_local_experts, d_ff, d_model) / math.sqrt(d_ff))
+        # The plain layer's draws, so a balanced layer starts as the same model (its redundant slots copy the rank's
+        # first experts, as the initial placement has them) and every module after it draws the same numbers too.
+        own = num_experts // self.ep_size
+        gate_up = torch.randn(own, d_model, 2 * d_ff) / math.sqrt(d_model)
+        down = torch.randn(own, d_ff, d_model) / math.sqrt(d_ff)
+        replicas = self.num_local_experts - own
+        self.w_gate_up = nn.Parameter(torch.cat([gate_up, gate_up[:replicas]]))
+        self.w_down = nn.Parameter(torch.cat([down, down[:replicas]]))
         self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
         self.balance = balance
         if balance:
@@ -147,21 +153,13 @@ class MoELayer(nn.Module):
             self._place(placement)
 
     def _place(self, placement: Placement) -> None:
-        """Buffers for the balancer: tokens per logical expert (summed on device) and the logical → physical map;
-        the initial replicas copy their rank's own experts."""
+        """Buffers for the balancer: tokens per logical expert (summed on device) and the logical → physical map."""
         self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.int64))
         for name in ("replica_slots", "route_slots"):
             self.register_buffer(name, torch.zeros(self.num_experts, placement.max_replicas, dtype=torch.int64))
         for name in ("replica_count", "route_count"):
             self.register_buffer(name, torch.zeros(self.num_experts, dtype=torch.int64))
         self.place(placement)
-        first = self._ep_rank * placement.slots_per_rank
-        with torch.no_grad():
-            for local in range(placement.slots_per_rank):
-                source = placement.replicas(placement.slot_experts[first + local])[0] - first
-                if source != local:
-                    self.w_gate_up[local] = self.w_gate_up[source]
-                    self.w_down[local] = self.w_down[source]
 
     def place(self, placement: Placement) -> None:
         """Route through ``placement`` from now on (its tables, written in place: a compiled graph keeps working).
@@ -196,11 +194,10 @@ class MoELayer(nn.Module):
         return self._placement
 
     def capacity(self, num_tokens: int) -> int:
-        """Rows per expert slot per source rank: ``ceil(k·T/E · capacity_factor)``, the budget of ``E`` experts
-        shared by the ``E + R`` slots of a balanced layer (a replica takes its rows from the budget, not on top
-        of it: redundant slots add no bytes to the exchange and no rows to the matmuls)."""
-        per_expert = max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
-        return max(1, per_expert * self.num_experts // self.num_slots)
+        """Rows per expert slot per source rank: ``ceil(k·T/E · capacity_factor)``, every slot of a balanced layer
+        as well (each replica of an expert can hold all the rows the expert keeps, which ``forward`` decides as the
+        plain layer does: the ``R`` redundant slots add ``R/E`` to the buffer)."""
+        return max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
@@ -208,6 +205,12 @@ class MoELayer(nn.Module):
         if self.balance:
             # Counted on device, read by the balancer every few steps: no host sync on the hot path.
             self.expert_load.index_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
+            if self.capacity_factor is not None:
+                # The plain layer's drops whatever the placement: an expert keeps the pairs its capacity keeps, and
+                # the pairs it drops travel to a replica with weight 0 (they add nothing, nor take a kept one's row).
+                kept = ops.capacity_slots(expert_ids, weights, self.num_experts, self.capacity(tokens.shape[0]),
+                                          self.drop_policy) >= 0
+                weights = torch.where(kept, weights, 0.0)
             expert_ids = physical_slots(expert_ids, self.route_slots, self.route_count)
         if self.capacity_factor is not None:
             out = self._capacity_moe(tokens, weights, expert_ids)

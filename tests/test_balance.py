@@ -146,14 +146,42 @@ def test_a_balanced_layer_with_replicas_computes_what_the_plain_layer_does(capac
     torch.testing.assert_close(balanced.w_gate_up.grad, plain.w_gate_up.grad[[3, 0, 1, 2, 3, 0]])
 
 
-@pytest.mark.parametrize("tokens", [12, 100, 4096])
-def test_replicas_take_their_capacity_from_the_experts_budget_not_on_top_of_it(tokens):
-    plain = MoELayer(D, F, E, K, capacity_factor=1.25)
-    balanced = MoELayer(D, F, E, K, capacity_factor=1.25, balance=True, redundant_experts=2)
-    # the buffer (the exchange's bytes, the matmuls' rows) is no larger than the plain layer's ...
-    assert balanced.capacity(tokens) * balanced.num_slots <= plain.capacity(tokens) * E
-    # ... and within one row a slot of it
-    assert (plain.capacity(tokens) * E - balanced.capacity(tokens) * balanced.num_slots) < balanced.num_slots
+def test_a_balanced_layer_starts_as_the_plain_layer_and_draws_what_it_draws():
+    torch.manual_seed(0)
+    plain, drawn_after_plain = MoELayer(D, F, E, K, capacity_factor=1.0), torch.randn(3)
+    torch.manual_seed(0)
+    balanced = MoELayer(D, F, E, K, capacity_factor=1.0, balance=True, redundant_experts=2)
+    assert torch.equal(torch.randn(3), drawn_after_plain)  # the modules built after it start alike too
+    assert Placement.initial(E, 1, 2).slot_experts == (0, 1, 2, 3, 0, 1)
+    assert torch.equal(balanced.w_gate_up, plain.w_gate_up[[0, 1, 2, 3, 0, 1]])
+    assert torch.equal(balanced.w_down, plain.w_down[[0, 1, 2, 3, 0, 1]])
+    x = torch.randn(12, D)
+    torch.testing.assert_close(balanced(x), plain(x))
+
+
+@pytest.mark.parametrize("drop_policy", ["position", "score"])
+def test_a_balanced_capacity_layer_drops_what_the_plain_layer_drops_whatever_its_replicas(drop_policy):
+    # capacity 0.75: 18 pairs for 4 experts of 5 rows each; expert 3 (hot: twice the gate) has two replicas
+    weights = logical_weights()
+    weights[0][3] *= 2
+    plain = MoELayer(D, F, E, K, capacity_factor=0.75, drop_policy=drop_policy)
+    balanced = MoELayer(D, F, E, K, capacity_factor=0.75, drop_policy=drop_policy, balance=True, redundant_experts=2)
+    with torch.no_grad():
+        plain.gate.weight.copy_(weights[0]), plain.w_gate_up.copy_(weights[1]), plain.w_down.copy_(weights[2])
+    load_placement(balanced, Placement((3, 0, 1, 2, 3, 3), E, 1), 0, weights)
+    assert balanced.capacity(12) == plain.capacity(12)  # each slot can hold all its expert keeps
+    x = torch.randn(12, D, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    routing_weights, expert_ids = plain.route(y)
+    assert (ops.capacity_slots(expert_ids, routing_weights, E, plain.capacity(12), drop_policy) < 0).any()  # drops
+    torch.testing.assert_close(balanced(x), plain(y))
+    balanced(x).square().sum().backward()
+    plain(y).square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    torch.testing.assert_close(balanced.gate.weight.grad, plain.gate.weight.grad)
+    # each logical expert's gradient is the sum of its replicas'
+    for expert, slots in enumerate([[1], [2], [3], [0, 4, 5]]):
+        torch.testing.assert_close(balanced.w_down.grad[slots].sum(0), plain.w_down.grad[expert])
 
 
 def test_a_new_placement_reaches_the_compiled_graph_without_a_recompile():
