@@ -244,11 +244,11 @@ def main() -> None:
     add_regime_arguments(parser, "2x1")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=1)
-    # experts wide enough for their compute to match their exchange in the scaled regime (2.25·ffn FLOP a byte)
     # many rows per expert a step, as in real training (its migration then costs about a step, not eight):
     # narrow (both the compute and the bytes moved scale with the width), with many tokens
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per rank and step")
     parser.add_argument("--width", type=int, default=32)
+    # experts wide enough for their compute to match their exchange in the scaled regime (2.25·ffn FLOP a byte)
     parser.add_argument("--ffn", type=int, default=4096)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)

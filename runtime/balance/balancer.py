@@ -207,7 +207,7 @@ class ExpertBalancer:
         """Continue from ``state_dict()``'s: the window restarts at the next step (the clock is this process's)."""
         self.steps, self.last_migration = state["steps"], state["last_migration"]
         self.seconds_per_byte, self.windows = state["seconds_per_byte"], list(state["windows"])
-        self.exposed_share = state.get("exposed_share", 1 / len(self.layers))
+        self.exposed_share = state.get("exposed_share", self.exposed_share)  # (older checkpoints: the prior)
         self.predictor.load_state_dict(state["predictor"])
         self.window_started = self.clock() if state["started"] else None
 
