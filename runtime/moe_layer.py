@@ -194,10 +194,12 @@ class MoELayer(nn.Module):
         return self._placement
 
     def capacity(self, num_tokens: int) -> int:
-        """Rows per expert slot per source rank: ``ceil(k·T/E · capacity_factor)``, every slot of a balanced layer
-        as well (each replica of an expert can hold all the rows the expert keeps, which ``forward`` decides as the
-        plain layer does: the ``R`` redundant slots add ``R/E`` to the buffer)."""
-        return max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
+        """Rows per expert slot per source rank: ``ceil(k·T/E · capacity_factor)``, the plain layer's rows ``E·C``
+        shared by the ``E + R`` slots of a balanced layer (redundant slots add no bytes to the exchange and no rows
+        to the matmuls: an expert with ``r`` copies keeps up to ``r`` slots' rows, one without a replica ``E/(E+R)``
+        of the plain layer's)."""
+        per_expert = max(1, math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor))
+        return max(1, per_expert * self.num_experts // self.num_slots)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
@@ -205,12 +207,6 @@ class MoELayer(nn.Module):
         if self.balance:
             # Counted on device, read by the balancer every few steps: no host sync on the hot path.
             self.expert_load.index_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
-            if self.capacity_factor is not None:
-                # The plain layer's drops whatever the placement: an expert keeps the pairs its capacity keeps, and
-                # the pairs it drops travel to a replica with weight 0 (they add nothing, nor take a kept one's row).
-                kept = ops.capacity_slots(expert_ids, weights, self.num_experts, self.capacity(tokens.shape[0]),
-                                          self.drop_policy) >= 0
-                weights = torch.where(kept, weights, 0.0)
             expert_ids = physical_slots(expert_ids, self.route_slots, self.route_count)
         if self.capacity_factor is not None:
             out = self._capacity_moe(tokens, weights, expert_ids)

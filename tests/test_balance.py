@@ -147,10 +147,11 @@ def test_a_balanced_layer_with_replicas_computes_what_the_plain_layer_does(capac
 
 
 def test_a_balanced_layer_starts_as_the_plain_layer_and_draws_what_it_draws():
+    # capacity 3.0 holds every pair, so nothing drops in either layer
     torch.manual_seed(0)
-    plain, drawn_after_plain = MoELayer(D, F, E, K, capacity_factor=1.0), torch.randn(3)
+    plain, drawn_after_plain = MoELayer(D, F, E, K, capacity_factor=3.0), torch.randn(3)
     torch.manual_seed(0)
-    balanced = MoELayer(D, F, E, K, capacity_factor=1.0, balance=True, redundant_experts=2)
+    balanced = MoELayer(D, F, E, K, capacity_factor=3.0, balance=True, redundant_experts=2)
     assert torch.equal(torch.randn(3), drawn_after_plain)  # the modules built after it start alike too
     assert Placement.initial(E, 1, 2).slot_experts == (0, 1, 2, 3, 0, 1)
     assert torch.equal(balanced.w_gate_up, plain.w_gate_up[[0, 1, 2, 3, 0, 1]])
@@ -159,21 +160,34 @@ def test_a_balanced_layer_starts_as_the_plain_layer_and_draws_what_it_draws():
     torch.testing.assert_close(balanced(x), plain(x))
 
 
+def test_a_balanced_capacity_layer_shares_the_plain_layers_rows_among_its_slots():
+    # capacity 0.75: the plain layer's 4 experts hold 5 rows each; the 6 slots share those 20 rows, 3 each
+    plain = MoELayer(D, F, E, K, capacity_factor=0.75)
+    balanced = MoELayer(D, F, E, K, capacity_factor=0.75, balance=True, redundant_experts=2)
+    assert (plain.capacity(12), balanced.capacity(12)) == (5, 3)
+    load_placement(balanced, Placement((3, 0, 1, 2, 3, 3), E, 1), 0, logical_weights())
+    expert_ids = torch.tensor([[3, 0]] * 12)  # every token's first choice is the hot expert 3
+    scores = torch.ones(12, K)
+    kept = ops.capacity_slots(physical_slots(expert_ids, balanced.route_slots, balanced.route_count), scores,
+                              balanced.num_slots, balanced.capacity(12), "position") >= 0
+    # expert 3's three copies keep 9 of its 12 pairs where its one plain slot keeps 5; expert 0 keeps 3, not 5
+    assert kept[:, 0].sum() == 9 and kept[:, 1].sum() == 3
+    assert (ops.capacity_slots(expert_ids, scores, E, plain.capacity(12), "position") >= 0).sum(0).tolist() == [5, 5]
+
+
 @pytest.mark.parametrize("drop_policy", ["position", "score"])
-def test_a_balanced_capacity_layer_drops_what_the_plain_layer_drops_whatever_its_replicas(drop_policy):
-    # capacity 0.75: 18 pairs for 4 experts of 5 rows each; expert 3 (hot: twice the gate) has two replicas
+def test_a_balanced_capacity_layer_that_drops_nothing_is_the_plain_layer_whatever_its_replicas(drop_policy):
+    # capacity 3.0: each of the 6 slots holds 12 rows, every pair an expert can get from 12 tokens
     weights = logical_weights()
-    weights[0][3] *= 2
-    plain = MoELayer(D, F, E, K, capacity_factor=0.75, drop_policy=drop_policy)
-    balanced = MoELayer(D, F, E, K, capacity_factor=0.75, drop_policy=drop_policy, balance=True, redundant_experts=2)
+    weights[0][3] *= 2  # expert 3 is hot (twice the gate) and has three copies
+    plain = MoELayer(D, F, E, K, capacity_factor=3.0, drop_policy=drop_policy)
+    balanced = MoELayer(D, F, E, K, capacity_factor=3.0, drop_policy=drop_policy, balance=True, redundant_experts=2)
     with torch.no_grad():
         plain.gate.weight.copy_(weights[0]), plain.w_gate_up.copy_(weights[1]), plain.w_down.copy_(weights[2])
     load_placement(balanced, Placement((3, 0, 1, 2, 3, 3), E, 1), 0, weights)
-    assert balanced.capacity(12) == plain.capacity(12)  # each slot can hold all its expert keeps
+    assert balanced.capacity(12) == 12
     x = torch.randn(12, D, requires_grad=True)
     y = x.detach().clone().requires_grad_()
-    routing_weights, expert_ids = plain.route(y)
-    assert (ops.capacity_slots(expert_ids, routing_weights, E, plain.capacity(12), drop_policy) < 0).any()  # drops
     torch.testing.assert_close(balanced(x), plain(y))
     balanced(x).square().sum().backward()
     plain(y).square().sum().backward()

@@ -126,12 +126,15 @@ def errors(runs: list[dict]) -> dict[str, float]:
             "memory_mean_abs_error": float(np.abs(memory).mean()), "memory_max_error": float(np.abs(memory).max())}
 
 
-def measure(configs, base: Hardware, steps: int = 15, log=print) -> list[dict]:
+def measure(configs, base: Hardware, steps: int = 15, log=print, calibrations: int = 3) -> list[dict]:
     """Run each configuration on the emulated cluster (one launch per layout and bandwidth); each run's measured and
     predicted figures (on ``run_hardware``), in ``configs``' order. A job that fails drops its runs, said in
-    ``log``; the others stand."""
+    ``log``; the others stand. Each run calibrates ``calibrations`` times: before its steps, then spread over them
+    (the host's speed drifts over minutes), and predicts with their mean."""
     import subprocess
 
+    if calibrations < 1:
+        raise PlannerError(f"calibrations={calibrations}: a run needs at least one calibration to predict with")
     groups: dict[tuple[str, str], list[RunConfig]] = {}
     for config in configs:
         groups.setdefault((config.layout, config.bandwidth), []).append(config)
@@ -140,7 +143,7 @@ def measure(configs, base: Hardware, steps: int = 15, log=print) -> list[dict]:
         first = group[0]
         command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", str(first.nodes),
                    "--ranks-per-node", str(first.ranks_per_node), "--inter-node-bandwidth", bandwidth, "--",
-                   sys.executable, "-m", "moe_ascend.compiler.planner.measured", str(steps),
+                   sys.executable, "-m", "moe_ascend.compiler.planner.measured", str(steps), str(calibrations),
                    json.dumps([dataclasses.asdict(c) for c in group])]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line.split("RESULT ", 1)[1] for line in done.stdout.splitlines() if line.startswith("[r0] RESULT ")]
@@ -212,7 +215,7 @@ def _workload(config: RunConfig):
     return model, torch.compile(model, backend="moe_ascend", options=config.options())
 
 
-def _run(config: RunConfig, steps: int) -> dict:
+def _run(config: RunConfig, steps: int, calibrations: int) -> dict:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -249,11 +252,11 @@ def _run(config: RunConfig, steps: int) -> dict:
 
     for _ in range(2):  # compile, and the optimizer's states
         step()
-    # the host's speed drifts over minutes: calibrate before, halfway through and after the steps, and average
-    calibrations, times = [calibration()], []
-    for count in (steps // 2, steps - steps // 2):
-        times += timed(count)
-        calibrations.append(calibration())
+    measured, times = [calibration()], []
+    for part in range(1, calibrations):  # the rest of the calibrations spread over the steps
+        times += timed(steps * part // (calibrations - 1) - len(times))
+        measured.append(calibration())
+    times += timed(steps - len(times))
     held = sum(t.numel() * t.element_size() for p in model.parameters()
                for t in (p, p.grad, *optimizer.state[p].values()) if t is not None and t.dim() > 0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -265,8 +268,8 @@ def _run(config: RunConfig, steps: int) -> dict:
         peak = max(peak, allocated)
     return {**dataclasses.asdict(config), "step_s": statistics.median(times), "times_s": times,
             "memory_bytes": largest_over_ranks(float(held + peak)), "held_bytes": held,
-            "calibration": {"compute": _mean([c["compute"] for c in calibrations]),
-                            "link": pooled([c["link"] for c in calibrations]) if config.world > 1 else None}}
+            "calibration": {"compute": _mean([c["compute"] for c in measured]),
+                            "link": pooled([c["link"] for c in measured]) if config.world > 1 else None}}
 
 
 def _mean(measured: list):
@@ -279,7 +282,7 @@ def _mean(measured: list):
     return float(np.mean(measured))
 
 
-def _worker(steps: str, configs: str) -> None:
+def _worker(steps: str, calibrations: str, configs: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -287,7 +290,7 @@ def _worker(steps: str, configs: str) -> None:
     dist.init_process_group("gloo")
     try:
         for fields in json.loads(configs):
-            run = _run(RunConfig(**fields), int(steps))
+            run = _run(RunConfig(**fields), int(steps), int(calibrations))
             if dist.get_rank() == 0:
                 print("RESULT " + json.dumps(run), flush=True)
             torch._dynamo.reset()
