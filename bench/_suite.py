@@ -32,7 +32,9 @@ def benchmarks() -> list[Path]:
 # figure's layout and regime only), each JSON's config saying so
 QUICK = {
     "a2a": ["--layouts", "4x2", "--regimes", "ascend-910b", "--top-k", "2,8", "--repeats", "2"],
-    "balance": ["--regimes", "ascend-910b", "--policies", "off,ours,ideal", "--steps", "15", "--record-steps", "20"],
+    # the drifting Zipf only: replaying train_moe's routing (top-8 of 64, four times the bytes) adds minutes
+    "balance": ["--regimes", "ascend-910b", "--policies", "off,ours,ideal", "--steps", "15", "--record-steps", "20",
+                "--routings", "zipf"],
     "compile_overhead": ["--repeats", "1"],
     # overlap beside them: the baseline's communication share is replayed from a flat exchange's counted bytes
     "e2e": ["--regimes", "ascend-910b", "--layouts", "2x1", "--models", "top8-of-64",

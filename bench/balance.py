@@ -15,6 +15,12 @@ rank and every policy sees the same schedule.
     ideal    the plain placement with the same tokens routed without the skew (only the noise): even load,
              the step a perfect balancer would reach, migrations excluded
 
+Beside the stress case, the routing real training produces (``--routings recorded``, on the first layout and
+regime): train_moe's per-step, per-layer tokens per expert (DeepSeek-V3's sigmoid router balanced by its bias,
+recorded with ``--record-loads``) replayed as each step's skew, on train_moe's experts (64, top-8, each narrowed
+so a token's expert FLOP are the Zipf runs'). Its ``recorded`` section has the same figures: where the bias already
+keeps the load even, what EDPB must show is that it costs nothing.
+
 The experts are narrow and see many tokens (width 32, 8,192 tokens a rank): some 4,000 rows per expert a step,
 so moving an expert costs about one step of compute, as a migration does in real training (a fraction of one
 there, where an expert sees millions of rows between optimizer steps), while the exchange's FLOP per byte stays
@@ -56,9 +62,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_regime_arguments, host_comm_share_checked, layout_shape, median,  # noqa: E402
-                     regime_flags, replayed_exchange, run_layouts, worker_arguments, write_cluster_result,
-                     write_result, RESULTS)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _common import (add_regime_arguments, host_comm_share_checked, layout_shape, measure_host_flops,  # noqa: E402
+                     median, regime_flags, replayed_exchange, run_layouts, run_on_cluster, worker_arguments,
+                     write_cluster_result, write_result, RESULTS)
 
 import moe_ascend.kernels as ops  # noqa: E402
 from moe_ascend.compiler.planner.balance_projection import project  # noqa: E402
@@ -68,6 +75,7 @@ from moe_ascend.runtime.balance import (ExpertBalancer, Placement, Stopwatch, gr
 from moe_ascend.runtime.balance.planner import moved_experts  # noqa: E402
 from moe_ascend.runtime.balance.predict import PREDICTORS  # noqa: E402
 from moe_ascend.runtime.launcher import end_process_group  # noqa: E402
+from train_moe import parser as train_parser  # noqa: E402
 
 POLICIES = ("off", "static", "ours", "ideal")
 
@@ -93,14 +101,31 @@ class Block(nn.Module):
         return x + self.moe(self.norm(x))
 
 
-def skew(step: int, rank: int, args, even: bool = False) -> torch.Tensor:
-    """log Zipf over the ring of experts, hottest at a position that drifts one expert per ``drift_steps``, plus
-    Gumbel noise of this (step, rank); ``even``: the noise alone."""
-    hottest = step / args.drift_steps
-    distance = (torch.arange(args.experts) - hottest) % args.experts
-    log_p = -args.zipf * torch.log1p(distance) * (not even)
+def skew(step: int, rank: int, layer: int, args, even: bool = False) -> torch.Tensor:
+    """The routing's log-probabilities over the experts at ``step`` (``args.routing``: log Zipf over the ring of
+    experts, hottest at a position that drifts one expert per ``drift_steps``; or the recorded share of each expert
+    in ``layer`` at that step), plus Gumbel noise of this (step, rank), so the top-k samples them; ``even``: the
+    noise alone."""
+    if args.routing == "recorded":
+        recorded = args.recorded[step % args.recorded.shape[0], layer % args.recorded.shape[1]]
+        log_p = torch.log(recorded.clamp_min(1) / recorded.sum())
+    else:
+        distance = (torch.arange(args.experts) - step / args.drift_steps) % args.experts
+        log_p = -args.zipf * torch.log1p(distance)
     uniform = torch.rand(args.tokens, args.experts, generator=torch.Generator().manual_seed(step * 1000 + rank))
-    return log_p - torch.log(-torch.log(uniform.clamp_min(1e-9)))
+    return log_p * (not even) - torch.log(-torch.log(uniform.clamp_min(1e-9)))
+
+
+def replay_shape(args) -> argparse.Namespace:
+    """The worker's model for ``args.routing``: the recorded routing replays on train_moe's experts (their number
+    from the recording, top-k ``--recorded-top-k``), each narrowed so that a token's expert FLOP are the Zipf
+    runs' (``ffn · top_k`` kept)."""
+    if args.routing != "recorded":
+        return args
+    recorded = torch.load(args.loads).double()
+    top_k = args.recorded_top_k
+    return argparse.Namespace(**{**vars(args), "recorded": recorded, "experts": recorded.shape[-1], "top_k": top_k,
+                                 "ffn": args.ffn * args.top_k // top_k})
 
 
 class Trainee:
@@ -123,8 +148,8 @@ class Trainee:
 
     def train(self, steps: range) -> None:
         for step in steps:
-            for layer in self.layers:
-                layer.moe.skew.copy_(skew(step, self.rank, self.args, even=self.policy == "ideal"))
+            for index, layer in enumerate(self.layers):
+                layer.moe.skew.copy_(skew(step, self.rank, index, self.args, even=self.policy == "ideal"))
             with self.stopwatch:
                 loss = (self.step_fn(self.x) - self.x).square().mean()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -135,7 +160,7 @@ class Trainee:
 
     def result(self) -> dict:
         seconds, windows = self.stopwatch.total - self.warmup_s, self.balancer.windows
-        return {"policy": self.policy, "seconds": seconds,
+        return {"policy": self.policy, "routing": self.args.routing, "seconds": seconds,
                 "tokens_per_s": self.args.steps * self.args.tokens * dist.get_world_size() / seconds,
                 "imbalance": [(w["step"], w["imbalance"]) for w in windows],
                 "migrations": [{"moved_slots": m.moved_slots, "seconds": m.seconds, "committed": m.committed}
@@ -151,6 +176,7 @@ def worker(args) -> None:
     block to block), so the machine's slow minutes fall on all of them alike."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    args = replay_shape(args)
     policies = args.policies.split(",")
     for round_ in range(args.rounds):
         trainees = [Trainee(policy, args) for policy in policies]
@@ -254,6 +280,14 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--redundant", type=int, default=2, help="redundant expert slots per layer (static, ours)")
+    parser.add_argument("--routings", default="zipf,recorded",
+                        help="zipf: the drifting Zipf (every layout and regime; the figure's); recorded: train_moe's "
+                             "recorded routing replayed (the first layout and regime)")
+    parser.add_argument("--recorded-steps", type=int, default=10,
+                        help="the recorded routing's steps (a step there sends top-k of 64 experts: 4 times the bytes)")
+    parser.add_argument("--recorded-top-k", type=int, default=train_parser().get_default("top_k"),
+                        help="experts a token chose in the recording (train_moe's --top-k)")
+    parser.add_argument("--routing", default="zipf", help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--zipf", type=float, default=1.2)
     parser.add_argument("--drift-steps", type=int, default=20, help="steps for the hottest expert to move by one")
     parser.add_argument("--block", type=int, default=5, help="steps a policy trains before the next one's turn")
@@ -286,45 +320,81 @@ def main() -> None:
         write_result("balance-projection", figure, [], vars(args) | {"loads": str(loads_path)}, args.json,
                      **projected)
         return
-    runs = run_layouts(os.path.abspath(__file__), args, worker_arguments(args), lambda run: print(
-        f"{run['layout']} {run['regime']} round {run['round']} {run['policy']:>6}: {run['tokens_per_s']:8.0f} tokens/s "
-        f"({run['seconds']:.1f} s), mean imbalance "
-        f"{sum(i for _, i in run['imbalance']) / max(1, len(run['imbalance'])):.3f}, "
-        f"{sum(m['committed'] for m in run['migrations'])} migrations", flush=True))
-    by_regime = {regime: {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p and r["regime"] == regime])
-                          for p in POLICIES if any(r["policy"] == p and r["regime"] == regime for r in runs)}
-                 for regime in dict.fromkeys(r["regime"] for r in runs)}
-    first = [r for r in runs if r["regime"] == runs[0]["regime"]]  # the figure's regime
-    per_policy = by_regime[runs[0]["regime"]]
-    trace = torch.tensor(next(r for r in first if r["policy"] == "off")["trace"])
-    scored = max(1, min(args.horizon, len(trace) // 2))  # windows ahead each forecast is scored on (fewer: short run)
-    errors = {name: prediction_error(trace, name, scored) for name in PREDICTORS}
-    nodes, per_node = layout_shape(args.layouts.split(",")[0])
-    planners = compare_planners(trace, args, nodes * per_node)
-    def gain_over_off(policy):
-        return per_policy[policy] / per_policy["off"] - 1 if {policy, "off"} <= per_policy.keys() else float("nan")
-    gain = gain_over_off("ours")
-    captured = captured_fraction(per_policy)
-    figure = {"name": "captured_fraction", "value": captured, "goal": 0.8, "higher_is_better": True}
-    share = host_comm_share_checked(runs[0]["host_comm_share"], runs[0]["layout"])
+    script = os.path.abspath(__file__)
+    routings = args.routings.split(",")
+    runs = run_layouts(script, args, worker_arguments(args), show) if "zipf" in routings else []
+    recorded = []
+    if "recorded" in routings:
+        layout, regime = args.layouts.split(",")[0], args.regimes.split(",")[0]
+        print(f"-- train_moe's recorded routing: {layout}, {regime}", flush=True)
+        measure_host_flops(args)
+        replay = argparse.Namespace(**{**vars(args), "routing": "recorded", "loads": str(loads_path),
+                                       "steps": args.recorded_steps})
+        recorded = run_on_cluster(script, layout, regime, worker_arguments(replay), args.host_flops)
+        for run in recorded:
+            show(run)
+    first = [r for r in runs if r["regime"] == runs[0]["regime"]] or recorded  # the figure's regime
+    zipf = summary(first) if runs else None
+    replayed = summary(recorded) if recorded else None
+    figure = {"name": "captured_fraction", "value": zipf and zipf["captured_fraction"], "goal": 0.8,
+              "higher_is_better": True}
+    share = host_comm_share_checked(first[0]["host_comm_share"], first[0]["layout"])
     off = next((r for r in first if r["policy"] == "off"), first[0])
-    out = write_cluster_result("balance", figure, runs, args, host_comm_share=share, regime=runs[0]["regime"],
-                               baseline_comm_share=off["comm_share"])
+    out = write_cluster_result("balance", figure, runs + recorded, args, host_comm_share=share,
+                               regime=first[0]["regime"], baseline_comm_share=off["comm_share"])
     data = json.loads(out.read_text())
-    data.update(projected_gain_ep64=projected["projected_gain_ep64"], projection=projected,
-                captured_fraction=captured, throughput_gain=gain, static_gain=gain_over_off("static"),
-                ideal_gain=gain_over_off("ideal"), tokens_per_s=per_policy,
-                tokens_per_s_by_regime=by_regime, prediction_error=errors,
-                prediction_windows_ahead=scored, planners_on_trace=planners)
+    data.update(projected_gain_ep64=projected["projected_gain_ep64"], projection=projected, recorded=replayed,
+                tokens_per_s_by_regime={regime: summary([r for r in runs if r["regime"] == regime])["tokens_per_s"]
+                                        for regime in dict.fromkeys(r["regime"] for r in runs)})
+    if zipf:
+        trace = torch.tensor(off["trace"])
+        scored = max(1, min(args.horizon, len(trace) // 2))  # windows ahead each forecast is scored (fewer: short run)
+        nodes, per_node = layout_shape(args.layouts.split(",")[0])
+        data.update(zipf, prediction_windows_ahead=scored,
+                    prediction_error={name: prediction_error(trace, name, scored) for name in PREDICTORS},
+                    planners_on_trace=compare_planners(trace, args, nodes * per_node))
+        print(f"drifting Zipf: {said(zipf)}; prediction error ({scored} windows ahead) "
+              + ", ".join(f"{name} {error:.3f}" for name, error in data["prediction_error"].items())
+              + f"; planners on the trace {data['planners_on_trace']}")
+    if replayed:
+        print(f"train_moe's recorded routing: {said(replayed)}")
     out.write_text(json.dumps(data, indent=1))
     plot(first, out.with_suffix(".png"))
-    print(f"tokens/s {per_policy}; captured_fraction {captured}, throughput_gain {gain:+.3f}, static "
-          f"{data['static_gain']:+.3f}, ideal {data['ideal_gain']:+.3f}; the unbalanced "
-          f"step is {off['comm_share']:.2f} communication (35-60 %: the seeds' regime), host_comm_share {share}; "
-          f"prediction error ({scored} windows ahead) "
-          + ", ".join(f"{name} {error:.3f}" for name, error in errors.items()) + "; "
-          f"planners on the trace {planners}; wrote {out}")
+    print(f"the unbalanced step is {off['comm_share']:.2f} communication (35-60 %: the seeds' regime), "
+          f"host_comm_share {share}; wrote {out}")
 
+
+def show(run: dict) -> None:
+    print(f"{run['layout']} {run['regime']} {run['routing']} round {run['round']} {run['policy']:>6}: "
+          f"{run['tokens_per_s']:8.0f} tokens/s ({run['seconds']:.1f} s), mean imbalance {mean_imbalance(run):.3f}, "
+          f"{sum(m['committed'] for m in run['migrations'])} migrations", flush=True)
+
+
+def mean_imbalance(run: dict) -> float:
+    return sum(i for _, i in run["imbalance"]) / max(1, len(run["imbalance"]))
+
+
+def summary(runs: list[dict]) -> dict:
+    """Each policy's tokens/s (the median over rounds) and mean imbalance; ours', static's and the ideal's gain
+    over no balancing, and the captured fraction (None where a policy did not run)."""
+    ran = [p for p in POLICIES if any(r["policy"] == p for r in runs)]
+    tokens = {p: median([r["tokens_per_s"] for r in runs if r["policy"] == p]) for p in ran}
+
+    def gain(policy):
+        return tokens[policy] / tokens["off"] - 1 if {policy, "off"} <= tokens.keys() else None
+    return {"tokens_per_s": tokens, "captured_fraction": captured_fraction(tokens), "throughput_gain": gain("ours"),
+            "static_gain": gain("static"), "ideal_gain": gain("ideal"),
+            "mean_imbalance": {p: median([mean_imbalance(r) for r in runs if r["policy"] == p]) for p in ran}}
+
+
+def said(summary: dict) -> str:
+    """A summary in one line."""
+    def signed(value):
+        return "-" if value is None else f"{value:+.3f}"
+    return (f"tokens/s {', '.join(f'{p} {t:.0f}' for p, t in summary['tokens_per_s'].items())}; mean imbalance "
+            f"{', '.join(f'{p} {i:.3f}' for p, i in summary['mean_imbalance'].items())}; captured_fraction "
+            f"{summary['captured_fraction']}, gain: ours {signed(summary['throughput_gain'])}, static "
+            f"{signed(summary['static_gain'])}, ideal {signed(summary['ideal_gain'])}")
 
 if __name__ == "__main__":
     main()

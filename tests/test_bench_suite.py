@@ -71,6 +71,28 @@ def test_balance_captures_the_share_of_the_imbalances_cost_that_ours_wins_back()
     assert balance.captured_fraction({"off": 100.0, "ours": 150.0}) is None
 
 
+def test_balance_replays_the_recorded_routing_on_the_recorded_experts(tmp_path):
+    import argparse
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_balance", SUITE.parent / "balance.py")
+    balance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(balance)
+    recorded = torch.tensor([[[70.0, 10, 10, 10], [25, 25, 25, 25]], [[10, 70, 10, 10], [25, 25, 25, 25]]])
+    torch.save(recorded, tmp_path / "loads.pt")
+    args = argparse.Namespace(routing="recorded", loads=str(tmp_path / "loads.pt"), recorded_top_k=2, top_k=4,
+                              ffn=512, experts=8, tokens=20000)
+    replay = balance.replay_shape(args)
+    assert (replay.experts, replay.top_k, replay.ffn) == (4, 2, 1024)  # a token's expert FLOP kept
+    # each step and layer's first choice (the top-1 of the skew, the gate aside) follows that step's shares
+    for step, layer, shares in [(0, 0, [0.7, 0.1, 0.1, 0.1]), (1, 0, [0.1, 0.7, 0.1, 0.1]), (2, 1, [0.25] * 4)]:
+        first = balance.skew(step, 0, layer, replay).argmax(-1)
+        assert torch.bincount(first, minlength=4).double() / 20000 == pytest.approx(shares, abs=0.02)
+    even = balance.skew(0, 0, 0, replay, even=True).argmax(-1)
+    assert torch.bincount(even, minlength=4).double() / 20000 == pytest.approx([0.25] * 4, abs=0.02)
+
+
 def test_a_benchmark_figure_without_its_name_or_goal_is_refused_before_it_is_written(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_common", SUITE.parent / "_common.py")
     common = importlib.util.module_from_spec(spec)
