@@ -237,11 +237,11 @@ def record_loads(args, path: Path) -> torch.Tensor:
     import subprocess
 
     train = Path(__file__).resolve().parents[1] / "examples" / "train_moe.py"
-    # the routing does not depend on the link: the fastest records it soonest
+    # the routing depends on neither the link nor the lowering: the fastest link, without Inductor, records it soonest
     command = [sys.executable, "-m", "moe_ascend.compiler.cli", "launch", "--nodes", "2",
                *regime_flags("10gbit", None), "--", sys.executable, str(train), "--router", "sigmoid",
-               "--techniques", "none", "--layers", "2", "--steps", str(args.record_steps), "--log-every", "0",
-               "--record-loads", str(path)]
+               "--target", "eager", "--techniques", "none", "--layers", "2", "--steps", str(args.record_steps),
+               "--log-every", "0", "--record-loads", str(path)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"recording train_moe's loads failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
@@ -285,6 +285,9 @@ def main() -> None:
                              "recorded routing replayed (the first layout and regime)")
     parser.add_argument("--recorded-steps", type=int, default=10,
                         help="the recorded routing's steps (a step there sends top-k of 64 experts: 4 times the bytes)")
+    parser.add_argument("--recorded-policies", default="off,ours,ideal",
+                        help="the recorded routing's policies (EPLB's static placement is compared on the Zipf runs "
+                             "and in the projection)")
     parser.add_argument("--recorded-top-k", type=int, default=train_parser().get_default("top_k"),
                         help="experts a token chose in the recording (train_moe's --top-k)")
     parser.add_argument("--routing", default="zipf", help=argparse.SUPPRESS)  # a worker's
@@ -329,7 +332,7 @@ def main() -> None:
         print(f"-- train_moe's recorded routing: {layout}, {regime}", flush=True)
         measure_host_flops(args)
         replay = argparse.Namespace(**{**vars(args), "routing": "recorded", "loads": str(loads_path),
-                                       "steps": args.recorded_steps})
+                                       "steps": args.recorded_steps, "policies": args.recorded_policies})
         recorded = run_on_cluster(script, layout, regime, worker_arguments(replay), args.host_flops)
         for run in recorded:
             show(run)
@@ -395,6 +398,7 @@ def said(summary: dict) -> str:
             f"{', '.join(f'{p} {i:.3f}' for p, i in summary['mean_imbalance'].items())}; captured_fraction "
             f"{summary['captured_fraction']}, gain: ours {signed(summary['throughput_gain'])}, static "
             f"{signed(summary['static_gain'])}, ideal {signed(summary['ideal_gain'])}")
+
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ reported beside it.
 The figure of merit, ``mean_abs_error``, is against measured step times on the
 emulated cluster (``compiler.planner.measured``): each of the 34 configurations of the
 measured set trains its model for ``--steps`` steps, and its job runs
-``moe-ascend calibrate``'s micro-benchmarks beside them; the step model
+``moe-ascend calibrate``'s micro-benchmarks beside them (``--calibrations``
+times: before the steps and after them, the host's speed drifting); the step model
 predicts each run from those rates alone. Beside it: the largest error, the
 share of pairs of runs the predictions keep in order, and the error of the
 predicted peak memory.
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes evaluating at once (one per core)")
     parser.add_argument("--skip-measured", action="store_true", help="only the speed of the search")
     parser.add_argument("--steps", type=int, default=15, help="timed steps of each measured configuration")
+    parser.add_argument("--calibrations", type=int, default=2,
+                        help="calibrations of each measured configuration: before its steps, then spread over them")
     parser.add_argument("--every", type=int, default=2,
                         help=f"measure every n-th configuration of the measured set (1: all {len(MEASURED_SET)})")
     parser.add_argument("--json", default=None)
@@ -99,7 +102,7 @@ def main() -> None:
               f"{run['memory_gib']:.1f} GiB a device ({'fits' if run['fits'] else 'does NOT fit'}); "
               f"{100 * run['rank_fraction']:.1f} % of the search's layouts predicted faster", flush=True)
     configs = () if args.skip_measured else MEASURED_SET[::args.every]
-    accuracy, measured = measured_set(args.steps, configs) if configs else ({}, [])
+    accuracy, measured = measured_set(args.steps, configs, args.calibrations) if configs else ({}, [])
     figure = {"name": "mean_abs_error", "value": accuracy.get("mean_abs_error"), "goal": 0.10,
               "higher_is_better": False}
     out = write_result("planner", figure, runs, vars(args), args.json, configs_per_hour=per_hour,
@@ -113,11 +116,12 @@ def main() -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + f"; wrote {out}")
 
 
-def measured_set(steps: int, configs) -> tuple[dict, list[dict]]:
+def measured_set(steps: int, configs, calibrations: int) -> tuple[dict, list[dict]]:
     """Run ``configs`` of the measured set on the emulated cluster and compare: ``(errors, runs)``."""
     from moe_ascend.compiler.planner.measured import errors, measure
 
-    runs = measure(configs, Hardware.load("cpu-calibrated"), steps=steps, log=lambda line: print(line, flush=True))
+    runs = measure(configs, Hardware.load("cpu-calibrated"), steps=steps, log=lambda line: print(line, flush=True),
+                   calibrations=calibrations)
     return errors(runs), runs
 
 
