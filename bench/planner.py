@@ -12,7 +12,7 @@ The figure of merit, ``mean_abs_error``, is against measured step times on the
 emulated cluster (``compiler.planner.measured``): each of the 34 configurations of the
 measured set trains its model for ``--steps`` steps, and its job runs
 ``moe-ascend calibrate``'s micro-benchmarks beside them (``--calibrations``
-times: before the steps and after them, the host's speed drifting); the step model
+times: before, amid and after the steps, the host's speed drifting); the step model
 predicts each run from those rates alone. Beside it: the largest error, the
 share of pairs of runs the predictions keep in order, and the error of the
 predicted peak memory.
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes evaluating at once (one per core)")
     parser.add_argument("--skip-measured", action="store_true", help="only the speed of the search")
     parser.add_argument("--steps", type=int, default=15, help="timed steps of each measured configuration")
-    parser.add_argument("--calibrations", type=int, default=2,
+    parser.add_argument("--calibrations", type=int, default=3,
                         help="calibrations of each measured configuration: before its steps, then spread over them")
     parser.add_argument("--every", type=int, default=2,
                         help=f"measure every n-th configuration of the measured set (1: all {len(MEASURED_SET)})")
