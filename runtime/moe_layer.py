@@ -137,20 +137,22 @@ class MoELayer(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         if score == "sigmoid":
             self.register_buffer("expert_bias", torch.zeros(num_experts))
-        # The plain layer's draws, so a balanced layer starts as the same model (its redundant slots copy the rank's
-        # first experts, as the initial placement has them) and every module after it draws the same numbers too.
+        # The plain layer's draws, so a balanced layer starts as the same model (each slot copies the expert the
+        # initial placement gives it) and every module after it draws the same numbers too.
         own = num_experts // self.ep_size
         gate_up = torch.randn(own, d_model, 2 * d_ff) / math.sqrt(d_model)
         down = torch.randn(own, d_ff, d_model) / math.sqrt(d_ff)
-        replicas = self.num_local_experts - own
-        self.w_gate_up = nn.Parameter(torch.cat([gate_up, gate_up[:replicas]]))
-        self.w_down = nn.Parameter(torch.cat([down, down[:replicas]]))
-        self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
         self.balance = balance
         if balance:
             self._ep_rank = dist.get_rank(ep_group) if self.ep_size > 1 else 0
             self._node_of_rank = _node_of_rank(ep_group) if self.ep_size > 1 else [0]
             self._place(placement)
+            first = self._ep_rank * placement.slots_per_rank
+            held = [expert - self._ep_rank * own
+                    for expert in placement.slot_experts[first:first + placement.slots_per_rank]]
+            gate_up, down = gate_up[held], down[held]
+        self.w_gate_up, self.w_down = nn.Parameter(gate_up), nn.Parameter(down)
+        self.shared = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
 
     def _place(self, placement: Placement) -> None:
         """Buffers for the balancer: tokens per logical expert (summed on device) and the logical → physical map."""
